@@ -1,0 +1,3 @@
+"""opd: on-policy distillation of language models in JAX/Flax (see README.md)."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,60 @@
+"""Shared plumbing for Hydra entry points: typed-config validation errors become one line on stderr,
+before any computation, and leave no results behind."""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value that is not allowed. The message names the key and what is allowed."""
+
+
+def require(condition: bool, key: str, allowed: str, got: Any) -> None:
+    """Raise ConfigError('<key>: expected <allowed>, got <got>') unless `condition` holds."""
+    if not condition:
+        raise ConfigError(f"{key}: expected {allowed}, got {got!r}")
+
+
+def require_choice(key: str, value: Any, choices: Iterable[Any]) -> None:
+    choices = list(choices)
+    require(value in choices, key, "one of " + ", ".join(map(str, choices)), value)
+
+
+def output_dir() -> Path:
+    """This Hydra job's output directory (hydra.job.chdir is off, so cwd is not it)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def _discard_empty_job_dir(path: Path) -> None:
+    """Remove a job directory that holds only what Hydra wrote before the job ran (.hydra/, the log)."""
+    if not path.is_dir():
+        return
+    own = {p.name for p in path.iterdir()}
+    if own <= {".hydra", path.name + ".log", "main.log"} | {p for p in own if p.endswith(".log")}:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def entry_point(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a Hydra task function: a ConfigError prints `error: <message>` and exits with status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as err:
+            try:
+                _discard_empty_job_dir(output_dir())
+            except Exception:  # outside a Hydra run there is no job directory to clean
+                pass
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapper
