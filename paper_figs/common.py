@@ -1,0 +1,63 @@
+"""Shared helpers for figure scripts. Figures read results rows only; nothing here imports `opd`.
+
+A "job" is a directory holding metrics.json (final metrics + resolved config) and metrics.jsonl (rows).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+FIG_DIR = Path(__file__).resolve().parent
+
+PALETTE = ["#0b4f6c", "#d1495b", "#edae49", "#66a182", "#8d6a9f", "#2e4057", "#f4845f"]
+
+
+def setup_style() -> None:
+    plt.rcParams.update({
+        "figure.dpi": 120, "savefig.dpi": 150, "savefig.bbox": "tight",
+        "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.25,
+        "axes.prop_cycle": matplotlib.cycler(color=PALETTE), "font.size": 10, "legend.frameon": False,
+    })
+
+
+def load_jobs(root: str | Path) -> list[dict[str, Any]]:
+    """Every finished job under `root`: {'dir', 'config', 'metrics', 'rows'}, sorted by directory."""
+    jobs = []
+    for summary in sorted(Path(root).rglob("metrics.json")):
+        payload = json.loads(summary.read_text())
+        rows_path = summary.parent / "metrics.jsonl"
+        rows = [json.loads(x) for x in rows_path.read_text().splitlines() if x.strip()] if rows_path.exists() else []
+        jobs.append({"dir": summary.parent, "config": payload.get("config", {}),
+                     "metrics": payload.get("metrics", {}), "rows": rows})
+    if not jobs:
+        raise SystemExit(f"no finished jobs (metrics.json) under {root}")
+    return jobs
+
+
+def get(config: dict[str, Any], dotted: str, default: Any = None) -> Any:
+    """config['a']['b'] for 'a.b', or `default` when any key is missing."""
+    node: Any = config
+    for key in dotted.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return default
+        node = node[key]
+    return node
+
+
+def save(fig: plt.Figure, name: str, out_dir: str | Path | None = None) -> Path:
+    """Write `<name>.png` (and .pdf) under paper_figs/ (or `out_dir`) and close the figure."""
+    out = Path(out_dir) if out_dir else FIG_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.png"
+    fig.savefig(path)
+    fig.savefig(out / f"{name}.pdf")
+    plt.close(fig)
+    print(f"wrote {path}")
+    return path
