@@ -52,12 +52,11 @@ def get(config: dict[str, Any], dotted: str, default: Any = None) -> Any:
 
 
 def save(fig: plt.Figure, name: str, out_dir: str | Path | None = None) -> Path:
-    """Write `<name>.png` (and .pdf) under paper_figs/ (or `out_dir`) and close the figure."""
+    """Write `<name>.png` under paper_figs/ (or `out_dir`) and close the figure."""
     out = Path(out_dir) if out_dir else FIG_DIR
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.png"
     fig.savefig(path)
-    fig.savefig(out / f"{name}.pdf")
     plt.close(fig)
     print(f"wrote {path}")
     return path
