@@ -1,0 +1,162 @@
+"""Chunked large-vocabulary objectives equal the unchunked ones (values and gradients) and use less memory."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from opd import chunked, losses
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+LEAD, D, V, K = (3, 10), 16, 50, 6  # 30 positions: not a multiple of the chunk sizes used below
+
+
+def _inputs(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    h = jnp.asarray(rng.normal(size=(*LEAD, D)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(D, V)) / np.sqrt(D) * 3, jnp.float32)
+    teacher_logits = rng.normal(size=(*LEAD, V)) * 2
+    logq = teacher_logits - np.log(np.exp(teacher_logits).sum(-1, keepdims=True))
+    ids = np.argsort(-logq, axis=-1)[..., :K]
+    return h, w, jnp.asarray(ids, jnp.int32), jnp.asarray(np.take_along_axis(logq, ids, -1), jnp.float32)
+
+
+def _value_and_grads(f, h, w):
+    mask = jnp.asarray(np.random.default_rng(1).random(LEAD) > 0.3, jnp.float32)
+
+    def loss(h, w):
+        values = f(h, w)
+        return losses.aggregate(values, mask, "token_mean"), values
+
+    (l, values), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(h, w)
+    return l, values, grads
+
+
+@pytest.mark.parametrize(
+    "objective,kwargs",
+    [
+        ("topk_reverse_kl", {}),
+        ("topk_reverse_kl", {"renormalize": False}),
+        ("topk_forward_kl", {}),
+        ("topk_reverse_kl_with_tail", {}),
+    ],
+)
+@pytest.mark.parametrize("chunk_size", [1, 7, 16, 30, 64])
+def test_topk_chunked_matches_unchunked(objective, kwargs, chunk_size):
+    h, w, ids, lq = _inputs()
+
+    def ref(h, w):  # the objective from opd.losses on the full logits, no chunking anywhere
+        return getattr(losses, objective)(h @ w, ids, lq, **kwargs)
+
+    def chk(h, w):
+        return chunked.chunked_topk_objective(
+            h, w, ids, lq, objective=objective, chunk_size=chunk_size, **kwargs
+        )
+
+    l0, v0, g0 = _value_and_grads(ref, h, w)
+    l1, v1, g1 = jax.jit(lambda h, w: _value_and_grads(chk, h, w))(h, w)
+    assert v1.shape == LEAD and v1.dtype == jnp.float32
+    assert np.all(np.isfinite(np.asarray(v1)))
+    np.testing.assert_allclose(v1, v0, **TOL)
+    np.testing.assert_allclose(l1, l0, **TOL)
+    for a, b in zip(g1, g0):
+        assert float(jnp.abs(b).max()) > 0  # the gradient is not trivially zero
+        np.testing.assert_allclose(a, b, **TOL)
+
+
+@pytest.mark.parametrize("objective,kwargs", [("full_reverse_kl", {}), ("generalized_jsd", {"beta": 0.3})])
+def test_full_vocab_chunked_matches_unchunked(objective, kwargs):
+    h, w, _, _ = _inputs()
+    rng = np.random.default_rng(5)
+    th = jnp.asarray(rng.normal(size=(*LEAD, 12)), jnp.float32)
+    tw = jnp.asarray(rng.normal(size=(12, V)), jnp.float32)
+
+    def ref(h, w):
+        return getattr(losses, objective)(h @ w, th @ tw, **kwargs)
+
+    def chk(h, w):
+        return chunked.chunked_full_objective(h, w, th, tw, objective=objective, chunk_size=8, **kwargs)
+
+    l0, v0, g0 = _value_and_grads(ref, h, w)
+    l1, v1, g1 = _value_and_grads(chk, h, w)
+    np.testing.assert_allclose(v1, v0, **TOL)
+    np.testing.assert_allclose(l1, l0, **TOL)
+    for a, b in zip(g1, g0):
+        np.testing.assert_allclose(a, b, **TOL)
+    # The teacher never receives a gradient.
+    gt = jax.grad(lambda th: chunked.chunked_full_objective(h, w, th, tw, chunk_size=8).sum())(th)
+    assert float(jnp.abs(gt).max()) == 0.0
+
+
+def test_token_logprobs_and_entropy_chunked():
+    h, w, _, _ = _inputs()
+    tokens = jnp.asarray(np.random.default_rng(2).integers(0, V, LEAD), jnp.int32)
+    logits = np.asarray(h @ w, np.float64)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    lp_ref = np.take_along_axis(logp, np.asarray(tokens)[..., None], -1)[..., 0]
+    ent_ref = -(np.exp(logp) * logp).sum(-1)
+    lp, ent = chunked.chunked_token_logprobs(h, w, tokens, chunk_size=7)
+    np.testing.assert_allclose(lp, lp_ref, **TOL)
+    np.testing.assert_allclose(ent, ent_ref, **TOL)
+
+    def f(cs):
+        def loss(h, w):
+            lp, ent = chunked.chunked_token_logprobs(h, w, tokens, chunk_size=cs)
+            return jnp.sum(lp * jnp.arange(lp.size).reshape(lp.shape)) + 0.1 * jnp.sum(ent)
+
+        return jax.grad(loss, argnums=(0, 1))(h, w)
+
+    for a, b in zip(f(7), f(None)):
+        np.testing.assert_allclose(a, b, **TOL)
+
+
+def test_bf16_inputs_give_float32_values():
+    h, w, ids, lq = _inputs()
+    v = chunked.chunked_topk_objective(h.astype(jnp.bfloat16), w.astype(jnp.bfloat16), ids, lq, chunk_size=8)
+    assert v.dtype == jnp.float32 and np.all(np.isfinite(np.asarray(v)))
+
+
+def test_flat_and_batched_layouts_agree():
+    h, w, ids, lq = _inputs()
+    v = chunked.chunked_topk_objective(h, w, ids, lq, chunk_size=4)
+    vf = chunked.chunked_topk_objective(h.reshape(-1, D), w, ids.reshape(-1, K), lq.reshape(-1, K), chunk_size=4)
+    np.testing.assert_array_equal(np.asarray(v).reshape(-1), np.asarray(vf))
+
+
+def test_bad_arguments_raise_one_clear_error():
+    h, w, ids, lq = _inputs()
+    with pytest.raises(ValueError, match="chunk_size"):
+        chunked.chunked_topk_objective(h, w, ids, lq, chunk_size=0)
+    with pytest.raises(ValueError, match="objective must be one of"):
+        chunked.chunked_topk_objective(h, w, ids, lq, objective="nope")
+    with pytest.raises(ValueError, match="hidden size"):
+        chunked.chunked_topk_objective(h[..., :5], w, ids, lq)
+    with pytest.raises(ValueError, match="topk_ids must lie in"):
+        chunked.chunked_topk_objective(h, w, ids + V, lq)
+    with pytest.raises(ValueError, match="leading axes"):
+        chunked.chunked_topk_objective(h, w, ids[:2], lq[:2])
+    with pytest.raises(ValueError, match="teacher vocabulary"):
+        chunked.chunked_full_objective(h, w, h, w[:, :10])
+
+
+def _temp_bytes(chunk_size, n=2048, d=64, v=4096, k=8):
+    def loss(h, w, ids, lq):
+        return chunked.chunked_topk_objective(h, w, ids, lq, chunk_size=chunk_size).mean()
+
+    args = (
+        jax.ShapeDtypeStruct((n, d), jnp.float32),
+        jax.ShapeDtypeStruct((d, v), jnp.float32),
+        jax.ShapeDtypeStruct((n, k), jnp.int32),
+        jax.ShapeDtypeStruct((n, k), jnp.float32),
+    )
+    compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(*args).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_chunking_reduces_compiled_temporary_memory():
+    # [2048, 4096] float32 logits are 32 MiB; chunks of 128 rows are 2 MiB each.
+    full, chunk = _temp_bytes(None), _temp_bytes(128)
+    assert full >= 2048 * 4096 * 4  # the unchunked gradient holds at least one [N, V] float32 array
+    assert chunk * 4 <= full, (chunk, full)
