@@ -1,8 +1,8 @@
 """Per-position on-policy distillation objectives, shared by the theory sandbox and the trainer.
 
-Every function here is pure `jax.numpy`, computes in float32 whatever the input dtype (KL arithmetic in
-bf16 goes negative and wrong, cf. ms-swift #10156), keeps all leading axes, and returns one value per
-position. Choosing masks and aggregation is the caller's job (`aggregate`, `mask_first_occurrences`).
+Every function here is pure `jax.numpy`, computes in at least float32 whatever the input dtype (KL
+arithmetic in bf16 goes negative and wrong, cf. ms-swift #10156; float64 inputs stay float64 so the
+sandbox's exact enumeration stays exact), keeps all leading axes, and returns one value per position. Choosing masks and aggregation is the caller's job (`aggregate`, `mask_first_occurrences`).
 
 Notation (paper arXiv 2603.25562, §2-3): student π_θ, teacher q, context c_t = (x, y_<t).
 Shapes live in the names: `..._xV` has the vocabulary last, `..._xK` the teacher's top-K support last.
@@ -33,7 +33,9 @@ AGGREGATION_MODES = ("token_mean", "sequence_mean")
 
 
 def _f32(x: ArrayLike) -> Array:
-    return jnp.asarray(x).astype(jnp.float32)
+    """Promote to at least float32: bf16/f16/ints become float32, float64 stays float64."""
+    x = jnp.asarray(x)
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def _require_same_shape(name_a: str, a: Array, name_b: str, b: Array) -> None:
@@ -158,12 +160,14 @@ def topk_forward_kl(
 
 
 def _log_tail(logp_xK: Array) -> Array:
-    """log(1 − Σ_K p), computed stably; −inf when the support holds all the mass."""
-    log_mass = jax.nn.logsumexp(logp_xK, axis=-1)
-    # Clamp at 0 from above: rounding can push the top-K mass a hair over 1.
-    log_mass = jnp.minimum(log_mass, 0.0)
-    safe = jnp.where(log_mass < 0, log_mass, -1.0)
-    return jnp.where(log_mass < 0, jnp.log(-jnp.expm1(safe)), -jnp.inf)
+    """log(max(1 − Σ_K p, floor)), floor = 16 ulp of the compute dtype.
+
+    A tail mass below rounding error is noise (the top-K of a full support sums to 1 ± ulp), and
+    comparing such noise against an exact 0 on the other side would give a spurious +inf.
+    """
+    floor = 16 * jnp.finfo(logp_xK.dtype).eps
+    log_mass = jnp.minimum(jax.nn.logsumexp(logp_xK, axis=-1), 0.0)
+    return jnp.log(jnp.maximum(-jnp.expm1(log_mass), floor))
 
 
 def topk_reverse_kl_with_tail(
@@ -175,6 +179,7 @@ def topk_reverse_kl_with_tail(
 
         L(c) = Σ_{v∈S} π(v) log(π(v)/q(v)) + π_tail log(π_tail/q_tail),  x_tail = 1 − Σ_{v∈S} x(v).
 
+    Tail masses are floored at 16 ulp of the compute dtype (see `_log_tail`).
     A proper divergence between two (K+1)-bin distributions, so it is ≥ 0 and 0 iff they agree on the
     bins; it lower-bounds the full reverse KL (data processing) and is therefore biased low, without the
     renormalized version's blindness to how much mass the student puts outside S.
@@ -321,6 +326,7 @@ def aggregate(values: Float[ArrayLike, "*B T"], mask: ArrayLike, mode: str) -> F
     sequence_mean: token mean within each sequence (last axis), then the mean over sequences that have
                    at least one unmasked token (what the paper's code effectively does, paper.md §5).
     Masked positions never contribute, even when they hold inf or NaN; an all-masked input gives 0.
+    A float mask acts as weights (Σ values·mask / Σ mask).
     """
     values, mask = jnp.asarray(values), jnp.asarray(mask)
     if mode not in AGGREGATION_MODES:
@@ -329,12 +335,12 @@ def aggregate(values: Float[ArrayLike, "*B T"], mask: ArrayLike, mode: str) -> F
     if values.ndim < 1:
         raise ValueError("values must have a sequence axis [..., T], got a scalar")
     m = _f32(mask)
-    v = jnp.where(m > 0, _f32(values), 0.0) * m
+    v = jnp.where(m > 0, _f32(values), 0.0) * m  # where first: 0 * inf would be NaN
     if mode == "token_mean":
         return v.sum() / jnp.maximum(m.sum(), 1.0)
     tokens_per_seq = m.sum(axis=-1)
     per_seq = v.sum(axis=-1) / jnp.maximum(tokens_per_seq, 1.0)
-    has_tokens = (tokens_per_seq > 0).astype(jnp.float32)
+    has_tokens = (tokens_per_seq > 0).astype(m.dtype)
     return (per_seq * has_tokens).sum() / jnp.maximum(has_tokens.sum(), 1.0)
 
 
