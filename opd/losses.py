@@ -2,7 +2,8 @@
 
 Every function here is pure `jax.numpy`, computes in at least float32 whatever the input dtype (KL
 arithmetic in bf16 goes negative and wrong, cf. ms-swift #10156; float64 inputs stay float64 so the
-sandbox's exact enumeration stays exact), keeps all leading axes, and returns one value per position. Choosing masks and aggregation is the caller's job (`aggregate`, `mask_first_occurrences`).
+sandbox's exact enumeration stays exact), keeps all leading axes, and returns one value per position.
+Choosing masks and aggregation is the caller's job (`aggregate`, `mask_first_occurrences`).
 
 Notation (paper arXiv 2603.25562, §2-3): student π_θ, teacher q, context c_t = (x, y_<t).
 Shapes live in the names: `..._xV` has the vocabulary last, `..._xK` the teacher's top-K support last.
