@@ -1,0 +1,28 @@
+"""Suite-wide test setup: marker-based skips, so the default suite runs anywhere (CPU, no extras)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+
+def _has_accelerator() -> bool:
+    import jax
+
+    return any(d.platform in ("gpu", "tpu") for d in jax.devices())
+
+
+def _has_hf_extra() -> bool:
+    return all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers"))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    needs_gpu = [item for item in items if "gpu" in item.keywords]
+    if needs_gpu and not _has_accelerator():
+        for item in needs_gpu:
+            item.add_marker(pytest.mark.skip(reason="needs a GPU/TPU; JAX sees only the CPU"))
+    needs_hf = [item for item in items if "hf" in item.keywords]
+    if needs_hf and not _has_hf_extra():
+        for item in needs_hf:
+            item.add_marker(pytest.mark.skip(reason="needs the hf extra: pip install -e '.[hf]'"))
