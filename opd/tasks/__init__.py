@@ -1,0 +1,62 @@
+"""Generated tasks: a small tokenizer, an arithmetic reasoning task, an agentic text world.
+
+`make_task(name, **kwargs)` builds a registered task; `encode_prompts` / `encode_demonstrations` turn text
+into the left-padded int32 batches of docs/interfaces.md.
+"""
+
+from __future__ import annotations
+
+from opd.tasks.common import (
+    SPLITS,
+    Problem,
+    Task,
+    encode_demonstrations,
+    encode_prompts,
+    pad_sequences,
+)
+from opd.tasks.tokenizer import PAD_ID, Tokenizer, TokenMapping, require_compatible
+
+
+def _arithmetic(**kwargs):
+    from opd.tasks.arithmetic import ArithmeticTask
+
+    return ArithmeticTask(**kwargs)
+
+
+def _textworld(**kwargs):
+    from opd.tasks.textworld import TextWorldTask
+
+    return TextWorldTask(**kwargs)
+
+
+TASKS = {"arithmetic": _arithmetic, "textworld": _textworld}
+
+
+def make_task(name: str, **kwargs):
+    """Build the task registered under `name`; ValueError listing the allowed names otherwise.
+
+    Keyword arguments are the task's difficulty/limit fields (conf/task/<name>.yaml); a "name" key is ignored.
+    """
+    if name not in TASKS:
+        raise ValueError(f"task: unknown task {name!r}, allowed: {sorted(TASKS)}")
+    kwargs.pop("name", None)
+    try:
+        return TASKS[name](**kwargs)
+    except TypeError as e:  # an unknown difficulty field
+        raise ValueError(f"task {name!r}: {e}") from None
+
+
+__all__ = [
+    "PAD_ID",
+    "SPLITS",
+    "TASKS",
+    "Problem",
+    "Task",
+    "TokenMapping",
+    "Tokenizer",
+    "encode_demonstrations",
+    "encode_prompts",
+    "make_task",
+    "pad_sequences",
+    "require_compatible",
+]
