@@ -16,8 +16,12 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   echo "[opd] installing opd[dev,hf] into $VENV (first run takes a few minutes)" >&2
   # torch first and pinned: on these machines torch==2.13.0 resolves to a local CPU build; letting a
   # resolver pick torch for transformers would pull several GB of CUDA wheels.
-  "$VENV/bin/python" -m pip install -q "torch==2.13.0" >&2
-  "$VENV/bin/python" -m pip install -q -e "$ROOT[dev,hf]" >&2
+  LOG="$VENV/install.log"
+  if ! { "$VENV/bin/python" -m pip install "torch==2.13.0" && "$VENV/bin/python" -m pip install -e "$ROOT[dev,hf]"; } >"$LOG" 2>&1; then
+    tail -n 40 "$LOG" >&2
+    echo "[opd] installation failed; full log: $LOG" >&2
+    exit 1
+  fi
   echo "$WANT" > "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"
