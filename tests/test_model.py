@@ -1,0 +1,178 @@
+"""opd.model: shapes of every variant, causality, left-padding invariance, cache == full pass, log-probs."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from opd.model import KVCache, ModelConfig, Transformer, forward_logprobs
+
+TINY = ModelConfig(vocab_size=40, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                   intermediate_size=64, max_seq_len=64)
+
+VARIANTS = {
+    "gqa": {},
+    "mha": {"num_kv_heads": 4},
+    "mqa": {"num_kv_heads": 1},
+    "tied": {"tie_embeddings": True},
+    "qwen2_bias": {"attention_bias": True, "rope_theta": 1e6, "family": "qwen2"},
+    "qwen3_qknorm_headdim": {"qk_norm": True, "head_dim": 16, "family": "qwen3", "tie_embeddings": True},
+    "headdim_small": {"head_dim": 4},
+}
+
+
+def _model(cfg: ModelConfig = TINY, seed: int = 0) -> Transformer:
+    return Transformer(cfg, rngs=nnx.Rngs(seed))
+
+
+def _perturb_norms(model: Transformer, seed: int = 1) -> None:
+    """RMSNorm weights start at one; randomize them so tests exercise them (and biases)."""
+    rng = np.random.default_rng(seed)
+    for path, var in nnx.iter_graph(model):
+        del path
+        if isinstance(var, nnx.Param) and var[...].ndim == 1:
+            var[...] = var[...] + jnp.asarray(rng.normal(0, 0.3, var[...].shape), var[...].dtype)
+
+
+def _tokens(B: int, T: int, seed: int = 0, V: int = TINY.vocab_size) -> jax.Array:
+    return jnp.asarray(np.random.default_rng(seed).integers(1, V, (B, T)), jnp.int32)
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_variants_build_and_run(name):
+    cfg = TINY.replace(**VARIANTS[name])
+    model = _model(cfg)
+    tokens = _tokens(2, 7)
+    logits = model(tokens)
+    assert logits.shape == (2, 7, cfg.vocab_size) and logits.dtype == jnp.float32
+    assert bool(jnp.all(jnp.isfinite(logits)))
+    assert hasattr(model, "lm_head") != cfg.tie_embeddings
+    assert model.lm_head_weight().shape == (cfg.hidden_size, cfg.vocab_size)
+    h = model.hidden_states(tokens)
+    assert h.shape == (2, 7, cfg.hidden_size)
+    np.testing.assert_allclose(h @ model.lm_head_weight(), logits, rtol=1e-5, atol=1e-5)
+    E = cfg.resolved_head_dim
+    attn = model.layers[0].self_attn
+    assert attn.q_proj.kernel.shape == (cfg.hidden_size, cfg.num_heads * E)
+    assert attn.k_proj.kernel.shape == (cfg.hidden_size, cfg.num_kv_heads * E)
+    assert (attn.q_proj.bias is not None) == cfg.attention_bias
+    assert hasattr(attn, "q_norm") == cfg.qk_norm
+
+
+def test_hf_submodule_names():
+    model = _model(TINY.replace(qk_norm=True, attention_bias=True))
+    paths = {".".join(str(p) for p in path) for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    for expected in ["embed_tokens.embedding", "norm.weight", "lm_head.kernel",
+                     "layers.1.input_layernorm.weight", "layers.1.post_attention_layernorm.weight",
+                     "layers.0.self_attn.q_proj.kernel", "layers.0.self_attn.q_proj.bias",
+                     "layers.0.self_attn.k_proj.bias", "layers.0.self_attn.v_proj.kernel",
+                     "layers.0.self_attn.o_proj.kernel", "layers.0.self_attn.q_norm.weight",
+                     "layers.0.self_attn.k_norm.weight", "layers.0.mlp.gate_proj.kernel",
+                     "layers.0.mlp.up_proj.kernel", "layers.0.mlp.down_proj.kernel"]:
+        assert expected in paths, (expected, sorted(paths))
+    assert "layers.0.self_attn.o_proj.bias" not in paths
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        TINY.replace(num_kv_heads=3)
+    with pytest.raises(ValueError, match="dtype"):
+        TINY.replace(dtype="float8")
+    with pytest.raises(ValueError, match="unknown keys"):
+        ModelConfig.from_dict({**TINY.to_dict(), "n_layer": 2})
+    assert ModelConfig.from_dict(TINY.to_dict()) == TINY
+
+
+@pytest.mark.parametrize("name", ["gqa", "qwen3_qknorm_headdim"])
+def test_causality_gradient_is_exactly_zero(name):
+    """d logits[:, :t+1] / d embeddings[:, t+1:] == 0 exactly, and nonzero for earlier embeddings."""
+    cfg = TINY.replace(**VARIANTS[name])
+    model = _model(cfg)
+    _perturb_norms(model)
+    tokens = _tokens(2, 8)
+    emb = model.embed_tokens(tokens)
+    t = 4
+
+    def early_logits_sum(emb_BxTxD):
+        logits = model(tokens, inputs_embeds_BxTxD=emb_BxTxD)
+        return jnp.sum(jnp.sin(logits[:, : t + 1]))
+
+    for fn in (jax.grad(early_logits_sum), jax.jit(jax.grad(early_logits_sum))):
+        g = np.asarray(fn(emb))
+        assert np.all(g[:, t + 1 :] == 0.0)
+        assert np.all(np.abs(g[:, : t + 1]).sum(-1) > 0)
+
+
+def test_left_padding_does_not_change_real_logits():
+    model = _model(TINY.replace(attention_bias=True, qk_norm=True))
+    _perturb_norms(model)
+    seq = _tokens(1, 6, seed=3)
+    ref = model(seq)[0]
+    pad = 3
+    padded = jnp.concatenate([jnp.zeros((1, pad), jnp.int32), seq], axis=1)
+    other = _tokens(1, 9, seed=4)
+    batch = jnp.concatenate([padded, other], axis=0)
+    mask = jnp.concatenate([jnp.concatenate([jnp.zeros((1, pad)), jnp.ones((1, 6))], 1), jnp.ones((1, 9))], 0)
+    out = model(batch, attention_mask_BxT=mask.astype(jnp.int32))
+    np.testing.assert_allclose(out[0, pad:], ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out[1], model(other)[0], rtol=1e-5, atol=1e-5)
+    # Changing what sits in the padding changes nothing.
+    junk = batch.at[0, :pad].set(jnp.array([5, 6, 7]))
+    np.testing.assert_allclose(model(junk, attention_mask_BxT=mask)[0, pad:], ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gqa", "qwen3_qknorm_headdim", "tied"])
+def test_cache_decoding_equals_full_forward(name):
+    """Prefill a left-padded prompt, decode token by token (one sequence stops feeding real tokens)."""
+    cfg = TINY.replace(**VARIANTS[name])
+    model = _model(cfg)
+    _perturb_norms(model)
+    B, P, N = 3, 5, 6
+    prompt = _tokens(B, P, seed=5)
+    prompt_mask = jnp.array([[1] * 5, [0, 0, 1, 1, 1], [0, 0, 0, 0, 1]], jnp.int32)
+    prompt = prompt * prompt_mask
+    gen = _tokens(B, N, seed=6)
+    gen_mask = jnp.ones((B, N), jnp.int32).at[1, 3:].set(0)  # sequence 1 "stopped" after 3 tokens
+    gen = gen * gen_mask
+    full_tokens = jnp.concatenate([prompt, gen], 1)
+    full_mask = jnp.concatenate([prompt_mask, gen_mask], 1)
+    ref = model(full_tokens, attention_mask_BxT=full_mask)
+
+    cache = KVCache.create(cfg, B, P + N + 2)  # spare slots must be ignored
+    step = jax.jit(lambda m, tok, msk, c: m(tok, attention_mask_BxT=msk, cache=c))
+    logits, cache = model(prompt, attention_mask_BxT=prompt_mask, cache=cache)
+    got = [logits]
+    for i in range(N):
+        logits, cache = step(model, gen[:, i : i + 1], gen_mask[:, i : i + 1], cache)
+        got.append(logits)
+    got = jnp.concatenate(got, 1)
+    valid = np.asarray(full_mask, bool)
+    np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(ref)[valid], rtol=1e-5, atol=1e-5)
+    assert int(cache.index) == P + N
+    np.testing.assert_array_equal(cache.length_B, full_mask.sum(1))
+
+
+def test_forward_logprobs_target_aligned():
+    model = _model()
+    tokens = _tokens(2, 7)
+    mask = jnp.ones((2, 7), jnp.int32).at[1, :2].set(0)
+    lp = forward_logprobs(model, tokens, mask)
+    logits = model(tokens, attention_mask_BxT=mask)
+    full = jax.nn.log_softmax(logits.astype(jnp.float64) if jax.config.x64_enabled else logits, -1)
+    for b in range(2):
+        assert lp[b, 0] == 0.0
+        for t in range(1, 7):
+            expect = float(full[b, t - 1, tokens[b, t]]) if mask[b, t] else 0.0
+            assert abs(float(lp[b, t]) - expect) < 1e-5
+    assert lp.dtype == jnp.float32 and bool(jnp.all(lp <= 0))
+
+
+def test_bfloat16_runs():
+    cfg = TINY.replace(dtype="bfloat16")
+    model = _model(cfg)
+    assert model.layers[0].mlp.up_proj.kernel[...].dtype == jnp.bfloat16
+    logits = model(_tokens(2, 5))
+    assert logits.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits)))
