@@ -46,7 +46,7 @@ _WORDS: tuple[str, ...] = tuple(
     " ".join(
         [
             "go to take from put in open look inventory",  # actions
-            "you are the see arrive at is closed nothing happens carrying task pick up can and on it",  # observations
+            "you are the see arrive at is closed Nothing nothing happens carrying task pick up can and on it",
             "kitchen bedroom bathroom hall",  # rooms
             "fridge cabinet drawer table counter shelf sink desk bed dresser",  # receptacles
             "apple bread egg mug plate knife book pen key towel soap phone",  # objects
