@@ -1,0 +1,109 @@
+"""On-policy distillation experiment (Hydra entry point; config conf/opd.yaml, schema opd/train/config.py).
+
+    python -m experiments.opd                                      # one LSM run on the default config
+    python -m experiments.opd -m loss=sampled_token,lsm seed=0,1,2  # the paper's comparison, 3 seeds
+    python -m experiments.opd experiment=smoke                     # the whole pipeline, tiny
+
+Flow: validate the config (one ConfigError line, nothing written, on a bad value) -> prepare or reuse the
+SFT teacher and student (opd/train/sft.py, cached by config hash) -> evaluate teacher and initial student
+-> OPD (opd/train/loop.py) -> metrics.jsonl rows per step and metrics.json (initial/final/teacher accuracy,
+resolved config, git revision) in the Hydra job's output directory.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import hydra
+import jax
+from omegaconf import DictConfig
+
+from opd.cli import entry_point, output_dir
+from opd.train.config import register_configs, to_container, validate
+
+register_configs()
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def run_experiment(cfg: Any, built: dict[str, Any], out_dir: Path, *, log: Callable[[str], None] = _log) -> dict:
+    """Everything after validation. Returns the final metrics written to metrics.json."""
+    from opd.results import RunRecorder
+    from opd.train import evaluate as ev
+    from opd.train.loop import TaskSpec, run_opd
+    from opd.train.sft import prepare
+
+    t_start = time.time()
+    task = built["task"]
+    resolved = to_container(cfg)
+    max_new = int(cfg.rollout.max_new_tokens or task.max_response_len)
+    eval_problems = task.problems("eval", int(cfg.eval_problems), int(cfg.eval_seed))
+    eval_key = jax.random.key(int(cfg.eval_seed))
+
+    def sft_eval(n: int) -> Callable:
+        probs = eval_problems[:n]
+        return lambda m: ev.evaluate(m, task, probs, eval_key, max_new_tokens=max_new,
+                                     batch_size=min(64, len(probs)), prefix="")
+
+    teacher, tmeta = prepare(
+        "teacher", built["teacher"], built["teacher"].to_dict(), task, resolved["task"], cfg.sft_teacher,
+        resolved["sft_teacher"], root=cfg.checkpoint_root, checkpoint=cfg.teacher_checkpoint,
+        eval_fn=sft_eval(int(cfg.sft_teacher.eval_problems)), log=log)
+    student, smeta = prepare(
+        "student", built["student"], built["student"].to_dict(), task, resolved["task"], cfg.sft_student,
+        resolved["sft_student"], root=cfg.checkpoint_root, checkpoint=cfg.student_checkpoint,
+        eval_fn=sft_eval(int(cfg.sft_student.eval_problems)), log=log)
+    prep_s = time.time() - t_start
+
+    bs = min(64, len(eval_problems))
+    teacher_acc = ev.evaluate(teacher, task, eval_problems, eval_key, max_new_tokens=max_new, batch_size=bs,
+                              prefix="teacher/")
+    initial_acc = ev.evaluate(student, task, eval_problems, eval_key, max_new_tokens=max_new, batch_size=bs,
+                              prefix="initial/")
+    log("[eval] teacher acc {:.3f} greedy {:.3f} | student before OPD acc {:.3f} greedy {:.3f}".format(
+        teacher_acc["teacher/accuracy"], teacher_acc["teacher/greedy_accuracy"],
+        initial_acc["initial/accuracy"], initial_acc["initial/greedy_accuracy"]))
+
+    resolved["checkpoints"] = {"teacher": tmeta.get("path"), "student": smeta.get("path")}
+    resolved["effective_models"] = {"teacher": built["teacher"].to_dict(), "student": built["student"].to_dict()}
+    recorder = RunRecorder(out_dir, resolved)
+    spec = TaskSpec(task=task, teacher=teacher,
+                    train_problems=task.problems("train", int(cfg.train_problems), int(cfg.train_seed)),
+                    eval_problems=eval_problems, max_new_tokens=max_new)
+    t_opd = time.time()
+    result = run_opd(cfg, student, spec, recorder=recorder, log=log)
+    opd_s = time.time() - t_opd
+
+    last = result["evals"][max(result["evals"])]
+    rows = result["rows"]
+    timing = {k: sum(r[k] for r in rows[1:]) / max(len(rows) - 1, 1)  # step 1 includes compilation
+              for k in ("time/sample_s", "time/score_s", "time/update_s")}
+    final = {
+        **teacher_acc, **initial_acc,
+        "final/accuracy": last["eval/accuracy"], "final/greedy_accuracy": last["eval/greedy_accuracy"],
+        "final/loss": rows[-1]["loss"],
+        **{f"mean_{k}": v for k, v in timing.items()},
+        "time/prepare_s": prep_s, "time/opd_s": opd_s,
+    }
+    path = recorder.finish(final)
+    log("[done] teacher {:.3f} | student {:.3f} -> {:.3f} (sampled pass@1), greedy {:.3f} -> {:.3f}".format(
+        final["teacher/accuracy"], final["initial/accuracy"], final["final/accuracy"],
+        final["initial/greedy_accuracy"], final["final/greedy_accuracy"]))
+    log(f"[done] results: {path} and {path.parent / 'metrics.jsonl'} ({time.time() - t_start:.0f}s)")
+    return final
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="opd")
+@entry_point
+def main(cfg: DictConfig) -> float:
+    built = validate(cfg)  # ConfigError -> one line on stderr, exit 2, job dir removed
+    final = run_experiment(cfg, built, output_dir())
+    return float(final["final/accuracy"])
+
+
+if __name__ == "__main__":
+    main()

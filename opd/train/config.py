@@ -1,0 +1,240 @@
+"""Typed config tree of the OPD experiment (Hydra structured configs) and its validation.
+
+Schemas are registered in Hydra's ConfigStore as `base_<name>` and every YAML option extends its schema
+in its defaults list (style.md E10/E11), so a typo'd key or a wrong type fails at composition. Values that
+a type cannot express (loss names, K ≤ V, top-p ∈ (0, 1], matching vocabularies, existing checkpoint
+paths) are checked by `validate` before any computation and raise `opd.cli.ConfigError` naming the key.
+
+Model and task groups belong to their modules (conf/model, conf/task); they are kept as plain mappings
+here and turned into `opd.model.ModelConfig` / `opd.tasks.make_task(...)` by `model_config` / `build_task`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from opd.cli import ConfigError, require, require_choice
+from opd.losses import AGGREGATION_MODES
+
+LOSSES = ("sampled_token", "lsm", "lsm_no_renorm", "full_rkl", "topk_tail", "topk_fkl")
+"""Objectives the OPD step knows (opd/train/opd_step.py); each maps to one function in opd/losses.py."""
+
+
+@dataclass
+class LossConfig:
+    """One OPD objective and its constants."""
+
+    name: str = MISSING  # one of LOSSES
+    k: int = 8  # teacher top-K support size (also the K the diagnostics use for every loss)
+    renormalize: bool = True  # lsm family: renormalize both sides over the support (Eq. 7)
+    aggregation: str = "sequence_mean"  # token_mean (Eq. 8) | sequence_mean (what the paper's code does)
+    clip_eps: float = 0.2  # sampled_token: PPO clip ε (verl default)
+    dual_clip: float | None = 3.0  # sampled_token: dual clip c for negative advantages (None: off)
+    mask_special_tokens: bool = False  # zero the loss at the first think-open/think-close/EOS per response
+    rollout_top_p: float = 1.0  # the paper couples rollout top-p to the method (LSM 0.9, baseline 1.0)
+
+
+@dataclass
+class RolloutConfig:
+    """How the student samples its on-policy batch each step."""
+
+    prompts_per_step: int = 8  # distinct prompts per training step
+    group_size: int = 4  # G rollouts per prompt (paper: 8)
+    temperature: float = 1.0
+    top_p: float | None = None  # None: the loss's rollout_top_p (paper Table A1); a number overrides it
+    max_new_tokens: int | None = None  # None: the task's max_response_len
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW with global-norm clipping over the student's nnx.Param only (paper.md §6, verl defaults)."""
+
+    name: str = "adamw"
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    minibatches_per_step: int = 1  # optimizer steps per training step (paper: 2 = batch 128 / mini 64)
+
+
+@dataclass
+class SFTConfig:
+    """Supervised preparation of a teacher or a student on the task's solver demonstrations."""
+
+    steps: int = 400
+    batch_size: int = 32
+    lr: float = 3e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    train_problems: int = 4096  # size of the demonstration pool (task "train" split)
+    eval_problems: int = 128  # held-out problems for the accuracy printed after SFT
+    log_every: int = 50
+    seed: int = 0
+
+
+@dataclass
+class OPDConfig:
+    """The whole experiment: `python -m experiments.opd` composes conf/opd.yaml onto this schema."""
+
+    student: Any = MISSING  # conf/model/* mapping -> opd.model.ModelConfig
+    teacher: Any = MISSING
+    task: Any = MISSING  # conf/task/* mapping: `name` + make_task kwargs
+    loss: LossConfig = field(default_factory=LossConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    sft_teacher: SFTConfig = field(default_factory=SFTConfig)
+    sft_student: SFTConfig = field(default_factory=SFTConfig)
+    steps: int = 60  # OPD training steps
+    eval_every: int = 10  # evaluate held-out pass@1 every this many steps (and at the first and last)
+    eval_problems: int = 128  # held-out problems (task "eval" split, fixed seed shared by every run)
+    eval_seed: int = 1234
+    train_seed: int = 7  # seed of the OPD prompt pool (task "train" split)
+    train_problems: int = 4096  # OPD prompt pool size
+    seed: int = 0  # rollout sampling and everything random in the OPD run
+    log_every: int = 1  # print one progress line every this many steps
+    checkpoint_root: str = ".cache/opd/checkpoints"  # SFT checkpoint cache
+    teacher_checkpoint: str | None = None  # an existing checkpoint dir replaces teacher SFT
+    student_checkpoint: str | None = None  # an existing checkpoint dir replaces student SFT
+    name: str = "opd"  # a label for figures and logs
+
+
+def register_configs() -> None:
+    """Register the schemas in Hydra's ConfigStore (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="base_opd", node=OPDConfig)
+    cs.store(group="loss", name="base_loss", node=LossConfig)
+    cs.store(group="rollout", name="base_rollout", node=RolloutConfig)
+    cs.store(group="optimizer", name="base_optimizer", node=OptimizerConfig)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Conversions
+# ---------------------------------------------------------------------------------------------------------
+
+
+def to_container(cfg: Any) -> dict[str, Any]:
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    if dataclasses.is_dataclass(cfg):
+        return dataclasses.asdict(cfg)
+    return dict(cfg)
+
+
+def model_config(section: Any, key: str):
+    """An `opd.model.ModelConfig` from a conf/model mapping; unknown keys are a ConfigError."""
+    from opd.model import ModelConfig
+
+    raw = {k: v for k, v in to_container(section).items() if not k.startswith("_")}
+    raw.pop("name", None)
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(raw) - known)
+    require(not unknown, key, "ModelConfig fields " + ", ".join(sorted(known)), unknown)
+    try:
+        return ModelConfig(**raw)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{key}: {err}") from None
+
+
+def task_kwargs(section: Any) -> tuple[str, dict[str, Any]]:
+    raw = {k: v for k, v in to_container(section).items() if not k.startswith("_")}
+    name = raw.pop("name", None)
+    return name, raw
+
+
+def build_task(section: Any, key: str = "task"):
+    """`opd.tasks.make_task(name, **kwargs)`; an unknown name or bad kwarg is a ConfigError."""
+    from opd.tasks import make_task
+
+    name, kwargs = task_kwargs(section)
+    require(isinstance(name, str), f"{key}.name", "a task name", name)
+    try:
+        return make_task(name, **kwargs)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{key}.name: {err}") from None
+
+
+def rollout_top_p(cfg: Any) -> float:
+    """The effective rollout top-p: rollout.top_p when set, else the loss's paper default."""
+    top_p = cfg.rollout.top_p
+    return float(cfg.loss.rollout_top_p if top_p is None else top_p)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Validation (before any computation)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _positive(value: Any, key: str) -> None:
+    require(isinstance(value, (int, float)) and value > 0, key, "a number > 0", value)
+
+
+def validate(cfg: Any) -> dict[str, Any]:
+    """Check every value a type cannot; return the built pieces {'task', 'student', 'teacher'}.
+
+    Raises ConfigError('<key>: expected <allowed>, got <value>') on the first bad value."""
+    require_choice("loss.name", cfg.loss.name, LOSSES)
+    require_choice("loss.aggregation", cfg.loss.aggregation, AGGREGATION_MODES)
+    for key in ("loss.rollout_top_p", "rollout.top_p"):
+        value = cfg.loss.rollout_top_p if key == "loss.rollout_top_p" else cfg.rollout.top_p
+        if value is None:
+            continue
+        require(isinstance(value, (int, float)) and 0.0 < value <= 1.0, key, "a number in (0, 1]", value)
+    _positive(cfg.loss.k, "loss.k")
+    _positive(cfg.loss.clip_eps, "loss.clip_eps")
+    if cfg.loss.dual_clip is not None:
+        require(cfg.loss.dual_clip > 1.0, "loss.dual_clip", "a number > 1 or null", cfg.loss.dual_clip)
+    _positive(cfg.rollout.temperature, "rollout.temperature")
+    for key in ("rollout.prompts_per_step", "rollout.group_size", "optimizer.minibatches_per_step",
+                "steps", "eval_every", "eval_problems", "train_problems"):
+        node: Any = cfg
+        for part in key.split("."):
+            node = node[part]
+        require(isinstance(node, int) and node >= 1, key, "an integer >= 1", node)
+    batch = cfg.rollout.prompts_per_step * cfg.rollout.group_size
+    require(batch % cfg.optimizer.minibatches_per_step == 0, "optimizer.minibatches_per_step",
+            f"a divisor of the batch prompts_per_step * group_size = {batch}", cfg.optimizer.minibatches_per_step)
+    require_choice("optimizer.name", cfg.optimizer.name, ["adamw"])
+    _positive(cfg.optimizer.lr, "optimizer.lr")
+    _positive(cfg.optimizer.grad_clip, "optimizer.grad_clip")
+    for sec in ("sft_teacher", "sft_student"):
+        _positive(cfg[sec].steps, f"{sec}.steps")
+        _positive(cfg[sec].batch_size, f"{sec}.batch_size")
+        _positive(cfg[sec].lr, f"{sec}.lr")
+
+    for key in ("teacher_checkpoint", "student_checkpoint"):
+        path = cfg[key]
+        if path is not None:
+            require(Path(str(path)).is_dir(), key, "an existing checkpoint directory (or null)", str(path))
+
+    task = build_task(cfg.task)
+    # conf/model vocab sizes are placeholders padded up to the task tokenizer's vocabulary; a model asking
+    # for more keeps its size, so teacher and student must still agree after padding.
+    tok_vocab = task.tokenizer.vocab_size
+    student = model_config(cfg.student, "student")
+    teacher = model_config(cfg.teacher, "teacher")
+    student = student.replace(vocab_size=max(student.vocab_size, tok_vocab))
+    teacher = teacher.replace(vocab_size=max(teacher.vocab_size, tok_vocab))
+    require(teacher.vocab_size == student.vocab_size, "teacher.vocab_size",
+            f"the student's vocabulary size {student.vocab_size} (one tokenizer; sizes below the "
+            f"tokenizer's {tok_vocab} are padded up to it)", teacher.vocab_size)
+    require(cfg.loss.k <= student.vocab_size, "loss.k", f"an integer in [1, vocab_size={student.vocab_size}]",
+            cfg.loss.k)
+    max_new = cfg.rollout.max_new_tokens
+    if max_new is not None:
+        require(isinstance(max_new, int) and max_new >= 1, "rollout.max_new_tokens", "an integer >= 1 or null",
+                max_new)
+    seq = task.max_prompt_len + (max_new or task.max_response_len)
+    for key, mc in (("student", student), ("teacher", teacher)):
+        require(mc.max_seq_len >= seq, f"{key}.max_seq_len",
+                f"at least prompt + response length {seq}", mc.max_seq_len)
+    return {"task": task, "student": student, "teacher": teacher}

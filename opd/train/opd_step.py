@@ -1,0 +1,199 @@
+"""One OPD training step, split into its hot stages: sample (opd.sampling), score (opd.teacher), update.
+
+The objective is built by `make_loss_fn(...) -> loss_fn(params, rest, batch, teacher_state) -> (loss, aux)`
+and the step (`make_update_fn`) only does grad, AdamW update and metrics (style.md E3). Every objective is
+one function from opd/losses.py; nothing here re-derives a divergence.
+
+    sampled_token  A = sg(log q(y) − log π_old(y))  ->  ppo_clip_loss(log π(y), log π_old(y), A)   (top-p 1.0)
+    lsm            topk_reverse_kl(π logits, teacher top-K ids, teacher top-K log-probs, renormalize=True)
+    lsm_no_renorm  same, renormalize=False (the paper's collapse ablation)
+    topk_tail      topk_reverse_kl_with_tail (K support bins + one tail bin)
+    topk_fkl       topk_forward_kl (truncated forward KL)
+    full_rkl       full_reverse_kl(π logits, sg(teacher logits)): the teacher forward runs *inside* the
+                   step, for this ablation only, because the scoring payload never ships [B, L, V].
+
+The teacher is frozen (style.md E5): it is not in the optimizer, its logits are under stop_gradient, and
+its scoring runs in its own jitted function (opd.teacher.score).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from opd import diagnostics
+from opd import losses as L
+
+
+class Batch(NamedTuple):
+    """Everything the update needs from one sample + score round, all device arrays, target-aligned."""
+
+    tokens_BxL: jax.Array
+    attention_mask_BxL: jax.Array
+    positions_BxL: jax.Array
+    response_mask_BxL: jax.Array  # every generated token (diagnostics)
+    loss_mask_BxL: jax.Array  # response mask, minus masked special tokens (objective)
+    old_logprobs_BxL: jax.Array  # π_old(y_t) recorded by the sampler (unmodified softmax)
+    teacher_sampled_BxL: jax.Array  # log q(y_t)
+    topk_ids_BxLxK: jax.Array
+    topk_logprobs_BxLxK: jax.Array
+
+
+def positions_from_mask(attention_mask_BxL: jax.Array) -> jax.Array:
+    """RoPE positions: cumsum(mask) − 1 clipped at 0, so left padding never shifts them."""
+    return jnp.maximum(jnp.cumsum(attention_mask_BxL.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def target_aligned_logits(model: nnx.Module, tokens_BxL, positions_BxL, attention_mask_BxL) -> jax.Array:
+    """logits_BxLxV[b, t] = the distribution that *generated* tokens[b, t] (position 0: zeros, masked)."""
+    logits_BxLxV = model(tokens_BxL, positions_BxT=positions_BxL, attention_mask_BxT=attention_mask_BxL)
+    logits_BxLxV = logits_BxLxV.astype(jnp.float32)
+    return jnp.concatenate([jnp.zeros_like(logits_BxLxV[:, :1]), logits_BxLxV[:, :-1]], axis=1)
+
+
+def build_batch(rollout, payload, *, special_ids=(), mask_special_tokens: bool = False) -> Batch:
+    """Masks and positions from a Rollout and a TeacherPayload (docs/interfaces.md)."""
+    response_mask = rollout.response_mask_BxL.astype(jnp.float32)
+    loss_mask = response_mask
+    if mask_special_tokens and len(special_ids):
+        # First occurrence *in the response*: prompt and padding positions become -1 (never an id).
+        response_tokens = jnp.where(response_mask > 0, rollout.tokens_BxL, -1)
+        loss_mask = L.mask_first_occurrences(response_tokens, list(special_ids), response_mask)
+    return Batch(
+        tokens_BxL=rollout.tokens_BxL,
+        attention_mask_BxL=rollout.attention_mask_BxL,
+        positions_BxL=positions_from_mask(rollout.attention_mask_BxL),
+        response_mask_BxL=response_mask,
+        loss_mask_BxL=loss_mask,
+        old_logprobs_BxL=rollout.logprobs_BxL.astype(jnp.float32),
+        teacher_sampled_BxL=payload.sampled_logprobs_BxL.astype(jnp.float32),
+        topk_ids_BxLxK=payload.topk_ids_BxLxK,
+        topk_logprobs_BxLxK=payload.topk_logprobs_BxLxK.astype(jnp.float32),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LOSS FACTORY
+# ---------------------------------------------------------------------------------------------------------
+
+
+def per_position_loss(loss_cfg: Any, logits_BxLxV, batch: Batch, teacher_logits_BxLxV=None) -> jax.Array:
+    """The configured objective at every position [B, L] (unmasked; the caller aggregates)."""
+    name = loss_cfg.name
+    if name == "sampled_token":
+        logp_BxLxV = jax.nn.log_softmax(logits_BxLxV, axis=-1)
+        logprobs_BxL = jnp.take_along_axis(logp_BxLxV, batch.tokens_BxL[..., None], axis=-1)[..., 0]
+        adv_BxL = L.sampled_token_log_ratio(batch.old_logprobs_BxL, batch.teacher_sampled_BxL)
+        return L.ppo_clip_loss(logprobs_BxL, batch.old_logprobs_BxL, adv_BxL,
+                               clip_eps=loss_cfg.clip_eps, dual_clip=loss_cfg.dual_clip)
+    if name in ("lsm", "lsm_no_renorm"):
+        renorm = bool(loss_cfg.renormalize) and name == "lsm"
+        return L.topk_reverse_kl(logits_BxLxV, batch.topk_ids_BxLxK, batch.topk_logprobs_BxLxK,
+                                 renormalize=renorm)
+    if name == "topk_tail":
+        return L.topk_reverse_kl_with_tail(logits_BxLxV, batch.topk_ids_BxLxK, batch.topk_logprobs_BxLxK)
+    if name == "topk_fkl":
+        return L.topk_forward_kl(logits_BxLxV, batch.topk_ids_BxLxK, batch.topk_logprobs_BxLxK)
+    if name == "full_rkl":
+        if teacher_logits_BxLxV is None:
+            raise ValueError("full_rkl needs the teacher's full logits (pass teacher_state)")
+        return L.full_reverse_kl(logits_BxLxV, jax.lax.stop_gradient(teacher_logits_BxLxV))
+    raise ValueError(f"loss.name: unknown objective {name!r}")
+
+
+def make_loss_fn(student_graphdef, loss_cfg: Any, teacher_graphdef=None):
+    """loss_fn(params, rest, batch, teacher_state) -> (loss, aux) for the student's nnx.Param `params`.
+
+    aux holds the student-side diagnostics computed from the same forward pass (entropy, top-K mass)."""
+    needs_teacher = loss_cfg.name == "full_rkl"
+
+    def loss_fn(params, rest, batch: Batch, teacher_state=None):
+        student = nnx.merge(student_graphdef, params, rest)
+        logits_BxLxV = target_aligned_logits(student, batch.tokens_BxL, batch.positions_BxL,
+                                             batch.attention_mask_BxL)
+        teacher_logits = None
+        if needs_teacher:
+            teacher = nnx.merge(teacher_graphdef, teacher_state)
+            teacher_logits = jax.lax.stop_gradient(target_aligned_logits(
+                teacher, batch.tokens_BxL, batch.positions_BxL, batch.attention_mask_BxL))
+        per_BxL = per_position_loss(loss_cfg, logits_BxLxV, batch, teacher_logits)
+        loss = L.aggregate(per_BxL, batch.loss_mask_BxL, loss_cfg.aggregation)
+        sg_logits = jax.lax.stop_gradient(logits_BxLxV)
+        aux = {
+            "entropy": diagnostics.entropy(sg_logits, batch.response_mask_BxL),
+            "student_topk_mass": diagnostics.student_topk_mass(sg_logits, batch.topk_ids_BxLxK,
+                                                               batch.response_mask_BxL),
+        }
+        return loss, aux
+
+    return loss_fn
+
+
+# ---------------------------------------------------------------------------------------------------------
+# UPDATE STEP
+# ---------------------------------------------------------------------------------------------------------
+
+
+def make_optimizer(student: nnx.Module, opt_cfg: Any) -> nnx.Optimizer:
+    """AdamW (decoupled weight decay) after global-norm clipping, over the student's nnx.Param only."""
+    tx = optax.chain(
+        optax.clip_by_global_norm(opt_cfg.grad_clip),
+        optax.adamw(opt_cfg.lr, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps, weight_decay=opt_cfg.weight_decay),
+    )
+    return nnx.Optimizer(student, tx, wrt=nnx.Param)
+
+
+def _slice_batch(batch: Batch, i: int, n: int) -> Batch:
+    size = batch.tokens_BxL.shape[0] // n
+    return jax.tree.map(lambda x: x[i * size:(i + 1) * size], batch)
+
+
+def make_update_fn(graphdef, student_graphdef, loss_fn, minibatches: int = 1):
+    """Jitted update(state, batch, teacher_state) -> (state, metrics).
+
+    `state`/`graphdef` come from nnx.split((student, optimizer)). The batch is cut into `minibatches`
+    equal slices along B, one optimizer step each (paper: 2); metrics average over them."""
+
+    @jax.jit
+    def update(state, batch: Batch, teacher_state=None):
+        student, optimizer = nnx.merge(graphdef, state)
+        sums: dict[str, jax.Array] = {}
+        for i in range(minibatches):
+            mb = _slice_batch(batch, i, minibatches)
+            _, params, rest = nnx.split(student, nnx.Param, ...)
+            (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, mb, teacher_state)
+            optimizer.update(student, grads)
+            row = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+            sums = row if not sums else jax.tree.map(jnp.add, sums, row)
+        metrics = {k: v / minibatches for k, v in sums.items()}
+        metrics.update(diagnostics.rollout_diagnostics(
+            batch.tokens_BxL, batch.response_mask_BxL, batch.old_logprobs_BxL, batch.teacher_sampled_BxL,
+            batch.topk_ids_BxLxK, batch.topk_logprobs_BxLxK))
+        return nnx.state((student, optimizer)), metrics
+
+    return update
+
+
+class OPDStepper:
+    """Holds the student, its optimizer and the three jitted stages; `step(prompts, rng)` runs one step.
+
+    The teacher is routed per call (`teacher=`), so a multi-task loop can pass each task's own teacher."""
+
+    def __init__(self, student: nnx.Module, loss_cfg: Any, opt_cfg: Any, *, teacher_graphdef=None):
+        self.student = student
+        self.loss_cfg = loss_cfg
+        self.optimizer = make_optimizer(student, opt_cfg)
+        self.graphdef, self.state = nnx.split((student, self.optimizer))
+        student_graphdef = nnx.split(student, nnx.Param, ...)[0]
+        self.loss_fn = make_loss_fn(student_graphdef, loss_cfg, teacher_graphdef)
+        self.update_fn = make_update_fn(self.graphdef, student_graphdef, self.loss_fn,
+                                        int(opt_cfg.minibatches_per_step))
+
+    def update(self, batch: Batch, teacher_state=None) -> dict[str, jax.Array]:
+        self.state, metrics = self.update_fn(self.state, batch, teacher_state)
+        nnx.update((self.student, self.optimizer), self.state)  # the sampler reads the module
+        return metrics

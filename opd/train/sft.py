@@ -1,0 +1,146 @@
+"""Teacher and student preparation: supervised training on the task's solver demonstrations, cached.
+
+Loss: token-level cross-entropy on the demonstration tokens only (response + EOS; the prompt and padding
+are context), AdamW with linear warmup and cosine decay, global-norm clipping. One jitted step over the
+nnx.split state of (model, optimizer).
+
+`prepare(...)` is what experiments call: it returns a model loaded from the checkpoint cache when the key
+(model config + task config + SFT config) is there, and otherwise trains, evaluates and saves it. The
+student is made *deliberately weaker* by its config (smaller model, fewer SFT steps) so that OPD has room
+to improve it.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from opd.train import checkpoints
+from opd.train.opd_step import positions_from_mask
+
+
+def encode_demonstrations(task, problems) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tokens_BxL, attention_mask_BxL, target_mask_BxL): left-padded prompt, then demonstration + EOS,
+    right-padded to max_response_len. target_mask is 1 on the demonstration tokens (what SFT fits)."""
+    from opd.tasks import encode_prompts
+
+    tok = task.tokenizer
+    prompt_BxP, pmask_BxP = encode_prompts(tok, [p.prompt for p in problems], task.max_prompt_len)
+    prompt_BxP, pmask_BxP = np.asarray(prompt_BxP, np.int32), np.asarray(pmask_BxP, np.int32)
+    n_resp = task.max_response_len
+    resp = np.full((len(problems), n_resp), tok.pad_id, np.int32)
+    rmask = np.zeros((len(problems), n_resp), np.int32)
+    for i, p in enumerate(problems):
+        ids = (list(tok.encode(task.demonstration(p))) + [tok.eos_id])[:n_resp]
+        resp[i, : len(ids)] = ids
+        rmask[i, : len(ids)] = 1
+    tokens = np.concatenate([prompt_BxP, resp], axis=1)
+    attn = np.concatenate([pmask_BxP, rmask], axis=1)
+    target = np.concatenate([np.zeros_like(pmask_BxP), rmask], axis=1)
+    return tokens, attn, target
+
+
+def sft_loss(model, tokens_BxL, attention_mask_BxL, target_mask_BxL):
+    """Mean next-token cross-entropy over target tokens."""
+    positions = positions_from_mask(attention_mask_BxL)
+    logits = model(tokens_BxL, positions_BxT=positions, attention_mask_BxT=attention_mask_BxL)
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, tokens_BxL[:, 1:, None], axis=-1)[..., 0]
+    m = target_mask_BxL[:, 1:].astype(jnp.float32)
+    return (nll * m).sum() / jnp.maximum(m.sum(), 1.0)
+
+
+def make_sft_step(graphdef):
+    @jax.jit
+    def step(state, tokens, attn, target):
+        model, optimizer = nnx.merge(graphdef, state)
+        loss, grads = nnx.value_and_grad(sft_loss)(model, tokens, attn, target)
+        optimizer.update(model, grads)
+        return nnx.state((model, optimizer)), loss
+
+    return step
+
+
+def _schedule(cfg) -> optax.Schedule:
+    warmup = min(int(cfg.warmup_steps), max(int(cfg.steps) - 1, 0))
+    return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(warmup, 1), max(int(cfg.steps), 2), cfg.lr * 0.05)
+
+
+def train_sft(model: nnx.Module, task, cfg, *, label: str = "sft", log: Callable[[str], None] = print) -> list[float]:
+    """Train `model` in place on `cfg.train_problems` demonstrations for `cfg.steps` steps; returns losses."""
+    problems = task.problems("train", int(cfg.train_problems), int(cfg.seed))
+    tokens, attn, target = encode_demonstrations(task, problems)
+    tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
+                     optax.adamw(_schedule(cfg), weight_decay=cfg.weight_decay))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    graphdef, state = nnx.split((model, optimizer))
+    step = make_sft_step(graphdef)
+    rng = np.random.default_rng(int(cfg.seed))
+    losses: list[float] = []
+    t0 = time.time()
+    for i in range(1, int(cfg.steps) + 1):
+        idx = rng.integers(0, len(problems), int(cfg.batch_size))
+        state, loss = step(state, jnp.asarray(tokens[idx]), jnp.asarray(attn[idx]), jnp.asarray(target[idx]))
+        if i % int(cfg.log_every) == 0 or i == int(cfg.steps):
+            losses.append(float(loss))
+            log(f"[sft {label}] step {i}/{cfg.steps} loss {float(loss):.4f} ({time.time() - t0:.0f}s)")
+    nnx.update((model, optimizer), state)
+    return losses
+
+
+def new_model(model_cfg, seed: int) -> nnx.Module:
+    from opd.model import Transformer
+
+    return Transformer(model_cfg, rngs=nnx.Rngs(seed))
+
+
+def prepare(
+    label: str,
+    model_cfg,
+    model_section: dict[str, Any],
+    task,
+    task_section: dict[str, Any],
+    sft_cfg,
+    sft_section: dict[str, Any],
+    *,
+    root: str | Path,
+    checkpoint: str | Path | None = None,
+    eval_fn: Callable[[nnx.Module], dict[str, float]] | None = None,
+    log: Callable[[str], None] = print,
+) -> tuple[nnx.Module, dict[str, Any]]:
+    """A prepared model and its meta ({'key', 'path', 'trained', 'sft_eval', ...}).
+
+    checkpoint: an explicit directory to load instead of the cache. Otherwise the cache key is the hash
+    of the three config sections; a complete cached checkpoint is loaded, else the model is trained,
+    evaluated with `eval_fn` (its numbers go into meta.json) and saved atomically."""
+    model = new_model(model_cfg, int(sft_cfg.seed))
+    if checkpoint is not None:
+        checkpoints.load_model(model, checkpoint)
+        meta = checkpoints.read_meta(checkpoint) if (Path(checkpoint) / checkpoints.META).exists() else {}
+        log(f"[sft {label}] loaded {checkpoint}")
+        return model, {**meta, "path": str(checkpoint), "trained": False}
+    key = checkpoints.cache_key({"model": model_section, "task": task_section, "sft": sft_section})
+    path = Path(root) / key
+    if checkpoints.is_complete(path):
+        checkpoints.load_model(model, path)
+        meta = checkpoints.read_meta(path)
+        log(f"[sft {label}] reusing cached checkpoint {path}")
+        return model, {**meta, "path": str(path), "trained": False}
+    t0 = time.time()
+    losses = train_sft(model, task, sft_cfg, label=label, log=log)
+    sft_eval = eval_fn(model) if eval_fn is not None else {}
+    if sft_eval:
+        log(f"[sft {label}] held-out " + " ".join(f"{k} {v:.3f}" for k, v in sft_eval.items()))
+    meta = {"key": key, "label": label, "model": model_section, "task": task_section, "sft": sft_section,
+            "final_loss": losses[-1] if losses else None, "sft_eval": sft_eval,
+            "train_time_s": round(time.time() - t0, 1)}
+    checkpoints.save_model(model, path, meta)
+    log(f"[sft {label}] saved {path}")
+    return model, {**meta, "path": str(path), "trained": True}
