@@ -261,3 +261,19 @@ def test_pad_sequences():
     assert attn.tolist() == [[1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0]]
     with pytest.raises(ValueError):
         pad_sequences([[1, 2, 3]], [[1, 1, 1]], 2)
+
+
+def test_task_in_teacher_conventions(tok):
+    """A teacher trained in its own conventions: same problems, its EOS and its think spelling."""
+    teacher_tok = Tokenizer.variant(think_as_pieces=True, eos_token="<|endoftext|>")
+    student_task, teacher_task = ArithmeticTask(), ArithmeticTask(tokenizer=teacher_tok)
+    p = student_task.problems("train", 1, 0)[0]
+    assert teacher_task.problems("train", 1, 0)[0] == p
+    t_ids = teacher_tok.encode(teacher_task.demonstration(p))
+    assert t_ids[-1] == teacher_tok.eos_id and t_ids.count(teacher_tok.eos_id) == 1
+    assert [teacher_tok.id_to_token(i) for i in t_ids[:3]] == ["<", "think", ">"]
+    assert teacher_task.score(p, teacher_tok.decode(t_ids)) == 1.0
+    assert teacher_task.max_response_len == student_task.max_response_len + 5  # <think>: 3 pieces, </think>: 4
+    # the role mapping turns the student's demonstration into exactly the teacher's
+    s_ids = tok.encode(student_task.demonstration(p))
+    assert TokenMapping.from_tokenizers(tok, teacher_tok, specials="role").map_ids(s_ids) == t_ids

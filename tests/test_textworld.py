@@ -212,3 +212,28 @@ def test_prompt_fits_and_bad_config(env):
         TextWorldTask(max_tokens=10)
     with pytest.raises(ValueError, match="allowed"):
         make_task("alfworld")
+
+
+def test_conversation_in_teacher_conventions():
+    from opd.tasks import Tokenizer, TokenMapping
+
+    student_tok = Tokenizer()
+    teacher_tok = Tokenizer.variant(eot_token="<|im_end|>")
+    student, teacher = TextWorldTask(), TextWorldTask(tokenizer=teacher_tok)
+    s_tokens, s_mask = student.demonstration_conversation(4)
+    t_tokens, t_mask = teacher.demonstration_conversation(4)
+    assert (
+        teacher_tok.eot_id != student_tok.eot_id
+        and (t_tokens == teacher_tok.eot_id).sum() == (s_tokens == student_tok.eot_id).sum()
+    )
+    role = TokenMapping.from_tokenizers(student_tok, teacher_tok, specials="role")
+    assert role.map_ids(s_tokens) == t_tokens.tolist() and t_mask.tolist() == s_mask.tolist()
+    # the surface mapping spells the student's EOT literally: "<", "e", "o", "t", ">" in the teacher vocabulary
+    surface = TokenMapping.from_tokenizers(student_tok, teacher_tok)
+    ids, owner = surface.map_ids_with_alignment(s_tokens)
+    assert len(ids) == len(s_tokens) + 4 * int((s_tokens == student_tok.eot_id).sum())
+    assert teacher_tok.decode(ids, stop=False) == student_tok.decode(s_tokens, stop=False)
+    # per-student-token student mask carried over through the alignment
+    assert np.asarray(s_mask)[owner].sum() == sum(
+        len(surface.table[t]) for t, m in zip(s_tokens.tolist(), s_mask.tolist(), strict=True) if m
+    )

@@ -97,7 +97,7 @@ class ArithmeticTask:
         # BOS + max_terms numbers each followed by "+" or "=".
         self.max_prompt_len = 1 + max_terms * (digits + 1)
         worst = [10**digits - 1] * max_terms
-        self.max_response_len = len(self.tokenizer.encode(solve(worst, digits)[0]))
+        self.max_response_len = len(self.tokenizer.encode(self.demonstration(self.make_problem(worst))))
 
     # -- problems -------------------------------------------------------------------------------------
 
@@ -142,7 +142,10 @@ class ArithmeticTask:
     # -- targets and scoring --------------------------------------------------------------------------
 
     def demonstration(self, p: Problem) -> str:
-        return p.solution
+        """The solution in this task's tokenizer conventions (`p.solution` ends with the default "<eos>";
+        a variant tokenizer's EOS string replaces it, and its think markers encode as its own pieces)."""
+        eos = self.tokenizer.roles["eos"]
+        return p.solution if eos == "<eos>" else p.solution[: -len("<eos>")] + eos
 
     def score(self, p: Problem, response_text: str) -> float:
         """1.0 iff the response is "<think>...</think>" followed by exactly the right integer (EOS already

@@ -462,7 +462,8 @@ class TextWorldTask:
 
     def prompt_text(self, world: World, first_observation: str) -> str:
         """Prompt text without BOS (encode_prompts prepends it)."""
-        return f"task: {world.goal_text()}.<obs>{first_observation}<eot>"
+        r = self.tokenizer.roles
+        return f"task: {world.goal_text()}.{r['obs']}{first_observation}{r['eot']}"
 
     def prompt_ids(self, world: World, first_observation: str) -> list[int]:
         return [self.tokenizer.bos_id] + self.tokenizer.encode(self.prompt_text(world, first_observation))
