@@ -202,7 +202,9 @@ def find_repetition_loops(
     if int(min_repeats) < 2:
         raise ValueError(f"min_repeats: expected an integer >= 2, got {min_repeats}")
     if not 1 <= int(min_period) <= int(max_period):
-        raise ValueError(f"min_period/max_period: expected 1 <= min_period <= max_period, got {min_period}, {max_period}")
+        raise ValueError(
+            f"min_period/max_period: expected 1 <= min_period <= max_period, got {min_period}, {max_period}"
+        )
     t = np.asarray(tokens).reshape(-1)
     n = t.size
     covered = np.zeros(n, bool)

@@ -29,14 +29,14 @@ def _batch():
 
 
 def test_neg_reward_frac_counts_only_masked_strictly_negative():
-    tokens, mask, s, t = _batch()
+    _, mask, s, t = _batch()
     # masked gaps (q/p): row0 .5,1,2,.5,1.8,.111 -> negatives at .5,.5,.111 = 3; row1 .5,2,2 -> 1. 4 of 9.
     assert fm.neg_reward_frac(t, s, mask) == pytest.approx(4 / 9)
     assert fm.neg_reward_frac(t, s, np.zeros_like(mask)) == 0.0
 
 
 def test_scatter_pairs_are_the_masked_probabilities_and_subsample():
-    tokens, mask, s, t = _batch()
+    _, mask, s, t = _batch()
     out = fm.sampled_prob_pairs(t, s, mask)
     assert out["n_total"] == 9
     np.testing.assert_allclose(out["student_prob"], [.5, .5, .5, .5, .5, .9, .8, .4, .2])
@@ -55,7 +55,7 @@ def test_response_positions_count_environment_tokens():
 
 
 def test_gap_quantiles_by_bucket():
-    tokens, mask, s, t = _batch()
+    _, mask, s, t = _batch()
     out = fm.gap_quantiles_by_bucket(t, s, mask, bucket_size=2, quantiles=(0.0, 0.5, 1.0))
     # bucket 0 = positions 0,1: row0 gaps ln.5, ln1; row1 ln.5, ln2
     # bucket 1 = positions 2,3: row0 ln2, ln.5 ; bucket 2 = positions 4,5: row0 ln1.8, ln(1/9); row1 ln2
