@@ -1,0 +1,85 @@
+"""opd.teacher: payload shapes, agreement with a full log-softmax, chunking, frozen, bad k."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from opd.model import ModelConfig, Transformer, forward_logprobs
+from opd.teacher import TeacherPayload, score
+
+CFG = ModelConfig(vocab_size=40, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                  intermediate_size=64)
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    model = Transformer(CFG, rngs=nnx.Rngs(7))
+    model.lm_head.kernel[...] = model.lm_head.kernel[...] * 10.0  # peaky, so top-K is meaningful
+    return model
+
+
+def _batch():
+    tokens = jnp.asarray(np.random.default_rng(0).integers(1, CFG.vocab_size, (3, 9)), jnp.int32)
+    mask = jnp.ones((3, 9), jnp.int32).at[1, :3].set(0).at[2, 7:].set(0)
+    return tokens * mask, mask
+
+
+def test_payload_shapes_and_full_logsoftmax_agreement(teacher):
+    tokens, mask = _batch()
+    K = 5
+    out = score(teacher, tokens, mask, K)
+    assert isinstance(out, TeacherPayload)
+    assert out.topk_ids_BxLxK.shape == (3, 9, K) and out.topk_ids_BxLxK.dtype == jnp.int32
+    assert out.topk_logprobs_BxLxK.shape == (3, 9, K) and out.topk_logprobs_BxLxK.dtype == jnp.float32
+    assert out.sampled_logprobs_BxL.shape == (3, 9)
+
+    full = np.asarray(jax.nn.log_softmax(teacher(tokens, attention_mask_BxT=mask), axis=-1))  # [B, L, V]
+    ids, lps = np.asarray(out.topk_ids_BxLxK), np.asarray(out.topk_logprobs_BxLxK)
+    assert np.all(ids[:, 0] == 0) and np.all(lps[:, 0] == 0) and np.all(out.sampled_logprobs_BxL[:, 0] == 0)
+    for b in range(3):
+        for t in range(1, 9):
+            row = full[b, t - 1]
+            np.testing.assert_allclose(lps[b, t], row[ids[b, t]], rtol=0, atol=1e-5)  # a gather of the row
+            np.testing.assert_allclose(lps[b, t], np.sort(row)[::-1][:K], rtol=0, atol=1e-5)  # the top K
+            assert np.all(np.diff(lps[b, t]) <= 0)
+    # Sampled-token log-probs equal the student-side recomputation of the same model.
+    np.testing.assert_allclose(out.sampled_logprobs_BxL, forward_logprobs(teacher, tokens, mask), atol=1e-5)
+
+
+def test_chunked_equals_unchunked(teacher):
+    tokens, mask = _batch()
+    ref = score(teacher, tokens, mask, 4)
+    got = score(teacher, tokens, mask, 4, chunk_size=3)  # 8 scored positions -> 3 chunks, one padded
+    np.testing.assert_array_equal(got.topk_ids_BxLxK, ref.topk_ids_BxLxK)
+    np.testing.assert_allclose(got.topk_logprobs_BxLxK, ref.topk_logprobs_BxLxK, atol=1e-6)
+    np.testing.assert_allclose(got.sampled_logprobs_BxL, ref.sampled_logprobs_BxL, atol=1e-6)
+
+
+def test_teacher_is_frozen(teacher):
+    """Differentiating through scoring gives exactly zero gradient for the teacher's parameters."""
+    tokens, mask = _batch()
+    graphdef, params = nnx.split(teacher)
+
+    def f(p):
+        out = score(nnx.merge(graphdef, p), tokens, mask, 3)
+        return out.topk_logprobs_BxLxK.sum() + out.sampled_logprobs_BxL.sum()
+
+    grads = jax.grad(f)(params)
+    assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
+
+
+@pytest.mark.parametrize("k", [0, -1, CFG.vocab_size + 1, 2.0])
+def test_bad_k_raises(teacher, k):
+    tokens, mask = _batch()
+    with pytest.raises(ValueError, match=r"k: expected an integer in \[1, vocab_size=40\]"):
+        score(teacher, tokens, mask, k)
+
+
+def test_k_equals_vocab_is_allowed(teacher):
+    tokens, mask = _batch()
+    out = score(teacher, tokens, mask, CFG.vocab_size)
+    np.testing.assert_allclose(jnp.exp(out.topk_logprobs_BxLxK[:, 1:]).sum(-1), 1.0, atol=1e-5)
