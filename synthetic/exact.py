@@ -1,0 +1,235 @@
+"""Exact moments of OPD gradient estimators by enumerating all V^T sequences (float64, jitted, chunked).
+
+`estimator_moments(student_logits, teacher_logits, gamma)` is the public API of design.md. For a tabular
+policy (synthetic.tabular) each step's score g_t = ∇_logits log π(y_t|c_t) is nonzero on one row only
+(e_{y_t} − π(·|c_t) on the row of c_t), so an estimator of the form Σ_t u_t(y) — u_t = c_t(y)(e_{y_t} − π)
+for the score-function family, u_t = h(c_t) for per-prefix objectives — is a sum of T single-row vectors.
+
+Mean: Σ_y p(y) Σ_t u_t, a scatter-add of [chunk, T, V] terms into the [R, V] table (pass 1).
+Variance: Σ_y p(y) ‖ĝ(y) − m‖² (pass 2). The T rows a sequence touches are distinct, so
+    ‖ĝ − m‖² = ‖m‖² − Σ_t ‖m_{ρ_t}‖² + Σ_t ‖u_t − m_{ρ_t}‖²
+is evaluated exactly per sequence without materializing [V^T, R, V]. With a tied parameterization
+(`tie`: prefix row -> parameter row, logits = shared[tie]) the per-sequence gradient is formed densely in
+the small parameter space instead. Both passes are `lax.scan`s over sequence chunks, so memory stays
+O(chunk · T · V + R · V) for V^T up to 10^6.
+
+The gradient of the sequence-level KL is computed independently by backward dynamic programming over
+prefix lengths (KL-to-go), not from the estimators.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from synthetic import tabular
+from synthetic.estimators import (
+    discounted_coefficients,
+    full_return_coefficients,
+    full_rkl_prefix_grad,
+    lsm_prefix_grad,
+)
+
+DEFAULT_CHUNK = 8192
+ESTIMATORS = ("discounted", "full_return", "lsm", "full_rkl")
+
+
+class Moments(NamedTuple):
+    """Exact statistics of one estimator (one sequence per estimate), float64."""
+
+    mean: jax.Array  # E ĝ, same shape as the logits (or [P, V] for a tied model)
+    variance: jax.Array  # Σ_y p(y) ‖ĝ(y) − E ĝ‖², Frobenius
+    grad: jax.Array  # exact ∇ KL(π‖q) of the sequence-level reverse KL
+    bias: jax.Array  # ‖mean − grad‖
+    kl: jax.Array  # KL(π‖q) over whole sequences
+    b_r: jax.Array  # max |r_t| over the support
+    b_g: jax.Array  # max ‖g_t‖ over the support
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Prefix probabilities, KL-to-go and the exact gradient (backward DP, independent of the estimators)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _kl_dp(logp_RxV, logq_RxV, vocab: int, horizon: int):
+    """Returns (KL(π‖q) over sequences, ∇_logits KL [R, V], prefix probabilities P(ρ) [R])."""
+    offsets = tabular.prefix_offsets(vocab, horizon)
+    pi_RxV = jnp.exp(logp_RxV)
+    r_RxV = jnp.where(pi_RxV > 0, logp_RxV - logq_RxV, 0.0)
+    # FORWARD: P(child ρv) = P(ρ) π(v|ρ)
+    probs = [jnp.ones((1,), logp_RxV.dtype)]
+    for t in range(horizon - 1):
+        block = pi_RxV[offsets[t] : offsets[t + 1]]
+        probs.append((probs[-1][:, None] * block).reshape(-1))
+    # BACKWARD: A(ρ, v) = r(ρ, v) + W(ρv),  W(ρ) = Σ_v π(v|ρ) A(ρ, v),  ∇_ρ = P(ρ) π (A − W)
+    w_next = None
+    grads = [None] * horizon
+    for t in range(horizon - 1, -1, -1):
+        sl = slice(offsets[t], offsets[t + 1])
+        a_xV = r_RxV[sl] + (0.0 if w_next is None else w_next.reshape(-1, vocab))
+        w = jnp.sum(pi_RxV[sl] * a_xV, axis=-1)
+        grads[t] = probs[t][:, None] * pi_RxV[sl] * (a_xV - w[:, None])
+        w_next = w
+    return w_next[0], jnp.concatenate(grads, axis=0), jnp.concatenate(probs)
+
+
+def sequence_kl_and_grad(student_logits, teacher_logits):
+    """Exact sequence-level KL(π‖q) and its gradient w.r.t. the student logit table (float64)."""
+    vocab, horizon = tabular.validate_logits(student_logits, teacher_logits)
+    with jax.enable_x64(True):
+        s = jnp.asarray(student_logits, jnp.float64)
+        q = jnp.asarray(teacher_logits, jnp.float64)
+        kl, grad, _ = _kl_dp(jax.nn.log_softmax(s, -1), jax.nn.log_softmax(q, -1), vocab, horizon)
+        return float(kl), np.asarray(grad, np.float64)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The enumeration engine
+# ---------------------------------------------------------------------------------------------------------
+
+
+@functools.partial(
+    jax.jit, static_argnames=("vocab", "horizon", "kind", "k", "num_params", "chunk")
+)
+def _moments_impl(student, teacher, gamma, tie, *, vocab, horizon, kind, k, num_params, chunk):
+    logp_RxV = jax.nn.log_softmax(student, axis=-1)
+    logq_RxV = jax.nn.log_softmax(teacher, axis=-1)
+    pi_RxV = jnp.exp(logp_RxV)
+    kl, grad_RxV, prefix_prob_R = _kl_dp(logp_RxV, logq_RxV, vocab, horizon)
+    if kind == "lsm":
+        h_RxV = jax.vmap(lambda s, q: lsm_prefix_grad(s, q, k))(student, teacher)
+    elif kind == "full_rkl":
+        h_RxV = jax.vmap(full_rkl_prefix_grad)(student, teacher)
+
+    n_total = vocab**horizon
+    starts = jnp.arange(0, n_total, chunk)
+
+    def chunk_terms(start):
+        n_C = start + jnp.arange(chunk)
+        valid_C = n_C < n_total
+        n_C = jnp.minimum(n_C, n_total - 1)
+        y_CxT = tabular.sequence_tokens(n_C, vocab, horizon)
+        rows_CxT = tabular.sequence_rows(n_C, vocab, horizon)
+        lp_CxT = logp_RxV[rows_CxT, y_CxT]
+        p_C = jnp.where(valid_C, jnp.exp(jnp.sum(lp_CxT, axis=-1)), 0.0)
+        if kind in ("discounted", "full_return"):
+            r_CxT = lp_CxT - logq_RxV[rows_CxT, y_CxT]
+            if kind == "discounted":
+                c_CxT = jax.vmap(discounted_coefficients, (0, None))(r_CxT, gamma)
+            else:
+                c_CxT = jax.vmap(full_return_coefficients)(r_CxT)
+            score_CxTxV = jax.nn.one_hot(y_CxT, vocab, dtype=pi_RxV.dtype) - pi_RxV[rows_CxT]
+            u_CxTxV = c_CxT[..., None] * score_CxTxV
+        else:
+            u_CxTxV = h_RxV[rows_CxT]
+        return p_C, rows_CxT, u_CxTxV
+
+    target = (lambda rows: rows) if tie is None else (lambda rows: tie[rows])
+    size = student.shape[0] if tie is None else num_params
+
+    # PASS 1: the mean, a probability-weighted scatter-add
+    def mean_body(acc_xV, start):
+        p_C, rows_CxT, u_CxTxV = chunk_terms(start)
+        return acc_xV.at[target(rows_CxT)].add(p_C[:, None, None] * u_CxTxV), None
+
+    mean_xV, _ = jax.lax.scan(mean_body, jnp.zeros((size, vocab), student.dtype), starts)
+    mean_sq = jnp.sum(mean_xV**2)
+
+    # PASS 2: the centred second moment, exactly per sequence
+    def var_body(acc, start):
+        p_C, rows_CxT, u_CxTxV = chunk_terms(start)
+        if tie is None:
+            m_CxTxV = mean_xV[rows_CxT]
+            dev_C = (
+                mean_sq
+                - jnp.sum(m_CxTxV**2, axis=(1, 2))
+                + jnp.sum((u_CxTxV - m_CxTxV) ** 2, axis=(1, 2))
+            )
+        else:
+            onehot_CxTxP = jax.nn.one_hot(tie[rows_CxT], num_params, dtype=u_CxTxV.dtype)
+            g_CxPxV = jnp.einsum("ctp,ctv->cpv", onehot_CxTxP, u_CxTxV)
+            dev_C = jnp.sum((g_CxPxV - mean_xV) ** 2, axis=(1, 2))
+        return acc + jnp.sum(p_C * dev_C), None
+
+    variance, _ = jax.lax.scan(var_body, jnp.zeros((), student.dtype), starts)
+
+    grad_xV = grad_RxV if tie is None else jax.ops.segment_sum(grad_RxV, tie, num_segments=num_params)
+    reachable_RxV = (prefix_prob_R[:, None] > 0) & (pi_RxV > 0)
+    b_r = jnp.max(jnp.where(reachable_RxV, jnp.abs(logp_RxV - logq_RxV), 0.0))
+    # ‖e_y − π‖² = 1 − 2π_y + ‖π‖²
+    score_sq_RxV = 1.0 - 2.0 * pi_RxV + jnp.sum(pi_RxV**2, axis=-1, keepdims=True)
+    b_g = jnp.sqrt(jnp.max(jnp.where(reachable_RxV, score_sq_RxV, 0.0)))
+    bias = jnp.sqrt(jnp.sum((mean_xV - grad_xV) ** 2))
+    return Moments(mean_xV, variance, grad_xV, bias, kl, b_r, b_g)
+
+
+def _validate_tie(tie, num_rows: int, num_params: int | None) -> tuple[np.ndarray, int]:
+    tie = np.asarray(tie)
+    if tie.shape != (num_rows,) or not np.issubdtype(tie.dtype, np.integer):
+        raise ValueError(f"tie must be an integer array of shape ({num_rows},), got {tie.dtype} {tie.shape}")
+    num_params = int(tie.max()) + 1 if num_params is None else int(num_params)
+    if tie.min() < 0 or tie.max() >= num_params:
+        raise ValueError(f"tie values must lie in [0, {num_params}), got [{tie.min()}, {tie.max()}]")
+    return tie, num_params
+
+
+def _run(student_logits, teacher_logits, gamma, *, kind, k=0, tie=None, num_params=None, chunk_size=None):
+    vocab, horizon = tabular.validate_logits(student_logits, teacher_logits)
+    if kind not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {kind!r}")
+    if kind == "discounted":
+        if gamma is None:
+            raise ValueError("gamma must be a float in [0, 1] for the discounted estimator")
+        tabular.validate_gamma(gamma)
+    if kind == "lsm" and not 1 <= int(k) <= vocab:
+        raise ValueError(f"k must satisfy 1 <= k <= V={vocab}, got {k}")
+    if tie is not None:
+        tie, num_params = _validate_tie(tie, np.shape(student_logits)[0], num_params)
+    n_total = vocab**horizon
+    chunk = int(min(chunk_size or DEFAULT_CHUNK, n_total))
+    with jax.enable_x64(True):
+        out = _moments_impl(
+            jnp.asarray(student_logits, jnp.float64),
+            jnp.asarray(teacher_logits, jnp.float64),
+            jnp.asarray(0.0 if gamma is None else gamma, jnp.float64),
+            None if tie is None else jnp.asarray(tie),
+            vocab=vocab, horizon=horizon, kind=kind, k=int(k),
+            num_params=None if tie is None else num_params, chunk=chunk,
+        )
+        # numpy float64 out: jax float64 arrays would silently drop to float32 outside the x64 context
+        return Moments(*(np.asarray(x, np.float64) for x in out))
+
+
+def estimator_moments(student_logits, teacher_logits, gamma, *, tie=None, num_params=None, chunk_size=None):
+    """Exact mean, variance, bias of the discounted estimator ĝ_γ (Eq. 3), or of Eq. 1 when gamma is None.
+
+    Args:
+        student_logits, teacher_logits: tabular tables [(V^T − 1)/(V − 1), V] in the canonical prefix order.
+        gamma: float in [0, 1] (0 token-level, 1 causal sequence-level) or None (full return, Eq. 1).
+        tie: optional int [R] mapping prefix rows to shared parameter rows (logits = shared[tie]); the
+            moments are then w.r.t. the shared [num_params, V] parameters. None: the tabular table itself.
+    Returns:
+        Moments(mean, variance, grad, bias, kl, b_r, b_g) in float64.
+    Raises:
+        ValueError before any computation for V < 2, a row count that is no (V^T − 1)/(V − 1), V^T above
+        the enumeration limit (use synthetic.markov's Monte Carlo), gamma outside [0, 1].
+    """
+    kind = "full_return" if gamma is None else "discounted"
+    return _run(student_logits, teacher_logits, gamma, kind=kind, tie=tie, num_params=num_params,
+                chunk_size=chunk_size)
+
+
+def prefix_estimator_moments(student_logits, teacher_logits, kind: str, *, k: int | None = None, tie=None,
+                             num_params=None, chunk_size=None):
+    """Exact moments of the per-prefix estimators Σ_t ∇L(c_t): kind "lsm" (teacher top-k, through
+    opd.losses.topk_reverse_kl) or "full_rkl" (opd.losses.full_reverse_kl)."""
+    if kind not in ("lsm", "full_rkl"):
+        raise ValueError(f"kind must be 'lsm' or 'full_rkl', got {kind!r}")
+    if kind == "lsm" and k is None:
+        raise ValueError("k is required for kind='lsm'")
+    return _run(student_logits, teacher_logits, None, kind=kind, k=k or 0, tie=tie, num_params=num_params,
+                chunk_size=chunk_size)
