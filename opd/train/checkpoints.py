@@ -50,7 +50,7 @@ def save_model(model: nnx.Module, path: str | Path, meta: dict[str, Any]) -> Pat
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".tmp-{path.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        state = nnx.state(model).to_pure_dict()
+        state = nnx.to_pure_dict(nnx.state(model))
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(tmp / "params", state)
             ckptr.wait_until_finished()
@@ -73,9 +73,9 @@ def load_model(model: nnx.Module, path: str | Path) -> nnx.Module:
 
     path = Path(path).absolute()
     state = nnx.state(model)
-    abstract = state.to_pure_dict()
+    abstract = nnx.to_pure_dict(state)
     with ocp.StandardCheckpointer() as ckptr:
         restored = ckptr.restore(path / "params", abstract)
-    state.replace_by_pure_dict(restored)
+    nnx.replace_by_pure_dict(state, restored)
     nnx.update(model, state)
     return model

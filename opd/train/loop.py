@@ -54,10 +54,11 @@ def run_opd(
     score_fn=None,
 ) -> dict[str, Any]:
     """Train `student` in place for cfg.steps; returns {'rows': [...], 'evals': {step: {...}}}."""
-    from opd import sampling, teacher as teacher_mod
+    from opd import sampling
 
     sample_fn = sample_fn or sampling.sample
-    score_fn = score_fn or teacher_mod.score
+    if score_fn is None:
+        from opd.teacher import score as score_fn
     task, teacher = spec.task, spec.teacher
     tok = task.tokenizer
     top_p = float(cfg.loss.rollout_top_p if cfg.rollout.top_p is None else cfg.rollout.top_p)

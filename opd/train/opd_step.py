@@ -167,7 +167,7 @@ def make_update_fn(graphdef, student_graphdef, loss_fn, minibatches: int = 1):
             _, params, rest = nnx.split(student, nnx.Param, ...)
             (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, mb, teacher_state)
             optimizer.update(student, grads)
-            row = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+            row = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
             sums = row if not sums else jax.tree.map(jnp.add, sums, row)
         metrics = {k: v / minibatches for k, v in sums.items()}
         metrics.update(diagnostics.rollout_diagnostics(
