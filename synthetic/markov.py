@@ -47,7 +47,7 @@ def sample(rng: jax.Array, logits_TxVxV, num: int):
     # SAMPLE ONE STEP from the row of the previous token
     def step(prev_N, inputs):
         t, key = inputs
-        tok_N = jax.random.categorical(key, logits_TxVxV[t, prev_N], axis=-1)
+        tok_N = jax.random.categorical(key, logits_TxVxV[t, prev_N], axis=-1).astype(prev_N.dtype)
         return tok_N, (tok_N, prev_N)
 
     keys = jax.random.split(rng, horizon)

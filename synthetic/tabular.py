@@ -151,7 +151,7 @@ def sample_tabular(rng: jax.Array, logits_RxV, horizon: int, num: int):
     def step(value_N, inputs):
         t, key = inputs
         rows_N = offsets[t] + value_N
-        tok_N = jax.random.categorical(key, logits_RxV[rows_N], axis=-1)
+        tok_N = jax.random.categorical(key, logits_RxV[rows_N], axis=-1).astype(value_N.dtype)
         return value_N * vocab + tok_N, (tok_N, rows_N)
 
     keys = jax.random.split(rng, horizon)
