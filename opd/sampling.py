@@ -116,12 +116,10 @@ def _draw(state: _LoopState, rng: jax.Array, cfg: SamplingConfig, stop_S: jax.Ar
     return state, token_B, live_B
 
 
-def _sample_impl(graphdef, params, prompt_BxP, prompt_mask_BxP, rng, cfg: SamplingConfig,
-                 stop_ids: tuple[int, ...]) -> Rollout:
+def _sample_impl(graphdef, params, prompt_BxP, prompt_mask_BxP, rng, stop_S, cfg: SamplingConfig) -> Rollout:
     model = nnx.merge(graphdef, params)
     B, P = prompt_BxP.shape
     N = cfg.max_new_tokens
-    stop_S = jnp.asarray(stop_ids, jnp.int32)
     prompt_BxP = prompt_BxP.astype(jnp.int32)
     prompt_mask_BxP = prompt_mask_BxP.astype(jnp.int32)
 
@@ -163,7 +161,8 @@ def _sample_impl(graphdef, params, prompt_BxP, prompt_mask_BxP, rng, cfg: Sampli
     )
 
 
-_sample_jit = jax.jit(_sample_impl, static_argnames=("graphdef", "cfg", "stop_ids"))
+# Static: the graph definition and the sampling config. Stop ids are an array (only their count is static).
+_sample_jit = jax.jit(_sample_impl, static_argnames=("graphdef", "cfg"))
 
 
 def sample(model: Any, prompt_BxP: Any, prompt_mask_BxP: Any, rng: jax.Array, cfg: SamplingConfig, *,
@@ -186,5 +185,5 @@ def sample(model: Any, prompt_BxP: Any, prompt_mask_BxP: Any, rng: jax.Array, cf
     if not isinstance(prompt_mask_BxP, jax.core.Tracer) and not np.all(np.asarray(prompt_mask_BxP)[:, -1]):
         raise ValueError("prompt_mask_BxP: prompts must be left-padded with a real last token in every row")
     graphdef, params = nnx.split(model)
-    return _sample_jit(graphdef, params, jnp.asarray(prompt_BxP), jnp.asarray(prompt_mask_BxP), rng, cfg,
-                       stops)
+    return _sample_jit(graphdef, params, jnp.asarray(prompt_BxP), jnp.asarray(prompt_mask_BxP), rng,
+                       jnp.asarray(stops, jnp.int32), cfg=cfg)

@@ -1,0 +1,234 @@
+"""opd.sampling: the on-policy invariant, exact top-p / top-k / temperature, stops, cache == no cache."""
+
+from __future__ import annotations
+
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from opd import sampling
+from opd.model import ModelConfig, Transformer, forward_logprobs
+from opd.sampling import PAD_ID, Rollout, SamplingConfig, sample, select_tokens
+
+CFG = ModelConfig(vocab_size=40, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                  intermediate_size=64, qk_norm=True)
+B, P, N = 8, 6, 8
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = Transformer(CFG, rngs=nnx.Rngs(3))
+    m.lm_head.kernel[...] = m.lm_head.kernel[...] * 20.0  # peaky: nuclei of a few tokens, early EOS
+    return m
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, P + 1, B)
+    mask = (np.arange(P)[None, :] >= P - lengths[:, None]).astype(np.int32)  # left padding
+    tokens = rng.integers(1, CFG.vocab_size, (B, P)).astype(np.int32) * mask
+    return jnp.asarray(tokens), jnp.asarray(mask)
+
+
+def _nucleus(probs: np.ndarray, p: float) -> tuple[set[int], float]:
+    """Exact nucleus (float64): smallest most-likely-first prefix with mass >= p; and how far the
+    boundary sits from p (rows with a boundary within float32 rounding are ambiguous)."""
+    order = np.argsort(-probs, kind="stable")
+    cum = np.cumsum(probs[order])
+    n = int(np.searchsorted(cum, p)) + 1  # first index with cum >= p
+    n = min(n, len(probs))
+    margin = min(abs(cum[n - 1] - p), abs(cum[n - 2] - p) if n >= 2 else 1.0)
+    return set(order[:n].tolist()), margin
+
+
+SAMPLING = {
+    "plain": SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=N),
+    "topp_temp": SamplingConfig(temperature=0.7, top_p=0.8, max_new_tokens=N),
+    "topk_topp_temp": SamplingConfig(temperature=1.3, top_p=0.9, top_k=5, max_new_tokens=N),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLING))
+def test_logprobs_match_forward_pass(model, prompts, name):
+    """The on-policy invariant: recorded log-probs == the trainer's recomputation, to 1e-5."""
+    cfg = SAMPLING[name]
+    out = sample(model, *prompts, jax.random.key(1), cfg, eos_id=5)
+    assert isinstance(out, Rollout)
+    assert out.tokens_BxL.shape == (B, P + N) and out.logprobs_BxL.dtype == jnp.float32
+    recomputed = nnx.jit(forward_logprobs)(model, out.tokens_BxL, out.attention_mask_BxL)
+    resp = np.asarray(out.response_mask_BxL, bool)
+    assert resp.sum() > 0
+    np.testing.assert_allclose(np.asarray(out.logprobs_BxL)[resp], np.asarray(recomputed)[resp],
+                               rtol=0, atol=1e-5)
+    assert np.all(np.asarray(out.logprobs_BxL)[~resp] == 0.0)
+    np.testing.assert_array_equal(out.response_len_B, resp.sum(1))
+    np.testing.assert_array_equal(out.attention_mask_BxL[:, :P], prompts[1])
+    np.testing.assert_array_equal(out.attention_mask_BxL[:, P:], out.response_mask_BxL[:, P:])
+
+
+def test_rollout_tokens_stay_in_the_exact_nucleus(model, prompts):
+    """Every token drawn with top-p (and temperature) lies in the nucleus of softmax(logits / T),
+    recomputed independently in float64 from a full forward pass over the rollout."""
+    cfg = SAMPLING["topp_temp"]
+    tokens = jnp.tile(prompts[0], (4, 1))
+    mask = jnp.tile(prompts[1], (4, 1))
+    out = sample(model, tokens, mask, jax.random.key(2), cfg, eos_id=5)
+    logits = nnx.jit(lambda m, t, a: m(t, attention_mask_BxT=a))(model, out.tokens_BxL, out.attention_mask_BxL)
+    logits = np.asarray(logits, np.float64)
+    resp = np.asarray(out.response_mask_BxL, bool)
+    checked = 0
+    for b, t in zip(*np.nonzero(resp)):
+        z = logits[b, t - 1] / cfg.temperature
+        probs = np.exp(z - z.max())
+        nucleus, margin = _nucleus(probs / probs.sum(), cfg.top_p)
+        if margin < 1e-5:
+            continue
+        assert int(out.tokens_BxL[b, t]) in nucleus, (b, t)
+        checked += 1
+    assert checked > 100
+
+
+@pytest.fixture(scope="module")
+def draw():
+    return jax.jit(select_tokens, static_argnums=2)
+
+
+def _frequencies(draw, probs, cfg, n=6000, seed=0):
+    logits = jnp.tile(jnp.log(jnp.asarray(probs, jnp.float32)), (n, 1))
+    toks = np.asarray(draw(logits, jax.random.key(seed), cfg))
+    return np.bincount(toks, minlength=len(probs)) / n
+
+
+@pytest.mark.parametrize(
+    ("cfg", "expected"),
+    [
+        # nucleus at p = 0.85 of [.5, .3, .15, .05] is {0, 1, 2} (mass 0.95), renormalized
+        (SamplingConfig(top_p=0.85), [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0.0]),
+        # p below the top token's mass keeps only the top token
+        (SamplingConfig(top_p=0.3), [1.0, 0.0, 0.0, 0.0]),
+        (SamplingConfig(top_k=2), [0.625, 0.375, 0.0, 0.0]),
+        # temperature 2: probs proportional to sqrt(p); then top-p 0.7 keeps {0, 1}
+        (SamplingConfig(temperature=2.0), list(np.sqrt([.5, .3, .15, .05]) / np.sqrt([.5, .3, .15, .05]).sum())),
+        (SamplingConfig(temperature=2.0, top_p=0.6), [0.5**.5 / (0.5**.5 + 0.3**.5), 0.3**.5 / (0.5**.5 + 0.3**.5),
+                                                      0.0, 0.0]),
+    ],
+)
+def test_selection_distribution_is_exact(draw, cfg, expected):
+    n = 6000
+    freq = _frequencies(draw, [0.5, 0.3, 0.15, 0.05], cfg, n=n)
+    expected = np.asarray(expected)
+    assert np.all(freq[expected == 0] == 0)  # never outside the support
+    se = np.sqrt(expected * (1 - expected) / n)
+    assert np.all(np.abs(freq - expected) <= 5 * se + 1e-12), (freq, expected)
+
+
+def test_top_p_never_leaves_nucleus_on_random_rows(draw):
+    """Many rows of random peaky logits; each drawn token is checked against its float64 nucleus."""
+    rng = np.random.default_rng(1)
+    logits = rng.normal(0, 3, (3000, CFG.vocab_size))
+    cfg = SamplingConfig(top_p=0.7)
+    toks = np.asarray(draw(jnp.asarray(logits, jnp.float32), jax.random.key(3), cfg))
+    checked = 0
+    for row, tok in zip(logits, toks):
+        p = np.exp(row - row.max())
+        nucleus, margin = _nucleus(p / p.sum(), 0.7)
+        if margin < 1e-5:
+            continue
+        assert int(tok) in nucleus
+        checked += 1
+    assert checked > 2900
+
+
+GREEDY = SamplingConfig(temperature=0.0, max_new_tokens=N)
+
+
+def _never_emitted(model, prompts):
+    """An id that greedy decoding of these prompts never emits, and that (all-truncated) greedy rollout."""
+    for never in range(CFG.vocab_size - 1, 0, -1):
+        base = sample(model, *prompts, jax.random.key(0), GREEDY, eos_id=never)
+        if not np.any(np.asarray(base.tokens_BxL[:, P:]) == never):
+            return never, base
+    raise AssertionError("every id is emitted")
+
+
+def test_eos_and_stop_ids_end_sequences(model, prompts):
+    """Greedy rollouts are deterministic, so rerunning with a token seen mid-rollout as EOS (or as an
+    extra stop id) must cut each sequence exactly at its first occurrence and PAD the rest."""
+    never, base = _never_emitted(model, prompts)
+    resp = np.asarray(base.tokens_BxL[:, P:])
+    assert np.all(base.truncated_B) and np.all(base.response_len_B == N)
+    stop = int(resp[0, 2])
+    for kwargs in ({"eos_id": stop}, {"eos_id": never, "stop_ids": (stop,)}):
+        out = sample(model, *prompts, jax.random.key(0), GREEDY, **kwargs)
+        got = np.asarray(out.tokens_BxL[:, P:])
+        for b in range(B):
+            hits = np.nonzero(resp[b] == stop)[0]
+            n = int(hits[0]) + 1 if len(hits) else N
+            np.testing.assert_array_equal(got[b, :n], resp[b, :n])
+            assert np.all(got[b, n:] == PAD_ID)
+            assert int(out.response_len_B[b]) == n
+            assert bool(out.truncated_B[b]) == (len(hits) == 0)
+            np.testing.assert_array_equal(out.response_mask_BxL[b, P:], np.arange(N) < n)
+        assert not out.truncated_B[0] and int(out.response_len_B[0]) <= 3
+
+
+def test_greedy_with_cache_equals_greedy_without(model, prompts):
+    """Reference decoder without a cache: full forward over a fixed buffer at every step."""
+    _, out = _never_emitted(model, prompts)
+
+    @jax.jit
+    def next_token(buf, msk, t):
+        logits = model(buf, attention_mask_BxT=msk)
+        return jnp.argmax(jax.lax.dynamic_index_in_dim(logits, t - 1, axis=1, keepdims=False), -1)
+
+    buf = jnp.concatenate([prompts[0], jnp.zeros((B, N), jnp.int32)], 1)
+    msk = jnp.concatenate([prompts[1], jnp.zeros((B, N), jnp.int32)], 1)
+    for i in range(N):
+        tok = next_token(buf, msk, P + i).astype(jnp.int32)
+        buf, msk = buf.at[:, P + i].set(tok), msk.at[:, P + i].set(1)
+    np.testing.assert_array_equal(out.tokens_BxL, buf)
+
+
+def test_no_retrace_and_reproducible(model, prompts):
+    cfg = SAMPLING["topp_temp"]
+    a = sample(model, *prompts, jax.random.key(4), cfg, eos_id=5)
+    size = sampling._sample_jit._cache_size()
+    other = (prompts[0].at[:, -1].set(7), prompts[1])
+    b = sample(model, *other, jax.random.key(5), cfg, eos_id=6)
+    c = sample(model, *prompts, jax.random.key(4), cfg, eos_id=5)
+    assert sampling._sample_jit._cache_size() == size
+    np.testing.assert_array_equal(a.tokens_BxL, c.tokens_BxL)
+    assert b.tokens_BxL.shape == a.tokens_BxL.shape
+
+
+def test_all_done_early_exit_keeps_shapes(model, prompts):
+    """If every sequence stops on its first token the loop exits at once; the rest is PAD."""
+    _, base = _never_emitted(model, prompts)
+    first = np.asarray(base.tokens_BxL[:, P])
+    out = sample(model, *prompts, jax.random.key(0), GREEDY, eos_id=int(first[0]),
+                 stop_ids=tuple(int(t) for t in first[1:]))
+    assert out.tokens_BxL.shape == (B, P + N)
+    np.testing.assert_array_equal(out.response_len_B, np.ones(B))
+    assert np.all(np.asarray(out.tokens_BxL[:, P + 1 :]) == PAD_ID) and not np.any(out.truncated_B)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key"),
+    [({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"temperature": -1.0}, "temperature"),
+     ({"top_k": -1}, "top_k"), ({"max_new_tokens": 0}, "max_new_tokens")],
+)
+def test_bad_sampling_config(kwargs, key):
+    with pytest.raises(ValueError, match=key):
+        SamplingConfig(**kwargs)
+
+
+def test_right_padded_prompt_rejected(model):
+    tokens = jnp.array([[3, 4, 0]], jnp.int32)
+    with pytest.raises(ValueError, match="left-padded"):
+        sample(model, tokens, (tokens > 0).astype(jnp.int32), jax.random.key(0), GREEDY, eos_id=1)
+
+
