@@ -62,7 +62,7 @@ def run_study(cfg: ToyControlConfig, out_dir) -> dict:
                      **{k: getattr(trace, k)[:, :, i] for k in TRACE_KEYS})
 
     ev, tev = out["eval"], out["teacher_eval"]  # fields [S, G, K, ...] and [S, K, ...]
-    tail = max(1, cfg.iterations // 4)
+    tail = max(2, cfg.iterations // 4)  # >= 2 so both tasks appear
     final = {
         "seeds": list(cfg.seeds), "gammas": [float(g) for g in cfg.gammas], "tasks": list(TASK_NAMES),
         "num_params": num_params(init_mlp(jax.random.PRNGKey(0), cfg.hidden)),
