@@ -28,7 +28,7 @@ def make_loss(objective: str, chunk_size: int | None):
     if objective == "token_logprobs":
 
         def loss(h, w, ids, lq, tokens, mask):
-            lp, ent = chunked.chunked_token_logprobs(h, w, tokens, chunk_size=chunk_size)
+            lp, _ent = chunked.chunked_token_logprobs(h, w, tokens, chunk_size=chunk_size)
             adv = jax.lax.stop_gradient(losses.sampled_token_log_ratio(lp, lq[:, 0]))
             return losses.aggregate(losses.ppo_clip_loss(lp, jax.lax.stop_gradient(lp), adv), mask, "token_mean")
 

@@ -35,15 +35,19 @@ def _value_and_grads(f, h, w):
 
 
 @pytest.mark.parametrize(
-    "objective,kwargs",
+    "objective,kwargs,chunk_size",
     [
-        ("topk_reverse_kl", {}),
-        ("topk_reverse_kl", {"renormalize": False}),
-        ("topk_forward_kl", {}),
-        ("topk_reverse_kl_with_tail", {}),
+        ("topk_reverse_kl", {}, 1),
+        ("topk_reverse_kl", {}, 7),  # 30 = 4 * 7 + 2: padded last chunk
+        ("topk_reverse_kl", {}, 30),  # exactly one chunk
+        ("topk_reverse_kl", {}, 64),  # chunk larger than N
+        ("topk_reverse_kl", {"renormalize": False}, 7),
+        ("topk_forward_kl", {}, 7),
+        ("topk_forward_kl", {}, 16),
+        ("topk_reverse_kl_with_tail", {}, 7),
+        ("topk_reverse_kl_with_tail", {}, 16),
     ],
 )
-@pytest.mark.parametrize("chunk_size", [1, 7, 16, 30, 64])
 def test_topk_chunked_matches_unchunked(objective, kwargs, chunk_size):
     h, w, ids, lq = _inputs()
 
