@@ -125,7 +125,7 @@ def run(cfg, out_dir) -> dict:
     keys = ("variance", "bias", "rel_bias", "grad_norm", "kl", "b_r", "b_g", "bound_token", "bound_sequence",
             "bound_gamma", "bound_tight_full", "bound_tabular")
     final = {f"median_{k}": float(np.median([r[k] for r in rows])) for k in keys}
-    final["geomean_variance"] = float(np.exp(np.mean([np.log(r["variance"]) for r in rows])))
+    final["geomean_variance"] = float(np.exp(np.mean([np.log(max(r["variance"], 1e-300)) for r in rows])))
     final["num_pairs"] = len(rows)
     for k in ("bound_gamma", "bound_token", "bound_sequence"):
         final[f"frac_within_{k}"] = float(np.mean([r["variance"] <= r[k] for r in rows]))

@@ -18,7 +18,8 @@ Constructions (V = 2 tokens {0, 1}; each returns tabular (student, teacher) logi
     later token is drawn from the row of y_1 (student uniform, teacher (1 − δ, δ) leaning towards y_1).
     The conditional mean of r_t g_t is ∇KL(row y_1), a vector living in the row chosen once per sequence,
     so Σ_t r_t g_t ≈ (T − 1)·∇KL_{y_1} + O(√T) noise and Var(ĝ_tok) ≈ T²/4 ‖∇KL_0 − ∇KL_1‖² + O(T):
-    slope → 2, the paper's order. In a tabular model the rows are distinct, so ‖ĝ_tok‖² = Σ_t r_t²‖g_t‖² ≤ T B_r² B_g²: the
+    slope → 2, the paper's order. In a tabular model the rows are distinct, so
+    ‖ĝ_tok‖² = Σ_t r_t²‖g_t‖² ≤ T B_r² B_g²: the
     token-level variance is only O(T) there.
 """
 
@@ -72,7 +73,7 @@ def worst_full_return(horizon: int, delta: float = 0.1) -> tuple[np.ndarray, np.
     return student, teacher, None
 
 
-def worst_token(horizon: int, delta: float = 0.1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def worst_token(horizon: int, delta: float = 0.1) -> tuple[np.ndarray, ...]:
     """Shared-parameter V = 2 model tied by the *first* token: y_1 ~ uniform (start row), then every later
     token is drawn i.i.d. from the row of y_1. Student rows uniform; teacher row for first token a puts
     1 − δ on a. Returns tabular tables and the tie map (P = 3 shared rows: start, first=0, first=1)."""

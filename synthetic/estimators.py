@@ -20,7 +20,7 @@ def _check_rank(name: str, x: Array, rank: int) -> None:
         raise ValueError(f"{name} must have rank {rank}, got shape {x.shape}")
 
 
-def discounted_coefficients(r_T: Float[Array, "T"], gamma: float | Array) -> Float[Array, "T"]:
+def discounted_coefficients(r_T: Float[Array, " T"], gamma: float | Array) -> Float[Array, " T"]:
     """c_t = Σ_{t'≥t} γ^{t'−t} r_{t'}  (the per-step weight of g_t in Eq. 3); γ may be traced."""
     r_T = jnp.asarray(r_T)
     _check_rank("r_T", r_T, 1)
@@ -31,14 +31,14 @@ def discounted_coefficients(r_T: Float[Array, "T"], gamma: float | Array) -> Flo
     return weights_TxT @ r_T
 
 
-def full_return_coefficients(r_T: Float[Array, "T"]) -> Float[Array, "T"]:
+def full_return_coefficients(r_T: Float[Array, " T"]) -> Float[Array, " T"]:
     """c_t = Σ_{t'} r_{t'} = R for every t (Eq. 1)."""
     r_T = jnp.asarray(r_T)
     _check_rank("r_T", r_T, 1)
     return jnp.full_like(r_T, jnp.sum(r_T))
 
 
-def discounted_estimator(r_T: Float[Array, "T"], g_TxD: Float[Array, "T ..."], gamma: float | Array) -> Array:
+def discounted_estimator(r_T: Float[Array, " T"], g_TxD: Float[Array, "T ..."], gamma: float | Array) -> Array:
     """ĝ_γ = Σ_t (Σ_{t'≥t} γ^{t'−t} r_{t'}) g_t   (paper Eq. 3).
 
     γ = 1 (causal, return-to-go): unbiased for ∇KL(π‖q); variance O(T⁴) by the paper's worst-case bound
@@ -51,7 +51,7 @@ def discounted_estimator(r_T: Float[Array, "T"], g_TxD: Float[Array, "T ..."], g
     return jnp.tensordot(c_T, g, axes=1)
 
 
-def full_return_estimator(r_T: Float[Array, "T"], g_TxD: Float[Array, "T ..."]) -> Array:
+def full_return_estimator(r_T: Float[Array, " T"], g_TxD: Float[Array, "T ..."]) -> Array:
     """ĝ_seq = (Σ_t r_t)(Σ_t g_t)   (paper Eq. 1): REINFORCE with the whole-sequence cost.
 
     Unbiased for ∇KL(π‖q). Variance O(T⁴) by the paper's bound T⁴ B_r² B_g²; since Σ_t g_t is a martingale
@@ -61,7 +61,7 @@ def full_return_estimator(r_T: Float[Array, "T"], g_TxD: Float[Array, "T ..."]) 
     return jnp.sum(r_T) * jnp.sum(g, axis=0)
 
 
-def tabular_score(logits_V: Float[Array, "V"], token: Int[Array, ""]) -> Float[Array, "V"]:
+def tabular_score(logits_V: Float[Array, " V"], token: Int[Array, ""]) -> Float[Array, " V"]:
     """Closed-form g_t for a tabular row: ∇_row log softmax(row)[y] = e_y − π. (Zero on every other row.)"""
     logits_V = jnp.asarray(logits_V)
     _check_rank("logits_V", logits_V, 1)
@@ -69,8 +69,8 @@ def tabular_score(logits_V: Float[Array, "V"], token: Int[Array, ""]) -> Float[A
 
 
 def lsm_prefix_grad(
-    student_logits_V: Float[Array, "V"], teacher_logits_V: Float[Array, "V"], k: int
-) -> Float[Array, "V"]:
+    student_logits_V: Float[Array, " V"], teacher_logits_V: Float[Array, " V"], k: int
+) -> Float[Array, " V"]:
     """∇ of the teacher top-K LSM loss at one prefix, through `opd.losses.topk_reverse_kl` (Eq. 6–8).
 
     Deterministic given the prefix (no variance from y_t) but only prefix-level: summed over a rollout,
@@ -85,7 +85,9 @@ def lsm_prefix_grad(
     return jax.grad(lambda x: topk_reverse_kl(x, top_ids_K, top_logq_K))(student_logits_V)
 
 
-def full_rkl_prefix_grad(student_logits_V: Float[Array, "V"], teacher_logits_V: Float[Array, "V"]) -> Float[Array, "V"]:
+def full_rkl_prefix_grad(
+    student_logits_V: Float[Array, " V"], teacher_logits_V: Float[Array, " V"]
+) -> Float[Array, " V"]:
     """∇ of the full-vocabulary per-prefix reverse KL (Eq. 4), through `opd.losses.full_reverse_kl`.
 
     The exact conditional mean of the token-level term: E[r_t g_t | c_t] = ∇ KL(π(·|c_t)‖q(·|c_t)). So it is

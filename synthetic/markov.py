@@ -94,5 +94,6 @@ def mc_moments(rng, student_TxVxV, teacher_TxVxV, gamma, *, num_samples: int, ba
     tabular.validate_gamma(gamma)
     batch = min(batch, num_samples)
     num_batches = max(1, num_samples // batch)
-    return _mc(rng, jnp.asarray(student_TxVxV), jnp.asarray(teacher_TxVxV), jnp.asarray(0.0 if gamma is None else gamma),
-               num_batches=num_batches, batch=batch, full_return=gamma is None)
+    gamma_arr = jnp.asarray(0.0 if gamma is None else gamma)
+    return _mc(rng, jnp.asarray(student_TxVxV), jnp.asarray(teacher_TxVxV), gamma_arr, num_batches=num_batches,
+               batch=batch, full_return=gamma is None)

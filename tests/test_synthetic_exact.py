@@ -225,13 +225,13 @@ def test_bad_input_raises_before_computing():
         exact.estimator_moments(np.zeros((3, 1)), np.zeros((3, 1)), 0.0)
     with pytest.raises(ValueError, match="horizon T"):
         tabular.validate_sizes(2, 0)
-    with pytest.raises(ValueError, match="not \\(V\\^T-1\\)/\\(V-1\\)"):
+    with pytest.raises(ValueError, match=r"not \(V\^T-1\)/\(V-1\)"):
         exact.estimator_moments(np.zeros((6, 2)), np.zeros((6, 2)), 0.0)
     with pytest.raises(ValueError, match="tabular table"):
         exact.estimator_moments(np.zeros((2, 3, 2)), np.zeros((2, 3, 2)), 0.0)
     with pytest.raises(ValueError, match="teacher_logits"):
         exact.estimator_moments(ok_s, ok_q[:-1], 0.0)
-    with pytest.raises(ValueError, match="Monte Carlo path in synthetic.markov"):
+    with pytest.raises(ValueError, match=r"Monte Carlo path in synthetic\.markov"):
         big = np.zeros((tabular.num_prefixes(2, 20), 2))
         exact.estimator_moments(big, big, 0.0)
     for gamma in (-0.1, 1.5):

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Regenerate every sandbox figure from a clean checkout (CPU, a few minutes):
+#   bash paper_figs/sandbox.sh
+# Sweeps write rows under results/sandbox/<name>/ (git-ignored); figure scripts read only those rows and
+# write the committed PNGs under paper_figs/. Hydra's basic launcher runs a sweep's jobs in one process,
+# so JAX compiles once per shape.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+[ -x "$PY" ] || PY=python
+OUT=results/sandbox
+SECONDS=0
+
+# 1. Exact variance / bias on random tabular pairs (V=3, 16 pairs per job), T = 1..7, γ grid + other estimators
+rm -rf "$OUT/variance"
+"$PY" -m experiments.sandbox_variance -m mdp=random mdp.horizon=1,2,3,4,5,6,7 \
+  estimator.gamma=0,0.125,0.25,0.375,0.5,0.625,0.75,0.875,1 \
+  hydra.sweep.dir="$OUT/variance/random_gamma" > /dev/null
+"$PY" -m experiments.sandbox_variance -m mdp=random mdp.horizon=1,2,3,4,5,6,7 estimator=full_return,full_rkl,lsm \
+  hydra.sweep.dir="$OUT/variance/random_other" > /dev/null
+# 2. Worst-case constructions (synthetic/bounds.py), V=2
+"$PY" -m experiments.sandbox_variance -m mdp=worst_token estimator=token mdp.horizon=2,3,4,6,8,11,14,18 \
+  hydra.sweep.dir="$OUT/variance/worst_token" > /dev/null
+"$PY" -m experiments.sandbox_variance -m mdp=worst_full_return estimator=full_return,token \
+  mdp.horizon=2,3,4,6,8,11,14,18 hydra.sweep.dir="$OUT/variance/worst_full_return" > /dev/null
+echo "variance sweeps done (${SECONDS}s)"
+
+# 3. Coupling study (a): SGD with ĝ_γ on the tabular model, 3 seeds × 5 γ in one jitted call
+rm -rf "$OUT/sgd"
+"$PY" -m experiments.sandbox_sgd hydra.run.dir="$OUT/sgd"
+echo "sgd study done (${SECONDS}s)"
+
+"$PY" paper_figs/fig_variance_vs_T.py "$OUT/variance"
+"$PY" paper_figs/fig_bias_vs_gamma.py "$OUT/variance"
+"$PY" paper_figs/fig_sgd_coupling.py "$OUT/sgd"
+
+# 4. Coupling study (b): the paper's continuous 1-D toy (owned by another module; skipped if absent)
+if [ -f experiments/toy_coupling.py ]; then
+  rm -rf "$OUT/toy_coupling"
+  "$PY" -m experiments.toy_coupling hydra.run.dir="$OUT/toy_coupling"
+  "$PY" paper_figs/fig_toy_coupling.py "$OUT/toy_coupling"
+fi
+echo "all sandbox figures written (${SECONDS}s)"
