@@ -12,6 +12,7 @@ resolved config, git revision) in the Hydra job's output directory.
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -97,6 +98,26 @@ def run_experiment(cfg: Any, built: dict[str, Any], out_dir: Path, *, log: Calla
     return final
 
 
+_CONF = Path(__file__).resolve().parents[1] / "conf"
+_GROUPS = {"loss": "loss", "task": "task", "rollout": "rollout", "optimizer": "optimizer",
+           "experiment": "experiment", "model@student": "model", "model@teacher": "model"}
+
+
+def check_group_choices(argv: list[str]) -> None:
+    """Refuse an unknown option of a config group (`loss=nope`) with one ConfigError line, before Hydra
+    composes (whose own message is a multi-line traceback-style report with exit status 1)."""
+    from opd.cli import ConfigError
+
+    for arg in argv:
+        key, sep, value = arg.lstrip("+~").partition("=")
+        if not sep or key not in _GROUPS or value in ("", "null"):
+            continue
+        options = sorted(p.stem for p in (_CONF / _GROUPS[key]).glob("*.yaml"))
+        for choice in value.split(","):
+            if choice not in options and not choice.startswith(("glob(", "range(")):
+                raise ConfigError(f"{key}: expected one of {', '.join(options)}, got {choice!r}")
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="opd")
 @entry_point
 def main(cfg: DictConfig) -> float:
@@ -106,4 +127,9 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    try:
+        check_group_choices(sys.argv[1:])
+    except ValueError as err:  # ConfigError
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     main()
