@@ -58,26 +58,33 @@ def run_study(cfg: ToyControlConfig, out_dir) -> dict:
     trace = out["trace"]  # each field [S, G, I]
     for i in range(cfg.iterations):
         step = i + 1
-        recorder.log(step, task=TASK_NAMES[1 - step % 2],
-                     **{k: getattr(trace, k)[:, :, i] for k in TRACE_KEYS})
+        recorder.log(step, task=TASK_NAMES[1 - step % 2], **{k: getattr(trace, k)[:, :, i] for k in TRACE_KEYS})
 
     ev, tev = out["eval"], out["teacher_eval"]  # fields [S, G, K, ...] and [S, K, ...]
     tail = max(2, cfg.iterations // 4)  # >= 2 so both tasks appear
     final = {
-        "seeds": list(cfg.seeds), "gammas": [float(g) for g in cfg.gammas], "tasks": list(TASK_NAMES),
+        "seeds": list(cfg.seeds),
+        "gammas": [float(g) for g in cfg.gammas],
+        "tasks": list(TASK_NAMES),
         "num_params": num_params(init_mlp(jax.random.PRNGKey(0), cfg.hidden)),
         "study_wall_s": round(wall, 2),
         "eval": {k: getattr(ev, k) for k in ("final_dist_K", "success_K", "reverse_kl_K", "outside_K")},
         "heatmaps": ev.counts_KxT1xX.astype(np.int64),
         "heatmap_edges": np.linspace(-cfg.heatmap_range, cfg.heatmap_range, cfg.heatmap_bins + 1),
-        "teacher_eval": {k: getattr(tev, k) for k in ("final_dist_K", "success_K", "reverse_kl_K",
-                                                      "outside_K")},
+        "teacher_eval": {k: getattr(tev, k) for k in ("final_dist_K", "success_K", "reverse_kl_K", "outside_K")},
         "teacher_heatmaps": tev.counts_KxT1xX.astype(np.int64),
         "teacher_returns": out["teacher_returns"],
         # Mean over the last quarter of iterations, [seed][gamma][task]: odd steps = left, even = right.
         "summary": {
-            f"{k}_last_quarter": np.stack([getattr(trace, k)[:, :, -tail:][:, :, (1 - (np.arange(
-                cfg.iterations - tail, cfg.iterations) + 1) % 2) == task].mean(-1) for task in (0, 1)], -1)
+            f"{k}_last_quarter": np.stack(
+                [
+                    getattr(trace, k)[:, :, -tail:][
+                        :, :, (1 - (np.arange(cfg.iterations - tail, cfg.iterations) + 1) % 2) == task
+                    ].mean(-1)
+                    for task in (0, 1)
+                ],
+                -1,
+            )
             for k in ("grad_var", "reverse_kl", "final_dist")
         },
     }
@@ -92,14 +99,15 @@ def main(cfg: DictConfig) -> None:
     schema: ToyControlConfig = OmegaConf.to_object(cfg)
     final = run_study(schema, output_dir())
     S, G = len(schema.seeds), len(schema.gammas)
-    print(f"toy_coupling: {S} seeds x {G} gammas x {schema.iterations} iterations in "
-          f"{final['study_wall_s']} s (one jitted call) -> {output_dir()}")
+    print(
+        f"toy_coupling: {S} seeds x {G} gammas x {schema.iterations} iterations in "
+        f"{final['study_wall_s']} s (one jitted call) -> {output_dir()}"
+    )
     ev = final["eval"]
     for gi, g in enumerate(schema.gammas):
         var = np.median(final["summary"]["grad_var_last_quarter"][:, gi])
         dist = np.median(ev["final_dist_K"][:, gi])
-        print(f"  gamma={g:<5} median grad-var (last quarter) {var:10.3g}   median final |s_T - target| "
-              f"{dist:.3f}")
+        print(f"  gamma={g:<5} median grad-var (last quarter) {var:10.3g}   median final |s_T - target| {dist:.3f}")
 
 
 if __name__ == "__main__":

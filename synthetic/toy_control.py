@@ -50,27 +50,28 @@ class ToyControlConfig:
     horizon: int = 20
     start: float = 2.0
     target: float = 3.0
-    env_noise: float = 0.0           # [ours] extra N(0, env_noise) transition noise; 0: actions are the only noise
+    env_noise: float = 0.0  # [ours] extra N(0, env_noise) transition noise; 0: actions are the only noise
     # Policy network (student and teachers share the architecture). [paper] 3-layer MLP, ~4K params.
-    hidden: int = 64                 # [ours] 3→64→64→2 with tanh: 4,546 parameters
-    position_scale: float = 5.0      # [ours] the position input is s / position_scale
-    mean_max: float = 2.0            # [ours] µ = mean_max·tanh(raw / mean_max): a bounded step
-    sigma_min: float = 0.1           # [ours] σ = exp(interp(sigmoid(raw), log σ_min, log σ_max)):
-    sigma_max: float = 2.0           #        bounded, so the log-density ratio stays finite
+    hidden: int = 64  # [ours] 3→64→64→2 with tanh: 4,546 parameters
+    position_scale: float = 5.0  # [ours] the position input is s / position_scale
+    mean_max: float = 2.0  # [ours] µ = mean_max·tanh(raw / mean_max): a bounded step
+    sigma_min: float = 0.1  # [ours] σ = exp(interp(sigmoid(raw), log σ_min, log σ_max)):
+    sigma_max: float = 2.0  #        bounded, so the log-density ratio stays finite
     # Teachers: one per task, REINFORCE on reward −|s_{t+1} − target| per step, undiscounted
     # return-to-go minus the per-step batch mean (a baseline). [paper] "first trained with REINFORCE".
-    teacher_iterations: int = 500    # [ours]
-    teacher_batch: int = 64          # [ours]
-    teacher_lr: float = 3e-3         # [ours] Adam
+    teacher_iterations: int = 500  # [ours]
+    teacher_batch: int = 64  # [ours]
+    teacher_lr: float = 3e-3  # [ours] Adam
     # Distillation. [paper] 2000 iterations, batch B = 64 split into M = 8 micro-batches for the variance.
     iterations: int = 2000
     batch_size: int = 64
     micro_batches: int = 8
-    lr: float = 1e-3                 # [ours] Adam, no gradient clipping
+    student_optimizer: str = "adam"  # [ours] "adam" or "sgd" (plain SGD: an ablation; Adam rescales ĝ_γ)
+    lr: float = 1e-3  # [ours] no gradient clipping
     # Evaluation at the end of training (heatmaps, final distance, reverse KL).
-    eval_rollouts: int = 256         # [ours] per task
-    heatmap_bins: int = 64           # [ours] position bins over [-heatmap_range, heatmap_range]
-    heatmap_range: float = 8.0       # [paper, figure axis] −8..8; positions outside land in the edge bins
+    eval_rollouts: int = 256  # [ours] per task
+    heatmap_bins: int = 64  # [ours] position bins over [-heatmap_range, heatmap_range]
+    heatmap_range: float = 8.0  # [paper, figure axis] −8..8; positions outside land in the edge bins
     heatmap_gammas: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])  # [paper] shown in Fig 1b
 
 
@@ -85,15 +86,21 @@ def validate(cfg: Any) -> None:
     require(cfg.teacher_iterations >= 0, "teacher_iterations", "an integer >= 0", cfg.teacher_iterations)
     require(cfg.batch_size >= 2, "batch_size", "an integer >= 2", cfg.batch_size)
     require(cfg.micro_batches >= 2, "micro_batches", "an integer >= 2", cfg.micro_batches)
-    require(cfg.batch_size % cfg.micro_batches == 0, "micro_batches",
-            f"a divisor of batch_size={cfg.batch_size}", cfg.micro_batches)
+    require(
+        cfg.batch_size % cfg.micro_batches == 0,
+        "micro_batches",
+        f"a divisor of batch_size={cfg.batch_size}",
+        cfg.micro_batches,
+    )
     require(cfg.teacher_batch >= 2, "teacher_batch", "an integer >= 2", cfg.teacher_batch)
     require(cfg.hidden >= 1, "hidden", "an integer >= 1", cfg.hidden)
-    require(0.0 < cfg.sigma_min < cfg.sigma_max, "sigma_min", f"0 < sigma_min < sigma_max={cfg.sigma_max}",
-            cfg.sigma_min)
+    require(
+        0.0 < cfg.sigma_min < cfg.sigma_max, "sigma_min", f"0 < sigma_min < sigma_max={cfg.sigma_max}", cfg.sigma_min
+    )
     require(cfg.mean_max > 0, "mean_max", "a positive number", cfg.mean_max)
     require(cfg.position_scale > 0, "position_scale", "a positive number", cfg.position_scale)
     require(cfg.env_noise >= 0, "env_noise", "a number >= 0", cfg.env_noise)
+    require(cfg.student_optimizer in ("adam", "sgd"), "student_optimizer", "one of adam, sgd", cfg.student_optimizer)
     require(cfg.lr > 0, "lr", "a positive number", cfg.lr)
     require(cfg.teacher_lr > 0, "teacher_lr", "a positive number", cfg.teacher_lr)
     require(cfg.eval_rollouts >= 1, "eval_rollouts", "an integer >= 1", cfg.eval_rollouts)
@@ -112,9 +119,12 @@ def init_mlp(rng: jax.Array, hidden: int) -> Params:
     k1, k2, k3 = jax.random.split(rng, 3)
     init = jax.nn.initializers.lecun_normal()
     return {
-        "w1": init(k1, (3, hidden)), "b1": jnp.zeros((hidden,)),
-        "w2": init(k2, (hidden, hidden)), "b2": jnp.zeros((hidden,)),
-        "w3": init(k3, (hidden, 2)), "b3": jnp.zeros((2,)),
+        "w1": init(k1, (3, hidden)),
+        "b1": jnp.zeros((hidden,)),
+        "w2": init(k2, (hidden, hidden)),
+        "b2": jnp.zeros((hidden,)),
+        "w3": init(k3, (hidden, 2)),
+        "b3": jnp.zeros((2,)),
     }
 
 
@@ -130,8 +140,9 @@ def task_id(task: jax.Array) -> jax.Array:
     return 2.0 * jnp.asarray(task, jnp.float32) - 1.0
 
 
-def policy(params: Params, task: jax.Array, s: jax.Array, t: jax.Array, cfg: ToyControlConfig
-           ) -> tuple[jax.Array, jax.Array]:
+def policy(
+    params: Params, task: jax.Array, s: jax.Array, t: jax.Array, cfg: ToyControlConfig
+) -> tuple[jax.Array, jax.Array]:
     """Mean and log σ of the action at position `s`, step `t` (any matching shapes; broadcast)."""
     task, s, t = jnp.broadcast_arrays(task_id(task), s, jnp.asarray(t, jnp.float32))
     x_x3 = jnp.stack([task, s / cfg.position_scale, t / cfg.horizon], axis=-1)
@@ -149,14 +160,14 @@ def gaussian_logpdf(a: jax.Array, mean: jax.Array, log_std: jax.Array) -> jax.Ar
     return -0.5 * z**2 - log_std - 0.5 * jnp.log(2.0 * jnp.pi)
 
 
-def gaussian_log_ratio(a: jax.Array, mean_p: jax.Array, log_std_p: jax.Array,
-                       mean_q: jax.Array, log_std_q: jax.Array) -> jax.Array:
+def gaussian_log_ratio(
+    a: jax.Array, mean_p: jax.Array, log_std_p: jax.Array, mean_q: jax.Array, log_std_q: jax.Array
+) -> jax.Array:
     """OPD per-step cost r = log π(a) − log q(a) for Gaussian student π and teacher q (paper.md §1)."""
     return gaussian_logpdf(a, mean_p, log_std_p) - gaussian_logpdf(a, mean_q, log_std_q)
 
 
-def gaussian_kl(mean_p: jax.Array, log_std_p: jax.Array, mean_q: jax.Array, log_std_q: jax.Array
-                ) -> jax.Array:
+def gaussian_kl(mean_p: jax.Array, log_std_p: jax.Array, mean_q: jax.Array, log_std_q: jax.Array) -> jax.Array:
     """Closed-form KL(N(µp, σp) ‖ N(µq, σq)) = E_p[r]: the per-step reverse KL to the teacher."""
     var_ratio = jnp.exp(2.0 * (log_std_p - log_std_q))
     return log_std_q - log_std_p + 0.5 * (var_ratio + (mean_p - mean_q) ** 2 * jnp.exp(-2.0 * log_std_q) - 1.0)
@@ -171,8 +182,8 @@ def task_start_target(task: jax.Array, cfg: ToyControlConfig) -> tuple[jax.Array
 
 
 class Trajectory(NamedTuple):
-    states_NxT: jax.Array     # s_0 .. s_{T-1}: the states actions were taken in
-    actions_NxT: jax.Array    # a_0 .. a_{T-1}
+    states_NxT: jax.Array  # s_0 .. s_{T-1}: the states actions were taken in
+    actions_NxT: jax.Array  # a_0 .. a_{T-1}
     positions_NxT1: jax.Array  # s_0 .. s_T (for visitation heatmaps and the final distance)
 
 
@@ -215,8 +226,9 @@ def discounted_returns(r_T: jax.Array, gamma: jax.Array) -> jax.Array:
     return G_T
 
 
-def opd_surrogate(params: Params, student_fn, traj_NxT: Trajectory, logq_NxT: jax.Array,
-                  task: jax.Array, gamma: jax.Array) -> jax.Array:
+def opd_surrogate(
+    params: Params, student_fn, traj_NxT: Trajectory, logq_NxT: jax.Array, task: jax.Array, gamma: jax.Array
+) -> jax.Array:
     """Surrogate whose gradient is the batch mean of ĝ_γ = Σ_t (Σ_{t'≥t} γ^{t'−t} r_{t'}) ∇log π(a_t|s_t),
     r_t = log π(a_t|s_t) − log q(a_t|s_t) held constant (stop_gradient), as the paper's REINFORCE form.
 
@@ -248,21 +260,23 @@ def flatten_subset(grads: Params, names: tuple[str, ...]) -> jax.Array:
 # ---------------------------------------------------------------------------------------------------
 class Trace(NamedTuple):
     """Per distillation iteration (leading axis I)."""
-    grad_var: jax.Array       # paper's proxy on output-layer gradients
-    grad_var_all: jax.Array   # the same proxy over all parameters
-    grad_norm: jax.Array      # ‖ḡ‖ over all parameters
-    reverse_kl: jax.Array     # E_traj Σ_t KL(π(·|s_t) ‖ q(·|s_t)) along the student's trajectories
-    final_dist: jax.Array     # E |s_T − target|
-    sigma: jax.Array          # mean student σ along the batch
+
+    grad_var: jax.Array  # paper's proxy on output-layer gradients
+    grad_var_all: jax.Array  # the same proxy over all parameters
+    grad_norm: jax.Array  # ‖ḡ‖ over all parameters
+    reverse_kl: jax.Array  # E_traj Σ_t KL(π(·|s_t) ‖ q(·|s_t)) along the student's trajectories
+    final_dist: jax.Array  # E |s_T − target|
+    sigma: jax.Array  # mean student σ along the batch
 
 
 class Evaluation(NamedTuple):
     """At the end of training, per task (leading axis K)."""
+
     counts_KxT1xX: jax.Array  # visitation counts of s_0..s_T in position bins
-    final_dist_K: jax.Array   # E |s_T − target|
-    success_K: jax.Array      # P(|s_T − target| < 1)
-    reverse_kl_K: jax.Array   # E Σ_t KL(π ‖ q) along the policy's own trajectories
-    outside_K: jax.Array      # fraction of visited positions outside ±heatmap_range
+    final_dist_K: jax.Array  # E |s_T − target|
+    success_K: jax.Array  # P(|s_T − target| < 1)
+    reverse_kl_K: jax.Array  # E Σ_t KL(π ‖ q) along the policy's own trajectories
+    outside_K: jax.Array  # fraction of visited positions outside ±heatmap_range
 
 
 def make_study(cfg: ToyControlConfig):
@@ -320,7 +334,7 @@ def make_study(cfg: ToyControlConfig):
         return jnp.mean(jnp.sum(gaussian_kl(mp, lp, mq, lq), axis=1))
 
     # DISTILLATION: alternating-task OPD with ĝ_γ; left on odd iterations, right on even (1-indexed).
-    student_opt = optax.adam(cfg.lr)
+    student_opt = optax.adam(cfg.lr) if cfg.student_optimizer == "adam" else optax.sgd(cfg.lr)
 
     def distill(k_init: jax.Array, k_loop: jax.Array, teachers: Params, gamma: jax.Array):
         params = init_mlp(k_init, cfg.hidden)
@@ -334,7 +348,8 @@ def make_study(cfg: ToyControlConfig):
             logq = teacher_logq(teachers, task, traj)
             mb = jax.tree.map(lambda x: x.reshape((M, N // M) + x.shape[1:]), (traj, logq))
             grads_M = jax.vmap(jax.grad(opd_surrogate), in_axes=(None, None, 0, 0, None, None))(
-                p, student_fn, mb[0], mb[1], task, gamma)
+                p, student_fn, mb[0], mb[1], task, gamma
+            )
             grads = jax.tree.map(lambda g: g.mean(axis=0), grads_M)  # = gradient of the batch mean
             upd, opt_state = student_opt.update(grads, opt_state, p)
             _, target = task_start_target(task, cfg)
@@ -362,8 +377,13 @@ def make_study(cfg: ToyControlConfig):
         idx = jnp.clip(jnp.floor((pos + R) / (2 * R) * X).astype(jnp.int32), 0, X - 1)
         counts = jax.nn.one_hot(idx, X).sum(axis=0)  # [T+1, X]
         dist = jnp.abs(pos[:, -1] - target)
-        return (counts, dist.mean(), jnp.mean(dist < 1.0), traj_reverse_kl(params, teacher, task, traj),
-                jnp.mean(jnp.abs(pos) > R))
+        return (
+            counts,
+            dist.mean(),
+            jnp.mean(dist < 1.0),
+            traj_reverse_kl(params, teacher, task, traj),
+            jnp.mean(jnp.abs(pos) > R),
+        )
 
     def evaluate(params_K: Params, teachers: Params, rng: jax.Array, shared: bool) -> Evaluation:
         """params_K: one policy for both tasks (shared=True, the student) or one per task (teachers)."""
@@ -381,15 +401,18 @@ def make_study(cfg: ToyControlConfig):
             return trace, evaluate(student, teachers, k_eval, shared=True)
 
         trace_G, eval_G = jax.vmap(run_gamma)(gammas_G)
-        return {"trace": trace_G, "eval": eval_G, "teacher_eval": teacher_eval,
-                "teacher_returns": teacher_returns_KxI}
+        return {"trace": trace_G, "eval": eval_G, "teacher_eval": teacher_eval, "teacher_returns": teacher_returns_KxI}
 
     study = jax.jit(jax.vmap(run_seed, in_axes=(0, None)))
-    parts = {"train_teachers": train_teachers, "distill": distill, "evaluate": evaluate,
-             "rollout": lambda p, task, rng, n: rollout(p, task, rng, n, cfg), "student_fn": student_fn}
+    parts = {
+        "train_teachers": train_teachers,
+        "distill": distill,
+        "evaluate": evaluate,
+        "rollout": lambda p, task, rng, n: rollout(p, task, rng, n, cfg),
+        "student_fn": student_fn,
+    }
     return study, parts
 
 
 def seed_keys(seeds: list[int]) -> jax.Array:
     return jnp.stack([jax.random.PRNGKey(int(s)) for s in seeds])
-

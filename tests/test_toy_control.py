@@ -20,8 +20,19 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _small_cfg(**kw) -> tc.ToyControlConfig:
-    base = dict(horizon=6, hidden=16, iterations=4, batch_size=16, micro_batches=4, teacher_iterations=2,
-                teacher_batch=16, eval_rollouts=8, seeds=[0], gammas=[0.0, 1.0], heatmap_gammas=[0.0])
+    base = dict(
+        horizon=6,
+        hidden=16,
+        iterations=4,
+        batch_size=16,
+        micro_batches=4,
+        teacher_iterations=2,
+        teacher_batch=16,
+        eval_rollouts=8,
+        seeds=[0],
+        gammas=[0.0, 1.0],
+        heatmap_gammas=[0.0],
+    )
     base.update(kw)
     return tc.ToyControlConfig(**base)
 
@@ -89,8 +100,9 @@ def test_estimator_equals_explicit_double_sum(gamma):
     want = (coeff[:, None] * g_TxP).sum(0)
     if gamma == 0.0:
         np.testing.assert_allclose(want, (r_T[:, None] * g_TxP).sum(0))
-    grads = jax.grad(tc.opd_surrogate)(params, lambda p, k, s, t: tc.policy(p, k, s, t, cfg), traj, logq, 0,
-                                       jnp.float32(gamma))
+    grads = jax.grad(tc.opd_surrogate)(
+        params, lambda p, k, s, t: tc.policy(p, k, s, t, cfg), traj, logq, 0, jnp.float32(gamma)
+    )
     got = np.asarray(jax.flatten_util.ravel_pytree(grads)[0])
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
     # the estimator is not trivially γ-independent
@@ -101,8 +113,9 @@ def test_estimator_equals_explicit_double_sum(gamma):
 
 def test_discounted_returns_reverse_recursion():
     r = jnp.array([1.0, -2.0, 0.5, 3.0])
-    np.testing.assert_allclose(tc.discounted_returns(r, 0.5), [1 - 1 + 0.125 + 0.375, -2 + 0.25 + 0.75,
-                                                               0.5 + 1.5, 3.0], rtol=1e-6)
+    np.testing.assert_allclose(
+        tc.discounted_returns(r, 0.5), [1 - 1 + 0.125 + 0.375, -2 + 0.25 + 0.75, 0.5 + 1.5, 3.0], rtol=1e-6
+    )
 
 
 # ---------------------------------------------------------------- the paper's micro-batch variance proxy
@@ -130,13 +143,14 @@ def test_micro_batch_gradients_are_per_micro_batch_output_layer_gradients():
     grad_fn = jax.jit(jax.grad(tc.opd_surrogate), static_argnums=1)
     direct = []
     for m in range(M):
-        sub = jax.tree.map(lambda x, m=m: x[m * n:(m + 1) * n], traj)
-        gm = grad_fn(student, fn, sub, logq[m * n:(m + 1) * n], 1, 0.5)
+        sub = jax.tree.map(lambda x, m=m: x[m * n : (m + 1) * n], traj)
+        gm = grad_fn(student, fn, sub, logq[m * n : (m + 1) * n], 1, 0.5)
         direct.append(np.concatenate([np.ravel(gm["w3"]), np.ravel(gm["b3"])]))
     direct = np.stack(direct)
     mb = jax.tree.map(lambda x: x.reshape((M, n) + x.shape[1:]), (traj, logq))
     grads_M = jax.vmap(jax.grad(tc.opd_surrogate), in_axes=(None, None, 0, 0, None, None))(
-        student, fn, mb[0], mb[1], 1, 0.5)
+        student, fn, mb[0], mb[1], 1, 0.5
+    )
     flat = np.asarray(tc.flatten_subset(grads_M, tc.OUTPUT_LAYER))
     np.testing.assert_allclose(flat, direct, rtol=1e-4, atol=1e-4 * np.abs(direct).max())
     want = np.mean(np.sum((direct - direct.mean(0)) ** 2, axis=1))
@@ -154,19 +168,26 @@ def test_short_teacher_training_moves_toward_target():
         trained = jax.tree.map(lambda x, task=task: x[task], teachers)
         key = jax.random.PRNGKey(100 + task)
         d_before = float(jnp.mean(jnp.abs(parts["rollout"](init, task, key, 256).positions_NxT1[:, -1] - target)))
-        d_after = float(jnp.mean(jnp.abs(parts["rollout"](trained, task, key, 256).positions_NxT1[:, -1]
-                                         - target)))
+        d_after = float(jnp.mean(jnp.abs(parts["rollout"](trained, task, key, 256).positions_NxT1[:, -1] - target)))
         assert d_after < 1.0 and d_after < 0.25 * d_before, (task, d_before, d_after)
         ret = np.asarray(returns_KxI[task])
         assert ret[-10:].mean() > ret[:10].mean()
 
 
 # ---------------------------------------------------------------- config validation
-@pytest.mark.parametrize("override, key", [
-    (dict(gammas=[0.0, 1.5]), "gammas"), (dict(gammas=[-0.1]), "gammas"), (dict(horizon=0), "horizon"),
-    (dict(micro_batches=7), "micro_batches"), (dict(sigma_min=3.0), "sigma_min"),
-    (dict(heatmap_gammas=[0.3]), "heatmap_gammas"), (dict(seeds=[]), "seeds"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        (dict(gammas=[0.0, 1.5]), "gammas"),
+        (dict(gammas=[-0.1]), "gammas"),
+        (dict(horizon=0), "horizon"),
+        (dict(micro_batches=7), "micro_batches"),
+        (dict(sigma_min=3.0), "sigma_min"),
+        (dict(heatmap_gammas=[0.3]), "heatmap_gammas"),
+        (dict(seeds=[]), "seeds"),
+        (dict(student_optimizer="rmsprop"), "student_optimizer"),
+    ],
+)
 def test_bad_config_raises_config_error_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=rf"^{key}: expected"):
         tc.validate(tc.ToyControlConfig(**override))
@@ -189,9 +210,13 @@ def test_default_config_composes_and_validates():
 
 
 def test_cli_bad_gamma_is_one_line_and_exit_2(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "experiments.toy_coupling", "gammas=[0,1.5]",
-                           f"hydra.run.dir={tmp_path / 'job'}"], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.toy_coupling", "gammas=[0,1.5]", f"hydra.run.dir={tmp_path / 'job'}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == "error: gammas: expected values in [0, 1], got 1.5"
     assert not (tmp_path / "job").exists()
