@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import sys
 from collections import defaultdict
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from paper_figs.common import PALETTE, get, load_jobs, save, setup_style
 
 HORIZONS = [2, 3, 5, 7]

@@ -8,10 +8,12 @@ Reads only the rows of experiments.sandbox_sgd (one job, fields nested [seed][ga
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from paper_figs.common import PALETTE, get, load_jobs, save, setup_style
 
 
@@ -42,15 +44,15 @@ def main(root: str) -> None:
     ax2.set_ylabel("fraction of steps with ΔKL > 0")
     h1, l1 = axes[2].get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
-    axes[2].legend(h1 + h2, l1 + l2, fontsize=8, loc="upper left")
-    axes[0].set(yscale="log", xlabel="SGD iteration", ylabel="exact Var of one-sequence ĝ_γ",
+    axes[2].legend(h1 + h2, l1 + l2, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)
+    axes[0].set(yscale="log", xlabel="SGD iteration", ylabel=r"exact Var of one-sequence $\hat g_\gamma$",
                 title="Gradient variance (geo-mean of seeds, band min–max)")
     axes[1].set(yscale="log", xlabel="SGD iteration", ylabel="exact KL(π_θ ‖ q) over sequences",
                 title="Reverse KL to the teacher")
     for ax in axes[:2]:
         ax.legend(fontsize=8)
     fig.suptitle(
-        f"SGD with ĝ_γ on a tabular student (V={get(cfg, 'vocab')}, T={get(cfg, 'horizon')}, "
+        f"SGD with $\\hat g_\\gamma$ on a tabular student (V={get(cfg, 'vocab')}, T={get(cfg, 'horizon')}, "
         f"batch {get(cfg, 'batch_size')}, lr {get(cfg, 'lr')}, {len(job['metrics']['seeds'])} seeds): "
         "exact diagnostics every iteration", fontsize=11)
     save(fig, "fig_sgd_coupling")
