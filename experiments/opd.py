@@ -48,7 +48,7 @@ def run_experiment(cfg: Any, built: dict[str, Any], out_dir: Path, *, log: Calla
     def sft_eval(n: int) -> Callable:
         probs = eval_problems[:n]
         return lambda m: ev.evaluate(m, task, probs, eval_key, max_new_tokens=max_new,
-                                     batch_size=min(64, len(probs)), prefix="")
+                                     batch_size=min(int(cfg.eval_batch_size), len(probs)), prefix="")
 
     teacher, tmeta = prepare(
         "teacher", built["teacher"], built["teacher"].to_dict(), task, resolved["task"], cfg.sft_teacher,
@@ -60,7 +60,7 @@ def run_experiment(cfg: Any, built: dict[str, Any], out_dir: Path, *, log: Calla
         eval_fn=sft_eval(int(cfg.sft_student.eval_problems)), log=log)
     prep_s = time.time() - t_start
 
-    bs = min(64, len(eval_problems))
+    bs = min(int(cfg.eval_batch_size), len(eval_problems))
     teacher_acc = ev.evaluate(teacher, task, eval_problems, eval_key, max_new_tokens=max_new, batch_size=bs,
                               prefix="teacher/")
     initial_acc = ev.evaluate(student, task, eval_problems, eval_key, max_new_tokens=max_new, batch_size=bs,

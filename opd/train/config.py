@@ -30,7 +30,7 @@ class LossConfig:
     """One OPD objective and its constants."""
 
     name: str = MISSING  # one of LOSSES
-    k: int = 8  # teacher top-K support size (also the K the diagnostics use for every loss)
+    k: int = 4  # teacher top-K support size (also the K the diagnostics use for every loss)
     renormalize: bool = True  # lsm family: renormalize both sides over the support (Eq. 7)
     aggregation: str = "sequence_mean"  # token_mean (Eq. 8) | sequence_mean (what the paper's code does)
     clip_eps: float = 0.2  # sampled_token: PPO clip ε (verl default)
@@ -55,7 +55,7 @@ class OptimizerConfig:
     """AdamW with global-norm clipping over the student's nnx.Param only (paper.md §6, verl defaults)."""
 
     name: str = "adamw"
-    lr: float = 1e-4
+    lr: float = 1e-3
     weight_decay: float = 0.01
     b1: float = 0.9
     b2: float = 0.999
@@ -96,6 +96,7 @@ class OPDConfig:
     eval_every: int = 10  # evaluate held-out pass@1 every this many steps (and at the first and last)
     eval_problems: int = 128  # held-out problems (task "eval" split, fixed seed shared by every run)
     eval_seed: int = 1234
+    eval_batch_size: int = 32  # = rollout batch by default, so LSM's rollouts and sampled eval share one program
     train_seed: int = 7  # seed of the OPD prompt pool (task "train" split)
     train_problems: int = 4096  # OPD prompt pool size
     seed: int = 0  # rollout sampling and everything random in the OPD run
@@ -195,7 +196,7 @@ def validate(cfg: Any) -> dict[str, Any]:
         require(cfg.loss.dual_clip > 1.0, "loss.dual_clip", "a number > 1 or null", cfg.loss.dual_clip)
     _positive(cfg.rollout.temperature, "rollout.temperature")
     for key in ("rollout.prompts_per_step", "rollout.group_size", "optimizer.minibatches_per_step",
-                "steps", "eval_every", "eval_problems", "train_problems"):
+                "steps", "eval_every", "eval_problems", "eval_batch_size", "train_problems"):
         node: Any = cfg
         for part in key.split("."):
             node = node[part]

@@ -80,7 +80,7 @@ def run_opd(
 
     def do_eval(step: int) -> dict[str, float]:
         out = ev.evaluate(student, task, spec.eval_problems, eval_rng, max_new_tokens=spec.max_new_tokens,
-                          batch_size=min(64, len(spec.eval_problems)))
+                          batch_size=min(int(cfg.get("eval_batch_size", 32)), len(spec.eval_problems)))
         evals[step] = out
         return out
 
