@@ -175,10 +175,14 @@ def sample(model: Any, prompt_BxP: Any, prompt_mask_BxP: Any, rng: jax.Array, cf
     if not isinstance(cfg, SamplingConfig):
         raise TypeError(f"cfg: expected a SamplingConfig, got {type(cfg).__name__}")
     vocab = model.cfg.vocab_size
-    stops = tuple(sorted({int(eos_id), *(int(s) for s in stop_ids)}))
+    stops = sorted({int(eos_id), *(int(s) for s in stop_ids)})
     for s in stops:
         if not 0 <= s < vocab:
             raise ValueError(f"eos_id/stop_ids: expected ids in [0, {vocab}), got {s}")
+    # The number of stop ids is part of the compiled shape: pad (with EOS) to a bucket so that changing
+    # the stop set rarely recompiles.
+    bucket = max(8, 1 << (len(stops) - 1).bit_length())
+    stops = stops + [int(eos_id)] * (bucket - len(stops))
     if prompt_BxP.shape != prompt_mask_BxP.shape or len(prompt_BxP.shape) != 2:
         raise ValueError(f"prompt_BxP / prompt_mask_BxP: expected equal [B, P] shapes, got "
                          f"{prompt_BxP.shape} and {prompt_mask_BxP.shape}")

@@ -24,6 +24,17 @@ VARIANTS = {
 }
 
 
+@nnx.jit
+def _fwd(model, tokens_BxT, mask_BxT=None):
+    """Jitted full pass (one compile per shape instead of one per eager op: keeps the suite fast)."""
+    return model(tokens_BxT, attention_mask_BxT=mask_BxT)
+
+
+@nnx.jit
+def _fwd_h(model, tokens_BxT):
+    return model(tokens_BxT), model.hidden_states(tokens_BxT), model.lm_head_weight()
+
+
 def _model(cfg: ModelConfig = TINY, seed: int = 0) -> Transformer:
     return Transformer(cfg, rngs=nnx.Rngs(seed))
 
@@ -46,14 +57,13 @@ def test_variants_build_and_run(name):
     cfg = TINY.replace(**VARIANTS[name])
     model = _model(cfg)
     tokens = _tokens(2, 7)
-    logits = model(tokens)
+    logits, h, w = _fwd_h(model, tokens)
     assert logits.shape == (2, 7, cfg.vocab_size) and logits.dtype == jnp.float32
     assert bool(jnp.all(jnp.isfinite(logits)))
     assert hasattr(model, "lm_head") != cfg.tie_embeddings
-    assert model.lm_head_weight().shape == (cfg.hidden_size, cfg.vocab_size)
-    h = model.hidden_states(tokens)
+    assert w.shape == (cfg.hidden_size, cfg.vocab_size)
     assert h.shape == (2, 7, cfg.hidden_size)
-    np.testing.assert_allclose(h @ model.lm_head_weight(), logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(h) @ np.asarray(w), logits, rtol=1e-5, atol=1e-5)
     E = cfg.resolved_head_dim
     attn = model.layers[0].self_attn
     assert attn.q_proj.kernel.shape == (cfg.hidden_size, cfg.num_heads * E)
@@ -100,28 +110,28 @@ def test_causality_gradient_is_exactly_zero(name):
         logits = model(tokens, inputs_embeds_BxTxD=emb_BxTxD)
         return jnp.sum(jnp.sin(logits[:, : t + 1]))
 
-    for fn in (jax.grad(early_logits_sum), jax.jit(jax.grad(early_logits_sum))):
-        g = np.asarray(fn(emb))
-        assert np.all(g[:, t + 1 :] == 0.0)
-        assert np.all(np.abs(g[:, : t + 1]).sum(-1) > 0)
+    g = np.asarray(jax.jit(jax.grad(early_logits_sum))(emb))
+    assert np.all(g[:, t + 1 :] == 0.0)
+    assert np.all(np.abs(g[:, : t + 1]).sum(-1) > 0)
 
 
 def test_left_padding_does_not_change_real_logits():
     model = _model(TINY.replace(attention_bias=True, qk_norm=True))
     _perturb_norms(model)
     seq = _tokens(1, 6, seed=3)
-    ref = model(seq)[0]
+    ref = _fwd(model, seq)[0]
     pad = 3
     padded = jnp.concatenate([jnp.zeros((1, pad), jnp.int32), seq], axis=1)
     other = _tokens(1, 9, seed=4)
     batch = jnp.concatenate([padded, other], axis=0)
     mask = jnp.concatenate([jnp.concatenate([jnp.zeros((1, pad)), jnp.ones((1, 6))], 1), jnp.ones((1, 9))], 0)
-    out = model(batch, attention_mask_BxT=mask.astype(jnp.int32))
+    mask = mask.astype(jnp.int32)
+    out = _fwd(model, batch, mask)
     np.testing.assert_allclose(out[0, pad:], ref, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(out[1], model(other)[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out[1], _fwd(model, other, jnp.ones_like(other))[0], rtol=1e-5, atol=1e-5)
     # Changing what sits in the padding changes nothing.
     junk = batch.at[0, :pad].set(jnp.array([5, 6, 7]))
-    np.testing.assert_allclose(model(junk, attention_mask_BxT=mask)[0, pad:], ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_fwd(model, junk, mask)[0, pad:], ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["gqa", "qwen3_qknorm_headdim", "tied"])
@@ -139,11 +149,11 @@ def test_cache_decoding_equals_full_forward(name):
     gen = gen * gen_mask
     full_tokens = jnp.concatenate([prompt, gen], 1)
     full_mask = jnp.concatenate([prompt_mask, gen_mask], 1)
-    ref = model(full_tokens, attention_mask_BxT=full_mask)
+    ref = _fwd(model, full_tokens, full_mask)
 
     cache = KVCache.create(cfg, B, P + N + 2)  # spare slots must be ignored
-    step = jax.jit(lambda m, tok, msk, c: m(tok, attention_mask_BxT=msk, cache=c))
-    logits, cache = model(prompt, attention_mask_BxT=prompt_mask, cache=cache)
+    step = nnx.jit(lambda m, tok, msk, c: m(tok, attention_mask_BxT=msk, cache=c))
+    logits, cache = step(model, prompt, prompt_mask, cache)
     got = [logits]
     for i in range(N):
         logits, cache = step(model, gen[:, i : i + 1], gen_mask[:, i : i + 1], cache)
@@ -161,12 +171,14 @@ def test_forward_logprobs_target_aligned():
     mask = jnp.ones((2, 7), jnp.int32).at[1, :2].set(0)
     lp = forward_logprobs(model, tokens, mask)
     logits = model(tokens, attention_mask_BxT=mask)
-    full = jax.nn.log_softmax(logits.astype(jnp.float64) if jax.config.x64_enabled else logits, -1)
+    logits = np.asarray(logits, np.float64)
+    full = logits - np.log(np.exp(logits).sum(-1, keepdims=True))  # float64 reference log-softmax
+    lp_np, tokens_np, mask_np = np.asarray(lp), np.asarray(tokens), np.asarray(mask)
     for b in range(2):
-        assert lp[b, 0] == 0.0
+        assert lp_np[b, 0] == 0.0
         for t in range(1, 7):
-            expect = float(full[b, t - 1, tokens[b, t]]) if mask[b, t] else 0.0
-            assert abs(float(lp[b, t]) - expect) < 1e-5
+            expect = full[b, t - 1, tokens_np[b, t]] if mask_np[b, t] else 0.0
+            assert abs(lp_np[b, t] - expect) < 1e-5
     assert lp.dtype == jnp.float32 and bool(jnp.all(lp <= 0))
 
 
@@ -174,5 +186,5 @@ def test_bfloat16_runs():
     cfg = TINY.replace(dtype="bfloat16")
     model = _model(cfg)
     assert model.layers[0].mlp.up_proj.kernel[...].dtype == jnp.bfloat16
-    logits = model(_tokens(2, 5))
+    logits = _fwd(model, _tokens(2, 5))
     assert logits.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits)))
