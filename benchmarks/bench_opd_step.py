@@ -21,9 +21,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra import compose, initialize_config_dir
 
-from opd.train.config import register_configs, to_container, validate  # noqa: E402
+from opd.train.config import register_configs, to_container, validate
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -68,8 +68,8 @@ def main(argv=None) -> None:
 
     if not args.skip_mass:
         table = topk_mass_table(teacher, task, [1, 2, 4, 8, 16, 32])
-        print("teacher top-K mass on teacher rollouts (vocab %d): %s" % (
-            built["teacher"].vocab_size, "  ".join(f"K={k}: {m:.4f}" for k, m in table.items())))
+        masses = "  ".join(f"K={k}: {m:.4f}" for k, m in table.items())
+        print(f"teacher top-K mass on teacher rollouts (vocab {built['teacher'].vocab_size}): {masses}")
 
     max_new = int(cfg.rollout.max_new_tokens or task.max_response_len)
     spec = TaskSpec(task=task, teacher=teacher, train_problems=task.problems("train", 512, 7),
@@ -86,9 +86,10 @@ def main(argv=None) -> None:
     print(f"config: loss={cfg.loss.name} batch={batch} (prompts {cfg.rollout.prompts_per_step} x G "
           f"{cfg.rollout.group_size}) max_new_tokens={max_new} K={cfg.loss.k} devices={jax.devices()}")
     print(f"first step (compile) {first:.2f}s; {len(rows) - 1} further steps, {total:.1f}s in all (with eval)")
-    print(f"per OPD step: {step:.3f}s = generation {mean['time/sample_s']:.3f}s ({100 * mean['time/sample_s'] / step:.0f}%)"
-          f" + teacher scoring {mean['time/score_s']:.3f}s ({100 * mean['time/score_s'] / step:.0f}%)"
-          f" + update {mean['time/update_s']:.3f}s ({100 * mean['time/update_s'] / step:.0f}%)")
+    share = {k: 100 * v / step for k, v in mean.items()}
+    print(f"per OPD step: {step:.3f}s = generation {mean['time/sample_s']:.3f}s ({share['time/sample_s']:.0f}%)"
+          f" + teacher scoring {mean['time/score_s']:.3f}s ({share['time/score_s']:.0f}%)"
+          f" + update {mean['time/update_s']:.3f}s ({share['time/update_s']:.0f}%)")
     print(f"mean response length {np.mean([r['response_len'] for r in rows]):.1f} tokens")
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from paper_figs.common import PALETTE, get, load_jobs, plt, save, setup_style  # noqa: E402
+from paper_figs.common import PALETTE, get, load_jobs, plt, save, setup_style
 
 PANELS = [
     ("loss", "objective (loss)"),
@@ -74,8 +74,8 @@ def main(argv=None) -> None:
             if steps.size == 0:
                 continue
             n = len(by_loss[name])
-            ax.plot(steps, mean, color=colors[name], label=f"{name} (n={n})", marker="o" if key.startswith("eval") else None,
-                    ms=3)
+            marker = "o" if key.startswith("eval") else None
+            ax.plot(steps, mean, color=colors[name], label=f"{name} (n={n})", marker=marker, ms=3)
             ax.fill_between(steps, mean - std, mean + std, color=colors[name], alpha=0.2, lw=0)
         ax.set_title(title)
         ax.set_xlabel("OPD step")

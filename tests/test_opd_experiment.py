@@ -71,7 +71,7 @@ def test_bad_inputs_are_one_line_exit_2_and_write_nothing(tmp_path):
             _cmd(tmp_path / name, f"checkpoint_root={tmp_path / 'ckpt'}", *overrides), cwd=ROOT, env=_env(),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for name, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=300)
+        _, stderr = proc.communicate(timeout=300)
         key = BAD[name][1]
         lines = [x for x in stderr.splitlines() if x.strip()]
         assert proc.returncode == 2, (name, stderr[-2000:])

@@ -182,7 +182,6 @@ def test_updates_lower_the_objective_and_leave_the_teacher_alone(name):
     assert np.isfinite(float(first["grad_norm"])) and float(first["grad_norm"]) > 0
     np.testing.assert_allclose(float(first["loss"]), start, rtol=1e-5, atol=1e-6)  # loss before the update
     if name == "sampled_token":  # the surrogate is relative to π_old: check the rollout log-prob gap instead
-        _, params, rest = nnx.split(student, nnx.Param, ...)
         logits = target_aligned_logits(student, batch.tokens_BxL, batch.positions_BxL, batch.attention_mask_BxL)
         new_lp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), batch.tokens_BxL[..., None], -1)[..., 0]
         before = float(diagnostics.masked_mean(batch.old_logprobs_BxL - batch.teacher_sampled_BxL, batch.loss_mask_BxL))

@@ -11,8 +11,9 @@ Per-task teacher routing: `run_opd` takes `teachers: {task_name: teacher}`-style
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import numpy as np
