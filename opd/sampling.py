@@ -108,8 +108,8 @@ def _draw(state: _LoopState, rng: jax.Array, cfg: SamplingConfig, stop_S: jax.Ar
     live_B = ~state.done_B
     token_B = jnp.where(live_B, token_B, PAD_ID)
     logprob_B = jnp.where(live_B, logprob_B, 0.0)
-    tokens_BxN = jax.lax.dynamic_update_slice(state.tokens_BxN, token_B[:, None], (0, state.step))
-    logprobs_BxN = jax.lax.dynamic_update_slice(state.logprobs_BxN, logprob_B[:, None], (0, state.step))
+    tokens_BxN = jax.lax.dynamic_update_slice(state.tokens_BxN, token_B[:, None], (jnp.zeros_like(state.step), state.step))
+    logprobs_BxN = jax.lax.dynamic_update_slice(state.logprobs_BxN, logprob_B[:, None], (jnp.zeros_like(state.step), state.step))
     done_B = state.done_B | (live_B & jnp.any(token_B[:, None] == stop_S[None, :], axis=-1))
     state = state._replace(tokens_BxN=tokens_BxN, logprobs_BxN=logprobs_BxN, done_B=done_B,
                            length_B=state.length_B + live_B.astype(jnp.int32))
@@ -186,6 +186,10 @@ def sample(model: Any, prompt_BxP: Any, prompt_mask_BxP: Any, rng: jax.Array, cf
     if prompt_BxP.shape != prompt_mask_BxP.shape or len(prompt_BxP.shape) != 2:
         raise ValueError(f"prompt_BxP / prompt_mask_BxP: expected equal [B, P] shapes, got "
                          f"{prompt_BxP.shape} and {prompt_mask_BxP.shape}")
+    max_len = prompt_BxP.shape[1] + cfg.max_new_tokens
+    if max_len > model.cfg.max_seq_len:
+        raise ValueError(f"max_new_tokens: prompt length {prompt_BxP.shape[1]} + max_new_tokens "
+                         f"{cfg.max_new_tokens} = {max_len} exceeds model.max_seq_len={model.cfg.max_seq_len}")
     if not isinstance(prompt_mask_BxP, jax.core.Tracer) and not np.all(np.asarray(prompt_mask_BxP)[:, -1]):
         raise ValueError("prompt_mask_BxP: prompts must be left-padded with a real last token in every row")
     graphdef, params = nnx.split(model)

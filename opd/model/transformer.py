@@ -91,7 +91,8 @@ class Attention(nnx.Module):
             keys_BxSxKxE, values_BxSxKxE = k_BxTxKxE, v_BxTxKxE
         else:
             k_buf, v_buf = kv
-            start = (layer, 0, index, 0, 0)
+            zero = jnp.zeros_like(index)  # all start indices share one dtype (also under x64)
+            start = (zero + layer, zero, index, zero, zero)
             k_buf = jax.lax.dynamic_update_slice(k_buf, k_BxTxKxE[None].astype(k_buf.dtype), start)
             v_buf = jax.lax.dynamic_update_slice(v_buf, v_BxTxKxE[None].astype(v_buf.dtype), start)
             kv = (k_buf, v_buf)
@@ -206,7 +207,7 @@ class Transformer(nnx.Module):
             kv, index = None, None
         else:
             index = cache.index
-            valid_BxS = jax.lax.dynamic_update_slice(cache.valid_BxS, mask_BxT, (0, index))
+            valid_BxS = jax.lax.dynamic_update_slice(cache.valid_BxS, mask_BxT, (jnp.zeros_like(index), index))
             slot_S = jnp.arange(cache.max_len, dtype=jnp.int32)
             query_slot_T = index + jnp.arange(T, dtype=jnp.int32)
             causal_TxS = slot_S[None, :] <= query_slot_T[:, None]
