@@ -219,3 +219,22 @@ def chunked_token_logprobs(
         raise ValueError(f"tokens_x shape {tokens_x.shape} must equal h_xD leading axes {jnp.shape(h_xD)[:-1]}")
     losses._require_ids_in_range("tokens_x", tokens_x, jnp.shape(w_DxV)[-1])
     return chunked_map(token_logprobs_and_entropy, h_xD, w_DxV, tokens_x, chunk_size=chunk_size)
+
+
+def chunked_model_logprobs(
+    model: Any,
+    tokens_BxL: Int[ArrayLike, "B L"],
+    attention_mask_BxL: Int[ArrayLike, "B L"],
+    *,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+) -> tuple[Float[Array, "B L"], Float[Array, "B L"]]:
+    """Target-aligned log p(tokens[t] | tokens[:t]) and the entropy of that next-token distribution, [B, L]
+    each, from one pass of `model.hidden_states` and the LM head in chunks (docs/interfaces.md alignment:
+    position 0 and masked targets hold 0). Same values as `opd.model.forward_logprobs` without the
+    [B, L, V] logits."""
+    tokens_BxL, attention_mask_BxL = jnp.asarray(tokens_BxL), jnp.asarray(attention_mask_BxL)
+    h_BxLxD = model.hidden_states(tokens_BxL, attention_mask_BxT=attention_mask_BxL)
+    lp, ent = chunked_token_logprobs(h_BxLxD[:, :-1], model.lm_head_weight(), tokens_BxL[:, 1:], chunk_size=chunk_size)
+    keep = attention_mask_BxL[:, 1:].astype(jnp.bool_)
+    lp, ent = jnp.where(keep, lp, 0.0), jnp.where(keep, ent, 0.0)
+    return jnp.pad(lp, ((0, 0), (1, 0))), jnp.pad(ent, ((0, 0), (1, 0)))

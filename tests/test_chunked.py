@@ -164,3 +164,18 @@ def test_chunking_reduces_compiled_temporary_memory():
     full, chunk = _temp_bytes(None), _temp_bytes(128)
     assert full >= 2048 * 4096 * 4  # the unchunked gradient holds at least one [N, V] float32 array
     assert chunk * 4 <= full, (chunk, full)
+
+
+def test_chunked_model_logprobs_match_forward_logprobs():
+    from flax import nnx
+
+    from opd.model import ModelConfig, Transformer, forward_logprobs
+
+    cfg = ModelConfig(vocab_size=40, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=32)
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(3)
+    tokens = jnp.asarray(rng.integers(1, 40, (3, 9)), jnp.int32)
+    mask = jnp.asarray(np.arange(9)[None, :] >= np.array([[0], [2], [4]]), jnp.int32)  # left padding
+    lp, ent = chunked.chunked_model_logprobs(model, tokens, mask, chunk_size=5)
+    np.testing.assert_allclose(lp, forward_logprobs(model, tokens, mask), **TOL)
+    assert ent.shape == (3, 9) and float(ent[0, 0]) == 0.0 and float(ent[0, 1]) > 0
