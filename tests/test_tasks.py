@@ -106,7 +106,7 @@ def test_mapping_round_trip_and_alignment(tok, task):
 def test_map_batch_keeps_layout(tok):
     teacher = Tokenizer.variant(think_as_pieces=True)
     m = TokenMapping.from_tokenizers(tok, teacher)
-    toks, mask = encode_prompts(tok, ["1+2=", "11+22+33="], 12)
+    toks, mask = encode_prompts(tok, ["a1 b2=", "a11 b22 c33="], 16)
     out, out_mask, owner = m.map_batch(toks, mask)
     for b in range(2):
         real = owner[b][out_mask[b] == 1]
@@ -132,11 +132,19 @@ def test_require_compatible(tok):
 # ---------------------------------------------------------------- arithmetic
 
 
-def test_solver_demonstrations_verify(task):
+STYLES = [
+    dict(style="column", digits=3, min_terms=3, max_terms=5),
+    dict(style="chain", digits=1, min_terms=8, max_terms=11),
+]
+
+
+@pytest.mark.parametrize("kw", STYLES, ids=lambda kw: kw["style"])
+def test_solver_demonstrations_verify(kw):
+    task = ArithmeticTask(**kw)
     tk = task.tokenizer
     for split in ("train", "eval"):
         for p in task.problems(split, 500, 3):
-            assert int(p.answer) == sum(int(x) for x in p.prompt[:-1].split("+"))
+            assert int(p.answer) == sum(task.operands(p))
             demo = task.demonstration(p)
             ids = tk.encode(demo)
             assert ids[-1] == tk.eos_id and ids.count(tk.eos_id) == 1
@@ -152,23 +160,35 @@ def test_solution_format_example():
         "<think>c0:7,5,2|0+7=07+5=12+2=14\nc1:4,8,1|1+4=05+8=13+1=14\nc2:3,0,9|1+3=04+0=04+9=13\n</think>1344<eos>"
     )
     assert solve([1, 2, 3], 2)[0].endswith("</think>6<eos>")
+    chain = ArithmeticTask(style="chain", digits=1, min_terms=2, max_terms=12).make_problem([7, 5, 9])
+    assert chain.prompt == "a7 b5 c9="
+    assert chain.solution == "<think>a:000+7=007\nb:007+5=012\nc:012+9=021\n</think>21<eos>"
 
 
-def test_verifier_rejects_wrong_and_malformed(task):
-    p = task.make_problem([347, 85, 912])
+@pytest.mark.parametrize(
+    "kw, numbers",
+    [(dict(style="column", digits=3, min_terms=3, max_terms=5), [347, 85, 912]), ({}, [9, 8, 7, 6, 5, 4, 3, 2, 1])],
+    ids=["column", "chain"],
+)
+def test_verifier_rejects_wrong_and_malformed(kw, numbers):
+    task = ArithmeticTask(**kw)
+    p = task.make_problem(numbers)
+    ans = p.answer
+    assert ans == str(sum(numbers))
     good = p.solution[: -len("<eos>")]
     think = good[: good.index("</think>") + len("</think>")]
     assert task.score(p, good) == 1.0
-    assert task.score(p, think + " 1344 ") == 1.0
-    assert task.score(p, think + "01344") == 1.0  # same integer
+    assert task.score(p, think + f" {ans} ") == 1.0
+    assert task.score(p, think + "0" + ans) == 1.0  # same integer
     for bad in [
-        think + "1345",
+        think + str(int(ans) + 1),
+        think + str(int(ans) - 10),
         think + "",
-        think + "1344</think>",
-        think + "1344 1344",
-        think + "13a4",
-        think + "-1344",
-        "1344",
+        think + ans + "</think>",
+        think + ans + " " + ans,
+        think + ans[0] + "a" + ans[1:],
+        think + "-" + ans,
+        ans,
         good.replace("<think>", "", 1),
         "<think>" + good,
         good.replace("</think>", ""),
@@ -178,7 +198,9 @@ def test_verifier_rejects_wrong_and_malformed(task):
     assert parse_answer("<think>x</think>42") == 42 and parse_answer("<think>x</think>4 2") is None
 
 
-def test_train_eval_disjoint_and_partition(task):
+@pytest.mark.parametrize("kw", STYLES, ids=lambda kw: kw["style"])
+def test_train_eval_disjoint_and_partition(kw):
+    task = ArithmeticTask(**kw)
     train = task.problems("train", 4000, 0)
     evals = task.problems("eval", 1000, 0)
     train_p, eval_p = {p.prompt for p in train}, {p.prompt for p in evals}
@@ -189,7 +211,9 @@ def test_train_eval_disjoint_and_partition(task):
     assert all(task.split_of(p) == "eval" for p in task.problems("eval", 500, 7))
     # the eval share of random prompts is about eval_fraction
     rng = np.random.default_rng(0)
-    shares = [task.split_of(task.format_prompt(list(rng.integers(0, 1000, 3)))) == "eval" for _ in range(4000)]
+    shares = [
+        task.split_of(task.format_prompt(list(rng.integers(0, 10**task.digits, 8)))) == "eval" for _ in range(4000)
+    ]
     assert 0.08 < np.mean(shares) < 0.12
 
 
@@ -203,14 +227,15 @@ def test_problems_deterministic(task):
 def test_demonstration_length_distribution(task):
     lens = np.array([len(task.tokenizer.encode(p.solution)) for p in task.problems("train", 1000, 0)])
     assert np.median(lens) >= 100
-    assert lens.min() >= 80 and lens.max() == task.max_response_len == 127
-    assert task.max_prompt_len == 21
+    assert lens.min() >= 95 and lens.max() == task.max_response_len == 115
+    assert task.max_prompt_len == 34
 
 
 def test_difficulty_and_bad_config():
     easy = ArithmeticTask(digits=2, min_terms=2, max_terms=2)
     assert easy.max_response_len < make_task("arithmetic").max_response_len
-    for kw in [dict(digits=0), dict(min_terms=1), dict(min_terms=4, max_terms=3), dict(eval_fraction=0.0)]:
+    bad = [dict(digits=0), dict(min_terms=1), dict(min_terms=4, max_terms=3), dict(eval_fraction=0.0), dict(style="x")]
+    for kw in bad:
         with pytest.raises(ValueError):
             ArithmeticTask(**kw)
     with pytest.raises(ValueError, match="allowed"):
