@@ -163,15 +163,23 @@ def fig_gap(jobs, out_dir) -> None:
     save(fig, "fig_failure_modes_gap", out_dir)
 
 
+def _rows(job) -> list[dict[str, Any]]:
+    path = Path(job["dir"]) / "metrics.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+
+
 def fig_special(jobs, out_dir) -> None:
+    """(a) first-occurrence log-probs of special tokens, student vs teacher, at each job's first record;
+    (b) per job: the sampled-token reward at those positions that the special-token mask takes out of the
+    loss, per rollout (mean over steps, `<task>/masked_reward_sum` rows; 0 when masking is off)."""
     entries = []  # (label, token name, student list, teacher list)
     for job in jobs:
-        for r in job["records"][:1] if job["records"] else []:
+        for r in job["records"][:1]:
             for name, d in r["special_tokens"].items():
                 if d["student_logprob"]:
-                    entries.append((f"{job['label']} · {r.get('task')} · step {r['step']}", name,
-                                    d["student_logprob"], d["teacher_logprob"]))
-    fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(entries)), 3.6))
+                    entries.append((f"{job['label']}", name, d["student_logprob"], d["teacher_logprob"]))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(max(7, 1.1 * len(entries) + 3), 3.8),
+                                 gridspec_kw={"width_ratios": [max(len(entries), 1), 2]})
     if not entries:
         ax.text(0.5, 0.5, "no special token in any recorded response", ha="center", va="center")
         ax.set_axis_off()
@@ -179,14 +187,26 @@ def fig_special(jobs, out_dir) -> None:
         for off, vals, color, who in ((-0.18, s, PALETTE[0], "student"), (0.18, t, PALETTE[1], "teacher")):
             ax.bar(k + off, np.mean(vals), 0.34, color=color, alpha=0.6, label=who if k == 0 else None)
             ax.scatter(np.full(len(vals), k + off), vals, s=4, color=color)
-            ax.annotate(f"{np.mean(vals):.2f}", (k + off, np.mean(vals)), fontsize=6, ha="center", va="top")
+            ax.annotate(f"{np.mean(vals):.1f}", (k + off, np.mean(vals)), fontsize=6, ha="center", va="top")
     ax.set_xticks(range(len(entries)))
-    ax.set_xticklabels([f"{n}\n{lab}" for lab, n, _, _ in entries], fontsize=6)
+    ax.set_xticklabels([f"{n} · {lab}" for lab, n, _, _ in entries], fontsize=6, rotation=30, ha="right")
     ax.set_ylabel("log-prob at first occurrence")
     ax.axhline(0, color="k", lw=0.6)
     if entries:
         ax.legend(fontsize=8)
-    ax.set_title("Fig 5 analog: special tokens, student vs teacher log-prob (first recorded step)", fontsize=9)
+    ax.set_title("(a) special tokens at first occurrence (first recorded step; points = rollouts)", fontsize=8)
+    labels, removed = [], []
+    for job in jobs:
+        vals = [v for row in _rows(job) for k_, v in row.items() if k_.endswith("/masked_reward_sum")]
+        if vals:
+            labels.append(job["label"])
+            removed.append(float(np.mean(vals)))
+    bx.bar(range(len(removed)), removed, color=PALETTE[2])
+    bx.set_xticks(range(len(removed)))
+    bx.set_xticklabels(labels, fontsize=6, rotation=30, ha="right")
+    bx.set_ylabel("nats per rollout")
+    bx.set_title("(b) reward removed from the loss by the mask", fontsize=8)
+    fig.suptitle("Fig 5 analog: special-token mismatch (failure mode 3)", fontsize=9)
     save(fig, "fig_failure_modes_special", out_dir)
 
 
@@ -208,7 +228,11 @@ def fig_coverage(jobs, out_dir) -> None:
         ax.set_title(f"{task}", fontsize=9)
         ax.set_xlabel("position bucket start")
         ax.set_ylabel("not_in_topk_frac")
-        ax.legend(fontsize=6)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6)
+        else:
+            ax.text(0.5, 0.5, "no top-K coverage recorded\n(teacher reached through a token mapping)",
+                    ha="center", va="center", transform=ax.transAxes, fontsize=8)
     fig.suptitle("Coverage: sampled token outside the teacher's top-K, by position (dashed: first step)")
     save(fig, "fig_failure_modes_coverage", out_dir)
 
