@@ -357,7 +357,7 @@ def make_study(cfg: ToyControlConfig):
             trace = Trace(
                 grad_var=micro_batch_variance(flatten_subset(grads_M, OUTPUT_LAYER)),
                 grad_var_all=micro_batch_variance(flatten_subset(grads_M, tuple(sorted(grads_M)))),
-                grad_norm=optax.global_norm(grads),
+                grad_norm=optax.tree.norm(grads),
                 reverse_kl=traj_reverse_kl(p, pick(teachers, task), task, traj),
                 final_dist=jnp.mean(jnp.abs(traj.positions_NxT1[:, -1] - target)),
                 sigma=jnp.mean(jnp.exp(log_std)),
