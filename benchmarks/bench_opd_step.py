@@ -3,7 +3,7 @@ teacher scoring and update; and the teacher's top-K probability mass on its own 
 (how the default K was chosen: the paper's K = 32 over a 152K vocabulary holds ~97-99% of the teacher's
 mass, peers.md; we pick the smallest K that holds about as much on this vocabulary).
 
-    python benchmarks/bench_opd_step.py [--steps 10] [--skip-mass] [hydra overrides ...]
+    python benchmarks/bench_opd_step.py [--steps 10] [--skip-mass | --mass-only] [hydra overrides ...]
 
 Teacher and student come from the SFT checkpoint cache (trained on first use, as `experiments.opd` does).
 The first step (compilation) is reported separately and excluded from the means.
@@ -50,6 +50,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--skip-mass", action="store_true")
+    ap.add_argument("--mass-only", action="store_true", help="only the top-K mass table")
     args, overrides = ap.parse_known_args(argv)
     register_configs()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
@@ -70,6 +71,8 @@ def main(argv=None) -> None:
         table = topk_mass_table(teacher, task, [1, 2, 4, 8, 16, 32])
         masses = "  ".join(f"K={k}: {m:.4f}" for k, m in table.items())
         print(f"teacher top-K mass on teacher rollouts (vocab {built['teacher'].vocab_size}): {masses}")
+    if args.mass_only:
+        return
 
     max_new = int(cfg.rollout.max_new_tokens or task.max_response_len)
     spec = TaskSpec(task=task, teacher=teacher, train_problems=task.problems("train", 512, 7),
