@@ -33,8 +33,9 @@ def _worker(out_path: str) -> None:
     import optax
     from flax import nnx
 
-    from opd import chunked, losses
+    from opd import chunked, losses, teacher
     from opd.model import ModelConfig, Transformer
+    from opd.sampling import SamplingConfig, sample
 
     assert jax.device_count() == 8, jax.devices()
     cfg = ModelConfig(vocab_size=128, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -92,11 +93,23 @@ def _worker(out_path: str) -> None:
                   for kp, x in jax.tree_util.tree_flatten_with_path(state)[0]}
         q = state[0]["layers"][0]["self_attn"]["q_proj"]["kernel"]
         q = getattr(q, "value", q)
-        return losses_seen, params, q.addressable_shards[0].data.shape, len(q.sharding.device_set)
+        # The sampler and teacher scoring run on the sharded model and batch as they are: their jits
+        # follow the input shardings (computation follows data).
+        model, _ = nnx.merge(graphdef, state)
+        prompt = sharding.shard_batch({"p": tokens[:, :6], "m": attn[:, :6]}, mesh)
+        roll = sample(model, prompt["p"], prompt["m"], jax.random.key(0),
+                      SamplingConfig(temperature=0.0, max_new_tokens=4), eos_id=1)
+        payload = teacher.score(model, *sharding.shard_batch((tokens, attn), mesh), 4)
+        extra = {"sample_tokens": np.asarray(roll.tokens_BxL), "sample_logprobs": np.asarray(roll.logprobs_BxL),
+                 "score_ids": np.asarray(payload.topk_ids_BxLxK),
+                 "score_logprobs": np.asarray(payload.topk_logprobs_BxLxK)}
+        return losses_seen, params, q.addressable_shards[0].data.shape, len(q.sharding.device_set), extra
 
     out = {}
     for name, shape in MESHES.items():
-        loss_seq, params, q_shard, n_dev = run(shape)
+        loss_seq, params, q_shard, n_dev, extra = run(shape)
+        for k, v in extra.items():
+            out[f"{name}:{k}"] = v
         out[f"{name}:loss"] = np.asarray(loss_seq)
         out[f"{name}:q_shard"] = np.asarray(q_shard)
         out[f"{name}:q_devices"] = np.asarray(n_dev)
@@ -135,6 +148,15 @@ def test_eight_devices_match_one_device(eight_device_results):
         np.testing.assert_allclose(r[f"{name}:loss"], ref_loss, rtol=1e-5, atol=1e-5, err_msg=name)
         for k, ref in ref_params.items():
             np.testing.assert_allclose(r[f"{name}:param:{k}"], ref, rtol=1e-5, atol=1e-5, err_msg=f"{name} {k}")
+
+
+def test_sampler_and_teacher_scoring_match_on_eight_devices(eight_device_results):
+    r = eight_device_results
+    for name in MESHES:
+        np.testing.assert_array_equal(r[f"{name}:sample_tokens"], r["1dev:sample_tokens"], err_msg=name)
+        np.testing.assert_array_equal(r[f"{name}:score_ids"], r["1dev:score_ids"], err_msg=name)
+        np.testing.assert_allclose(r[f"{name}:sample_logprobs"], r["1dev:sample_logprobs"], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(r[f"{name}:score_logprobs"], r["1dev:score_logprobs"], rtol=1e-5, atol=1e-5)
 
 
 def test_parameters_really_are_sharded(eight_device_results):
