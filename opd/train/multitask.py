@@ -25,6 +25,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -403,6 +404,7 @@ class MultitaskConfig:
     diagnostics_every: int = 5  # failure-mode records every N steps of a task (and its first and last); 0: off
     diag_bucket_size: int = 16
     checkpoint_root: str = ".cache/opd/checkpoints"
+    student_checkpoint: str | None = None  # an existing checkpoint directory replaces the student's SFT
     name: str = "multitask"
 
 
@@ -470,12 +472,13 @@ def validate_multitask(cfg: Any) -> dict[str, Any]:
         teachers[name] = mc.replace(vocab_size=max(mc.vocab_size, teacher_toks[name].vocab_size))
         ckpt = cfg.teachers[name].checkpoint
         if ckpt is not None:
-            from pathlib import Path
-
             require(Path(str(ckpt)).is_dir(), f"teachers.{name}.checkpoint", "an existing directory or null", ckpt)
         seq = sequence_length(tasks[name]) + (16 if mappings[name] is not None else 0)  # mapped: longer
         for key, m in (("student", student), (f"teachers.{name}.model", teachers[name])):
             require(m.max_seq_len >= seq, f"{key}.max_seq_len", f"at least {seq} for task {name}", m.max_seq_len)
+    if cfg.student_checkpoint is not None:
+        require(Path(str(cfg.student_checkpoint)).is_dir(), "student_checkpoint", "an existing directory or null",
+                cfg.student_checkpoint)
     require(cfg.loss.k <= min(student.vocab_size, *(t.vocab_size for t in teachers.values())), "loss.k",
             "at most the smallest vocabulary size", cfg.loss.k)
     return {"student": student, "tasks": tasks, "teacher_tasks": teacher_tasks, "teachers": teachers,
@@ -503,8 +506,6 @@ def prepare_model(label: str, model_cfg, task_list: list, sections: dict[str, An
                   checkpoint=None, log: Callable[[str], None] = print) -> tuple[nnx.Module, dict[str, Any]]:
     """SFT a model on the demonstrations of `task_list` (steps alternate tasks), cached by config hash
     (the single-task trainer's checkpoint cache and SFT step); or load `checkpoint`."""
-    from pathlib import Path
-
     import optax
 
     from opd.train import checkpoints
@@ -575,7 +576,8 @@ def build_routes(cfg: Any, built: dict[str, Any], *, log: Callable[[str], None] 
     sections = {"model": built["student"].to_dict(), "tasks": list(cfg.tasks), "task_args": resolved["task_args"],
                 "sft": resolved["sft_student"]}
     student, smeta = prepare_model("student", built["student"], [built["tasks"][n] for n in cfg.tasks], sections,
-                                   cfg.sft_student, root=cfg.checkpoint_root, log=log)
+                                   cfg.sft_student, root=cfg.checkpoint_root, checkpoint=cfg.student_checkpoint,
+                                   log=log)
     meta["student"] = smeta.get("path")
     return student, routes, meta
 
