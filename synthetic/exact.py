@@ -108,7 +108,13 @@ def _moments_impl(student, teacher, gamma, tie, *, vocab, horizon, kind, k, num_
     n_total = vocab**horizon
     starts = jnp.arange(0, n_total, chunk)
 
-    def chunk_terms(start):
+    score_kind = kind in ("discounted", "full_return")
+    # Tabular score-function estimators take a scalar path whose cost per sequence is O(T), not O(T·V):
+    # u_t = c_t (e_{y_t} − π_ρ) is fixed by the scalar c_t, and every norm or inner product with it is a
+    # gather from per-row tables (‖e_y − π‖² = 1 − 2π_y + ‖π‖², ⟨e_y − π, m⟩ = m_y − ⟨π, m⟩).
+    scalar_path = score_kind and tie is None
+
+    def chunk_base(start):
         n_C = start + jnp.arange(chunk)
         valid_C = n_C < n_total
         n_C = jnp.minimum(n_C, n_total - 1)
@@ -116,12 +122,18 @@ def _moments_impl(student, teacher, gamma, tie, *, vocab, horizon, kind, k, num_
         rows_CxT = tabular.sequence_rows(n_C, vocab, horizon)
         lp_CxT = logp_RxV[rows_CxT, y_CxT]
         p_C = jnp.where(valid_C, jnp.exp(jnp.sum(lp_CxT, axis=-1)), 0.0)
-        if kind in ("discounted", "full_return"):
+        c_CxT = None
+        if score_kind:
             r_CxT = lp_CxT - logq_RxV[rows_CxT, y_CxT]
             if kind == "discounted":
                 c_CxT = jax.vmap(discounted_coefficients, (0, None))(r_CxT, gamma)
             else:
                 c_CxT = jax.vmap(full_return_coefficients)(r_CxT)
+        return p_C, rows_CxT, y_CxT, c_CxT
+
+    def chunk_terms(start):
+        p_C, rows_CxT, y_CxT, c_CxT = chunk_base(start)
+        if score_kind:
             score_CxTxV = jax.nn.one_hot(y_CxT, vocab, dtype=pi_RxV.dtype) - pi_RxV[rows_CxT]
             u_CxTxV = c_CxT[..., None] * score_CxTxV
         else:
@@ -132,17 +144,39 @@ def _moments_impl(student, teacher, gamma, tie, *, vocab, horizon, kind, k, num_
     size = student.shape[0] if tie is None else num_params
 
     # PASS 1: the mean, a probability-weighted scatter-add
-    def mean_body(acc_xV, start):
-        p_C, rows_CxT, u_CxTxV = chunk_terms(start)
-        return acc_xV.at[target(rows_CxT)].add(p_C[:, None, None] * u_CxTxV), None
+    if scalar_path:
+        def mean_body(acc, start):
+            onehot_acc_RxV, row_acc_R = acc
+            p_C, rows_CxT, y_CxT, c_CxT = chunk_base(start)
+            w_CxT = p_C[:, None] * c_CxT
+            return (onehot_acc_RxV.at[rows_CxT, y_CxT].add(w_CxT), row_acc_R.at[rows_CxT].add(w_CxT)), None
 
-    mean_xV, _ = jax.lax.scan(mean_body, jnp.zeros((size, vocab), student.dtype), starts)
+        zeros_R = jnp.zeros((size,), student.dtype)
+        (onehot_acc_RxV, row_acc_R), _ = jax.lax.scan(mean_body, (jnp.zeros_like(student), zeros_R), starts)
+        mean_xV = onehot_acc_RxV - row_acc_R[:, None] * pi_RxV
+    else:
+        def mean_body(acc_xV, start):
+            p_C, rows_CxT, u_CxTxV = chunk_terms(start)
+            return acc_xV.at[target(rows_CxT)].add(p_C[:, None, None] * u_CxTxV), None
+
+        mean_xV, _ = jax.lax.scan(mean_body, jnp.zeros((size, vocab), student.dtype), starts)
     mean_sq = jnp.sum(mean_xV**2)
 
-    # PASS 2: the centred second moment, exactly per sequence
+    # PASS 2: the centred second moment, exactly per sequence:
+    #   ‖ĝ − m‖² = ‖m‖² − Σ_t ‖m_{ρ_t}‖² + Σ_t ‖u_t − m_{ρ_t}‖²   (the T rows of a sequence are distinct)
+    pi_sq_R = jnp.sum(pi_RxV**2, axis=-1)
+    pi_m_R = jnp.sum(pi_RxV * mean_xV, axis=-1) if tie is None else None
+    m_sq_R = jnp.sum(mean_xV**2, axis=-1)
+
     def var_body(acc, start):
-        p_C, rows_CxT, u_CxTxV = chunk_terms(start)
-        if tie is None:
+        if scalar_path:
+            p_C, rows_CxT, y_CxT, c_CxT = chunk_base(start)
+            score_sq = 1.0 - 2.0 * pi_RxV[rows_CxT, y_CxT] + pi_sq_R[rows_CxT]
+            score_dot_m = mean_xV[rows_CxT, y_CxT] - pi_m_R[rows_CxT]
+            dev_sq_CxT = c_CxT**2 * score_sq - 2.0 * c_CxT * score_dot_m + m_sq_R[rows_CxT]
+            dev_C = mean_sq - jnp.sum(m_sq_R[rows_CxT], axis=1) + jnp.sum(dev_sq_CxT, axis=1)
+        elif tie is None:
+            p_C, rows_CxT, u_CxTxV = chunk_terms(start)
             m_CxTxV = mean_xV[rows_CxT]
             dev_C = (
                 mean_sq
@@ -150,6 +184,7 @@ def _moments_impl(student, teacher, gamma, tie, *, vocab, horizon, kind, k, num_
                 + jnp.sum((u_CxTxV - m_CxTxV) ** 2, axis=(1, 2))
             )
         else:
+            p_C, rows_CxT, u_CxTxV = chunk_terms(start)
             onehot_CxTxP = jax.nn.one_hot(tie[rows_CxT], num_params, dtype=u_CxTxV.dtype)
             g_CxPxV = jnp.einsum("ctp,ctv->cpv", onehot_CxTxP, u_CxTxV)
             dev_C = jnp.sum((g_CxPxV - mean_xV) ** 2, axis=(1, 2))

@@ -72,7 +72,7 @@ def test_full_rkl_is_rao_blackwellized_token_level():
         assert lsm2.bias > 0
 
 
-@pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0, None])
+@pytest.mark.parametrize("gamma", [0.0, 0.5, None])
 def test_monte_carlo_tabular_converges_to_exact(gamma):
     vocab, horizon, num = 2, 3, 40_000
     rng = np.random.default_rng(5)

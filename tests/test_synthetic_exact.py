@@ -81,7 +81,7 @@ def test_canonical_prefix_order(vocab, horizon):
 
 @pytest.mark.parametrize("vocab,horizon", [(2, 1), (3, 3), (2, 6)])
 def test_unbiased_means_equal_enumerated_kl_gradient(vocab, horizon):
-    for seed in range(5):
+    for seed in range(3):
         student, teacher = _pair(seed, vocab, horizon)
         ref = _enumerated_kl_grad(student, teacher)
         kl, dp_grad = exact.sequence_kl_and_grad(student, teacher)
@@ -150,7 +150,7 @@ def test_tied_moments_match_plain_loop():
 # --- bounds ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("vocab,horizon", SIZES)
+@pytest.mark.parametrize("vocab,horizon", [(2, 1), (3, 3), (2, 6), (4, 2)])
 def test_exact_variance_below_bounds(vocab, horizon):
     for seed in range(20):
         student, teacher = _pair(1000 + seed, vocab, horizon, scale=0.5 + 0.25 * (seed % 8))
