@@ -38,6 +38,7 @@ def _worker(out_path: str) -> None:
     from opd.sampling import SamplingConfig, sample
 
     assert jax.device_count() == 8, jax.devices()
+    jax.config.update("jax_numpy_rank_promotion", "raise")  # style.md E8
     cfg = ModelConfig(vocab_size=128, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                       intermediate_size=64, attention_bias=True, family="qwen2")
     B, L, K = 8, 12, 8
