@@ -121,13 +121,14 @@ def run(cfg, out_dir) -> dict:
             bound_token=bounds.token_bound(*b), bound_sequence=bounds.sequence_bound(*b),
             bound_gamma=bounds.gamma_bound(*b, gamma), bound_tight_full=bounds.full_return_tight_bound(*b),
             bound_tabular=bounds.tabular_gamma_bound(*b, gamma),
+            bound_martingale=bounds.martingale_gamma_bound(*b, gamma),
         ))
     keys = ("variance", "bias", "rel_bias", "grad_norm", "kl", "b_r", "b_g", "bound_token", "bound_sequence",
-            "bound_gamma", "bound_tight_full", "bound_tabular")
+            "bound_gamma", "bound_tight_full", "bound_tabular", "bound_martingale")
     final = {f"median_{k}": float(np.median([r[k] for r in rows])) for k in keys}
     final["geomean_variance"] = float(np.exp(np.mean([np.log(max(r["variance"], 1e-300)) for r in rows])))
     final["num_pairs"] = len(rows)
-    for k in ("bound_gamma", "bound_token", "bound_sequence"):
+    for k in ("bound_gamma", "bound_token", "bound_sequence", "bound_martingale"):
         final[f"frac_within_{k}"] = float(np.mean([r["variance"] <= r[k] for r in rows]))
     recorder.finish(final)
     return final

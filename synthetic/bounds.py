@@ -7,6 +7,7 @@ Ours (not in the paper):
     discounted γ ∈ [0, 1]:        Var ≤ B_r² B_g² T² min(T, 1/(1−γ))²      (‖ĝ_γ‖ ≤ B_r B_g Σ_t Σ_k γ^k)
     full return, tight order:     Var ≤ T³ B_r² B_g²   since G = Σ_t g_t is a martingale (E[g_t|c_t] = 0):
                                   E‖RG‖² ≤ (T B_r)² E‖G‖² = (T B_r)² Σ_t E‖g_t‖² ≤ T³ B_r² B_g².
+    all γ (incl. shared parameters): Var ≤ B_r² B_g² T² min(T, 1/(1−γ²))   (`martingale_gamma_bound`)
 So no model reaches the T⁴ growth of the paper's sequence-level bound; T³ is attained (below).
 
 Constructions (V = 2 tokens {0, 1}; each returns tabular (student, teacher) logit tables plus an optional
@@ -53,6 +54,21 @@ def gamma_bound(horizon, b_r, b_g, gamma):
 def full_return_tight_bound(horizon, b_r, b_g):
     """T³ B_r² B_g² (ours): the martingale argument above; also bounds γ = 1 up to the same order."""
     return horizon**3 * b_r**2 * b_g**2
+
+
+def martingale_gamma_bound(horizon, b_r, b_g, gamma):
+    """B_r² B_g² T² min(T, 1/(1−γ²)) — ours, for any parameterization (shared parameters included).
+
+    ĝ_γ = Σ_{t'} r_{t'} M_{t'} with M_{t'} = Σ_{t≤t'} γ^{t'−t} g_t. The g_t are martingale differences
+    (E[g_t | c_t] = 0, g_s known at c_t for s < t), so E‖M_{t'}‖² = Σ_k γ^{2k} E‖g‖² ≤ B_g² min(t', 1/(1−γ²)),
+    and Minkowski gives ‖ĝ_γ‖_{L2} ≤ B_r B_g T √min(T, 1/(1−γ²)). γ = 0 recovers the paper's T²; γ = 1
+    gives T³ (not T⁴). γ = None (full return RG): ‖RG‖ ≤ T B_r ‖G‖ and E‖G‖² ≤ T B_g², also T³.
+    """
+    if gamma is None or gamma >= 1.0:
+        eff = horizon
+    else:
+        eff = min(horizon, 1.0 / (1.0 - gamma**2))
+    return b_r**2 * b_g**2 * horizon**2 * eff
 
 
 def tabular_gamma_bound(horizon, b_r, b_g, gamma):

@@ -159,11 +159,30 @@ def test_exact_variance_below_bounds(vocab, horizon):
             args = (horizon, m.b_r, m.b_g)
             assert m.variance <= bounds.gamma_bound(*args, gamma) * (1 + 1e-12)
             assert m.variance <= bounds.tabular_gamma_bound(*args, gamma) * (1 + 1e-12)
+            assert m.variance <= bounds.martingale_gamma_bound(*args, gamma) * (1 + 1e-12)
             if gamma == 0.0:
                 assert m.variance <= bounds.token_bound(*args) * (1 + 1e-12)
             if gamma is None or gamma == 1.0:
                 assert m.variance <= bounds.sequence_bound(*args) * (1 + 1e-12)
                 assert m.variance <= bounds.full_return_tight_bound(*args) * (1 + 1e-12)
+
+
+def test_shared_parameter_variance_below_bounds():
+    """Random models with rows shared across steps (Markov, time-homogeneous and per-step; first-token tie):
+    the paper's bounds and our martingale bound hold w.r.t. the shared parameters too."""
+    rng = np.random.default_rng(11)
+    horizon = 5
+    ties = [tabular.markov_tie(2, horizon, per_step=False), tabular.markov_tie(2, horizon, per_step=True),
+            bounds.worst_token(horizon)[2]]
+    for tie in ties:
+        num_params = int(tie.max()) + 1
+        for scale in (0.5, 1.5, 3.0):
+            shared_s, shared_q = scale * rng.normal(size=(2, num_params, 2))
+            for gamma in GAMMAS:
+                m = exact.estimator_moments(shared_s[tie], shared_q[tie], gamma, tie=tie)
+                args = (horizon, m.b_r, m.b_g)
+                assert m.variance <= bounds.martingale_gamma_bound(*args, gamma) * (1 + 1e-12)
+                assert m.variance <= bounds.gamma_bound(*args, gamma) * (1 + 1e-12)
 
 
 def test_exact_constants():
