@@ -28,8 +28,10 @@ from opd.train.config import register_configs, to_container, validate
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
-def topk_mass_table(teacher, task, ks, *, n_prompts: int = 64, seed: int = 0) -> dict[int, float]:
-    """Mean teacher top-K mass over the teacher's own rollouts (T = 1, no truncation), response tokens."""
+def topk_mass_table(teacher, task, ks, *, n_prompts: int = 64, seed: int = 0, policy=None,
+                    top_p: float = 1.0) -> dict[int, float]:
+    """Mean teacher top-K mass over response tokens of rollouts from `policy` (default: the teacher
+    itself) at T = 1 and the given top-p."""
     from opd import sampling
     from opd.diagnostics import teacher_topk_mass
     from opd.teacher import score
@@ -37,8 +39,9 @@ def topk_mass_table(teacher, task, ks, *, n_prompts: int = 64, seed: int = 0) ->
 
     probs = task.problems("train", n_prompts, seed + 99)
     prompt, mask = encode_prompts(task, [p.prompt for p in probs])
-    cfg = sampling.SamplingConfig(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=task.max_response_len)
-    roll = sampling.sample(teacher, prompt, mask, jax.random.key(seed), cfg, eos_id=task.tokenizer.eos_id)
+    cfg = sampling.SamplingConfig(temperature=1.0, top_p=top_p, top_k=0, max_new_tokens=task.max_response_len)
+    policy = policy if policy is not None else teacher
+    roll = sampling.sample(policy, prompt, mask, jax.random.key(seed), cfg, eos_id=task.tokenizer.eos_id)
     out = {}
     for k in ks:
         payload = score(teacher, roll.tokens_BxL, roll.attention_mask_BxL, k)
@@ -71,6 +74,9 @@ def main(argv=None) -> None:
         table = topk_mass_table(teacher, task, [1, 2, 4, 8, 16, 32])
         masses = "  ".join(f"K={k}: {m:.4f}" for k, m in table.items())
         print(f"teacher top-K mass on teacher rollouts (vocab {built['teacher'].vocab_size}): {masses}")
+        table = topk_mass_table(teacher, task, [1, 2, 4, 8, 16, 32], policy=student, top_p=0.9)
+        masses = "  ".join(f"K={k}: {m:.4f}" for k, m in table.items())
+        print(f"teacher top-K mass on SFT-student rollouts (top-p 0.9): {masses}")
     if args.mass_only:
         return
 
