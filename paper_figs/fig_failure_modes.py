@@ -45,13 +45,27 @@ def load_diagnostics(root: str | Path) -> list[dict[str, Any]]:
     return jobs
 
 
-def job_label(config: dict[str, Any], directory: Path) -> str:
+def job_label(config: dict[str, Any], directory: Path, *, seed: bool = True) -> str:
     loss = get(config, "loss.name")
     if loss is None:
         return directory.name
     mask = " +mask" if get(config, "loss.mask_special_tokens") else ""
-    seed = get(config, "seed")
-    return f"{loss}{mask}" + (f" s{seed}" if seed is not None else "")
+    teachers = get(config, "teachers", {}) or {}
+    variant = " (mapped teacher)" if any((t or {}).get("tokenizer", "default") != "default"
+                                         for t in teachers.values()) else ""
+    s = get(config, "seed")
+    return f"{loss}{mask}{variant}" + (f" s{s}" if seed and s is not None else "")
+
+
+def first_seed_only(jobs) -> list[dict[str, Any]]:
+    """One job per configuration (the lowest seed), for the per-job panels."""
+    seen, out = set(), []
+    for job in sorted(jobs, key=lambda j: (get(j["config"], "seed", 0) or 0)):
+        key = job_label(job["config"], job["dir"], seed=False)
+        if key not in seen:
+            seen.add(key)
+            out.append(job)
+    return sorted(out, key=lambda j: j["label"])
 
 
 def _tasks(jobs) -> list[str]:
@@ -173,7 +187,7 @@ def fig_special(jobs, out_dir) -> None:
     (b) per job: the sampled-token reward at those positions that the special-token mask takes out of the
     loss, per rollout (mean over steps, `<task>/masked_reward_sum` rows; 0 when masking is off)."""
     entries = []  # (label, token name, student list, teacher list)
-    for job in jobs:
+    for job in first_seed_only(jobs):
         for r in job["records"][:1]:
             for name, d in r["special_tokens"].items():
                 if d["student_logprob"]:
@@ -195,17 +209,20 @@ def fig_special(jobs, out_dir) -> None:
     if entries:
         ax.legend(fontsize=8)
     ax.set_title("(a) special tokens at first occurrence (first recorded step; points = rollouts)", fontsize=8)
-    labels, removed = [], []
+    per_config: dict[str, list[float]] = {}
     for job in jobs:
         vals = [v for row in _rows(job) for k_, v in row.items() if k_.endswith("/masked_reward_sum")]
         if vals:
-            labels.append(job["label"])
-            removed.append(float(np.mean(vals)))
-    bx.bar(range(len(removed)), removed, color=PALETTE[2])
+            per_config.setdefault(job_label(job["config"], job["dir"], seed=False), []).append(float(np.mean(vals)))
+    labels = sorted(per_config)
+    removed = [float(np.mean(per_config[k])) for k in labels]
+    bx.bar(range(len(removed)), removed, color=PALETTE[2], alpha=0.7)
+    for i, k in enumerate(labels):
+        bx.scatter(np.full(len(per_config[k]), i), per_config[k], s=8, color="k", zorder=3)
     bx.set_xticks(range(len(removed)))
     bx.set_xticklabels(labels, fontsize=6, rotation=30, ha="right")
     bx.set_ylabel("nats per rollout")
-    bx.set_title("(b) reward removed from the loss by the mask", fontsize=8)
+    bx.set_title("(b) reward the mask removes from the loss\n(mean over steps; points = seeds)", fontsize=8)
     fig.suptitle("Fig 5 analog: special-token mismatch (failure mode 3)", fontsize=9)
     save(fig, "fig_failure_modes_special", out_dir)
 
@@ -243,11 +260,12 @@ def main(argv: list[str]) -> None:
     setup_style()
     jobs = load_diagnostics(argv[0])
     out_dir = argv[1] if len(argv) > 1 else None
-    fig_scatter(jobs, out_dir)
+    one = first_seed_only(jobs)
+    fig_scatter(one, out_dir)
     fig_loop(jobs, out_dir)
-    fig_gap(jobs, out_dir)
+    fig_gap(one, out_dir)
     fig_special(jobs, out_dir)
-    fig_coverage(jobs, out_dir)
+    fig_coverage(one, out_dir)
 
 
 if __name__ == "__main__":
