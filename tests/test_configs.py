@@ -42,7 +42,10 @@ def test_every_group_option_composes(group, target):
     options = _options(group)
     assert options, f"conf/{group} has no options"
     for option in options:
-        cfg = _compose([f"{group}@{target}={option}" if group == "model" else f"{group}={option}"])
+        overrides = [f"{group}@{target}={option}" if group == "model" else f"{group}={option}"]
+        if option == "hf":  # a checkpoint-directory option: its required path comes from the command line
+            overrides.append(f"{target}.path=/some/checkpoint")
+        cfg = _compose(overrides)
         OmegaConf.to_container(cfg[target], resolve=True, throw_on_missing=True)
 
 
