@@ -45,7 +45,10 @@ def load(root: str | Path) -> list[dict[str, Any]]:
     jobs = []
     for p in sorted(Path(root).rglob("metrics.json")):
         payload = json.loads(p.read_text())
-        jobs.append({"dir": p.parent, "config": payload.get("config", {}), "metrics": payload.get("metrics", {})})
+        rows_path = p.parent / "metrics.jsonl"
+        rows = [json.loads(x) for x in rows_path.read_text().splitlines() if x.strip()] if rows_path.exists() else []
+        jobs.append({"dir": p.parent, "config": payload.get("config", {}), "metrics": payload.get("metrics", {}),
+                     "rows": rows})
     return jobs
 
 
@@ -108,6 +111,19 @@ def table1(jobs) -> list[str]:
     return lines
 
 
+def _last_kl(jobs, task: str) -> str:
+    """mean ± std over seeds of the last logged `<task>/teacher_kl` (sampled-token estimate of KL(π‖q))."""
+    vals = []
+    for j in jobs:
+        kls = [r[f"{task}/teacher_kl"] for r in j.get("rows", []) if f"{task}/teacher_kl" in r]
+        if kls:
+            vals.append(kls[-1])
+    if not vals:
+        return "–"
+    v = np.asarray(vals)
+    return f"{v.mean():.2f} ± {v.std(ddof=1) if v.size > 1 else 0.0:.2f}"
+
+
 def table2(jobs) -> list[str]:
     multi = [j for j in jobs if len(get(j["config"], "tasks") or []) > 1 and not _mismatched(j)]
     if not multi:
@@ -122,19 +138,21 @@ def table2(jobs) -> list[str]:
 
     allm = [j["metrics"] for j in multi]
     lines = ["## Table 2 analog: multi-task OPD, tasks alternate per step (held-out, %)", "",
-             "| Method | ours: textworld success | ours: arithmetic pass@1 | seeds | paper: ALFWorld "
-             "| paper: math Avg |", "|---|---|---|---|---|---|"]
+             "| Method | ours: textworld success | ours: arithmetic pass@1 | last-step teacher KL "
+             "(textworld / arithmetic, nats/token) | seeds | paper: ALFWorld | paper: math Avg |",
+             "|---|---|---|---|---|---|---|"]
     ps, pt = PAPER_T2["Student (Qwen2.5-7B-It)"], PAPER_T2["Teacher (GiGPO-7B-ALFWorld)"]
     lines.append(f"| Student before OPD | {cell(col(allm, 'initial', agent))} | {cell(col(allm, 'initial', reason))} "
-                 f"| {len(allm)} jobs | {ps[0]} | {ps[1]} |")
+                 f"| – | {len(allm)} jobs | {ps[0]} | {ps[1]} |")
     lines.append(f"| Teachers (one per task) | {cell(col(allm, 'teacher', agent))} | "
-                 f"{cell(col(allm, 'teacher', reason))} | {len(allm)} jobs | {pt[0]} | – |")
+                 f"{cell(col(allm, 'teacher', reason))} | – | {len(allm)} jobs | {pt[0]} | – |")
     finals = {}
     for name in _ordered(groups):
         ms = [j["metrics"] for j in groups[name]]
         finals[name] = col(ms, "final", reason)
         paper = PAPER_T2.get(name, (None, None))
-        lines.append(f"| {name} | {cell(col(ms, 'final', agent))} | {cell(finals[name])} | {len(ms)} | "
+        kl = " / ".join(_last_kl(groups[name], t) for t in ("textworld", "arithmetic"))
+        lines.append(f"| {name} | {cell(col(ms, 'final', agent))} | {cell(finals[name])} | {kl} | {len(ms)} | "
                      f"{paper[0] if paper[0] is not None else '–'} | {paper[1] if paper[1] is not None else '–'} |")
     lines += ["", gain_line(finals.get("Ours w/o mask", []), finals.get("Sampled-token OPD", []),
                             PAPER_GAIN["t2"], "Table 2, reasoning column"), ""]
