@@ -1,5 +1,8 @@
 """Batched generation from the student: temperature, top-k, exact top-p, in one jitted while_loop.
 
+Top-p needs no sort of the vocabulary: the exact nucleus threshold is found by bisection over the
+probabilities' float32 bit patterns (`nucleus_threshold_keep`).
+
 `sample` prefills the left-padded prompt into a preallocated KV cache, then draws one token per step for
 every sequence until each has emitted EOS (or a stop id) or `max_new_tokens` are drawn; the loop exits as
 soon as every sequence is done. Alongside each token it records the student's log-probability under its
@@ -58,12 +61,55 @@ class Rollout(NamedTuple):
 
 def nucleus_keep(sorted_logits_BxV: jax.Array, top_p: float) -> jax.Array:
     """Given logits sorted in descending order, True on the smallest prefix whose probability mass is
-    >= top_p (the exact nucleus). The first (most likely) token is always kept."""
+    >= top_p (the exact nucleus). The first (most likely) token is always kept.
+
+    Used on the (already sorted) top-k candidates; unsorted rows go through `nucleus_threshold_keep`,
+    which needs no sort."""
     probs_BxV = jax.nn.softmax(sorted_logits_BxV.astype(jnp.float32), axis=-1)
     # Keep token j while the strictly more likely tokens hold < p (an exclusive cumsum, exact at j = 0).
     mass_before_BxV = jnp.concatenate(
         [jnp.zeros_like(probs_BxV[:, :1]), jnp.cumsum(probs_BxV, axis=-1)[:, :-1]], axis=-1)
     return mass_before_BxV < top_p
+
+
+# Probabilities lie in [0, 1], so their float32 bit patterns lie in [0, 0x3F800000] (1.0) < 2**30: the
+# bisection interval [0, max bits + 1] has width <= 2**30 and 30 halvings shrink it to 1.
+_BISECTION_STEPS = 30
+
+
+def nucleus_threshold_keep(logits_BxV: jax.Array, top_p: float) -> jax.Array:
+    """The exact top-p nucleus of softmax(logits) per row, found without sorting: True on {i : π_i >= τ*},
+    τ* = max{τ : Σ_{j: π_j >= τ} π_j >= top_p}.
+
+    This is the smallest set of most likely tokens with mass >= top_p (at least one token). If several
+    tokens tie exactly at τ*, all of them are kept (a sort would keep an arbitrary subset); with real
+    logits such ties have probability zero. `top_p >= 1` keeps every token.
+
+    τ* is found by bisection over the int32 bit patterns of the float32 probabilities (for non-negative
+    floats the bit pattern is monotone in the value), `_BISECTION_STEPS` masked sums over V, vectorized
+    over rows. The masked sum with a fixed reduction order is monotone in τ even in float32 (rounding is
+    monotone and dropping a non-negative term never increases the sum), so the search returns exactly
+    the largest feasible threshold for the computed mass; the invariant is lo feasible (or 0 = keep all),
+    hi infeasible (hi = max + 1 ulp holds mass 0 < top_p).
+    """
+    logits_BxV = logits_BxV.astype(jnp.float32)
+    if top_p >= 1.0:
+        return jnp.ones(logits_BxV.shape, jnp.bool_)
+    probs_BxV = jax.nn.softmax(logits_BxV, axis=-1)
+    probs_BxV = jnp.where(probs_BxV > 0, probs_BxV, 0.0)  # +0.0 (bits 0) for zeros; no -0.0
+    bits_BxV = jax.lax.bitcast_convert_type(probs_BxV, jnp.int32)
+    lo_B = jnp.zeros(bits_BxV.shape[:1], jnp.int32)
+    hi_B = jnp.max(bits_BxV, axis=-1) + 1
+
+    def halve(_, lo_hi):
+        lo_B, hi_B = lo_hi
+        mid_B = lo_B + (hi_B - lo_B) // 2
+        mass_B = jnp.sum(jnp.where(bits_BxV >= mid_B[:, None], probs_BxV, 0.0), axis=-1)
+        ok_B = mass_B >= top_p
+        return jnp.where(ok_B, mid_B, lo_B), jnp.where(ok_B, hi_B, mid_B)
+
+    lo_B, _ = jax.lax.fori_loop(0, _BISECTION_STEPS, halve, (lo_B, hi_B))
+    return bits_BxV >= lo_B[:, None]
 
 
 def select_tokens(logits_BxV: jax.Array, key: jax.Array, cfg: SamplingConfig) -> jax.Array:
@@ -73,18 +119,52 @@ def select_tokens(logits_BxV: jax.Array, key: jax.Array, cfg: SamplingConfig) ->
         return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
     x_BxV = logits_BxV / cfg.temperature
     V = x_BxV.shape[-1]
-    index_BxC = None  # vocabulary id of each candidate column when candidates are reordered
     if 0 < cfg.top_k < V:
-        x_BxV, index_BxC = jax.lax.top_k(x_BxV, cfg.top_k)  # sorted, descending
-    elif cfg.top_p < 1.0:
-        index_BxC = jnp.argsort(-x_BxV, axis=-1)
-        x_BxV = jnp.take_along_axis(x_BxV, index_BxC, axis=-1)
+        x_BxK, index_BxK = jax.lax.top_k(x_BxV, cfg.top_k)  # sorted, descending
+        if cfg.top_p < 1.0:
+            x_BxK = jnp.where(nucleus_keep(x_BxK, cfg.top_p), x_BxK, -jnp.inf)
+        choice_B = jax.random.categorical(key, x_BxK, axis=-1)
+        return jnp.take_along_axis(index_BxK, choice_B[:, None], axis=-1)[:, 0].astype(jnp.int32)
     if cfg.top_p < 1.0:
-        x_BxV = jnp.where(nucleus_keep(x_BxV, cfg.top_p), x_BxV, -jnp.inf)
-    choice_B = jax.random.categorical(key, x_BxV, axis=-1)
-    if index_BxC is not None:
-        choice_B = jnp.take_along_axis(index_BxC, choice_B[:, None], axis=-1)[:, 0]
-    return choice_B.astype(jnp.int32)
+        return _select_top_p(x_BxV, key, cfg.top_p)
+    return jax.random.categorical(key, x_BxV, axis=-1).astype(jnp.int32)
+
+
+# Candidates of the top-p fast path: a top-k selection (no sort of V); rows whose nucleus does not fit in
+# them send the batch down the exact bisection over all of V.
+_PREFILTER_K = 64
+
+
+def _select_top_p(x_BxV: jax.Array, key: jax.Array, top_p: float) -> jax.Array:
+    """One draw per row from the renormalized nucleus of softmax(x), with no sort of the vocabulary.
+
+    Fast path, when every row's nucleus {i : π_i >= τ*} lies inside its K most likely tokens: τ* is read off
+    the K largest probabilities (normalized over all of V) and the draw is over those K only (K random
+    numbers per row instead of V). It is taken only if the K-th largest probability is strictly below τ*,
+    so no token outside the K (tied or not) can belong to the nucleus: the kept set, hence the sampled
+    distribution, is exactly that of `nucleus_threshold_keep`. Otherwise (flat rows) the whole batch uses
+    the bisection and a draw over V."""
+    V = x_BxV.shape[-1]
+    K = min(_PREFILTER_K, V)
+    probs_BxV = jax.nn.softmax(x_BxV, axis=-1)
+    top_x_BxK, top_i_BxK = jax.lax.top_k(x_BxV, K)  # descending
+    top_p_BxK = jnp.take_along_axis(probs_BxV, top_i_BxK, axis=-1)
+    cum_BxK = jnp.cumsum(top_p_BxK, axis=-1)
+    # n = tokens whose strictly more likely predecessors hold < p (>= 1, <= K); τ = the n-th largest.
+    n_B = jnp.sum((cum_BxK - top_p_BxK) < top_p, axis=-1)
+    tau_B = jnp.take_along_axis(top_p_BxK, (n_B - 1)[:, None], axis=-1)[:, 0]
+    fits = jnp.all((cum_BxK[:, -1] >= top_p) & (top_p_BxK[:, -1] < tau_B)) if K < V else jnp.bool_(True)
+
+    def within_top_k() -> jax.Array:
+        keep_BxK = top_p_BxK >= tau_B[:, None]
+        choice_B = jax.random.categorical(key, jnp.where(keep_BxK, top_x_BxK, -jnp.inf), axis=-1)
+        return jnp.take_along_axis(top_i_BxK, choice_B[:, None], axis=-1)[:, 0]
+
+    def over_vocabulary() -> jax.Array:
+        keep_BxV = nucleus_threshold_keep(x_BxV, top_p)
+        return jax.random.categorical(key, jnp.where(keep_BxV, x_BxV, -jnp.inf), axis=-1)
+
+    return jax.lax.cond(fits, within_top_k, over_vocabulary).astype(jnp.int32)
 
 
 # --- the loop -----------------------------------------------------------------------------------------

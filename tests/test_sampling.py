@@ -239,3 +239,159 @@ def test_right_padded_prompt_rejected(model):
         sample(model, tokens, (tokens > 0).astype(jnp.int32), jax.random.key(0), GREEDY, eos_id=1)
 
 
+
+
+# --- the sort-free nucleus: keep-mask == the sort-based nucleus -------------------------------------------
+
+
+def _sorted_nucleus_mask(probs: np.ndarray, probs32: np.ndarray, p: float) -> tuple[np.ndarray, float, bool]:
+    """Float64 sort-based nucleus of one row of probabilities, as a mask over the vocabulary; the boundary
+    margin (see `_nucleus`); and whether float32 ties widened it. The threshold form keeps every token tied
+    with the least likely kept one, and the function under test sees float32 probabilities `probs32`, where
+    two tokens whose float64 probabilities differ by less than float32 resolution tie: so the expected mask
+    is {i : probs32_i >= min over the float64 prefix of probs32}, which is the prefix itself unless such a
+    tie (or a float32 swap) sits at the boundary."""
+    prefix, margin = _nucleus(probs, p)
+    mask = probs32 >= min(probs32[i] for i in prefix)
+    return mask, margin, int(mask.sum()) != len(prefix)
+
+
+@pytest.fixture(scope="module")
+def threshold_keep():
+    return jax.jit(sampling.nucleus_threshold_keep, static_argnums=1)
+
+
+def _check_keep_masks(threshold_keep, logits: np.ndarray, p: float) -> int:
+    """Compare the sort-free keep-mask with the float64 sort-based nucleus on every row whose boundary is
+    clear of float32 rounding (margin >= 1e-5, as above); returns how many rows were compared."""
+    keep = np.asarray(threshold_keep(jnp.asarray(logits, jnp.float32), p))
+    assert keep.shape == logits.shape and keep.dtype == np.bool_
+    assert np.all(keep.sum(-1) >= 1)  # never empty
+    if p >= 1.0:  # mass >= 1 needs every token (a float64 cumsum may round to 1 early, so no sort here)
+        assert np.all(keep)
+        return len(logits)
+    probs32 = np.asarray(jax.nn.softmax(jnp.asarray(logits, jnp.float32), axis=-1))
+    checked = widened = 0
+    for row, k, q32 in zip(np.asarray(logits, np.float32).astype(np.float64), keep, probs32):
+        probs = np.exp(row - row.max())
+        mask, margin, tied = _sorted_nucleus_mask(probs / probs.sum(), q32, p)
+        if margin < 1e-5:
+            continue
+        np.testing.assert_array_equal(k, mask)
+        checked += 1
+        widened += tied
+    assert widened <= max(2, 0.01 * checked), widened  # float32 ties at the boundary are rare
+    return checked
+
+
+@pytest.mark.parametrize("p", [1e-6, 0.05, 0.3, 0.5, 0.7, 0.9, 0.95, 0.99, 1.0])
+@pytest.mark.parametrize("scale", [0.1, 1.0, 3.0, 10.0, 40.0])  # flat ... peaked
+def test_threshold_keep_equals_sorted_nucleus(threshold_keep, p, scale):
+    """Many random rows (flat to very peaked, several widths); p tiny -> exactly the top-1 token,
+    p = 1 -> every token."""
+    rng = np.random.default_rng(int(p * 1e6) + int(scale * 10))
+    checked = 0
+    for V in (2, 7, 40, 1024):
+        logits = rng.normal(0, scale, (300, V))
+        checked += _check_keep_masks(threshold_keep, logits, p)
+        if p == 1e-6:
+            keep = np.asarray(threshold_keep(jnp.asarray(logits, jnp.float32), p))
+            np.testing.assert_array_equal(keep, np.arange(V)[None, :] == np.argmax(logits, -1)[:, None])
+        if p == 1.0:
+            assert np.all(np.asarray(threshold_keep(jnp.asarray(logits, jnp.float32), p)))
+    assert checked >= 0.9 * 4 * 300  # the rest have a boundary within float32 rounding of p
+
+
+def test_threshold_keep_on_k_limited_rows(threshold_keep):
+    """Rows already cut to their top k (-inf elsewhere, as top-k truncation leaves them): the nucleus lies
+    within the k survivors and equals the sort-based one; -inf tokens are never kept unless p = 1."""
+    rng = np.random.default_rng(7)
+    V, k = 200, 9
+    logits = rng.normal(0, 2.0, (500, V))
+    kth = np.sort(logits, -1)[:, -k][:, None]
+    cut = np.where(logits >= kth, logits, -np.inf)
+    for p in (0.2, 0.6, 0.9, 0.999):
+        keep = np.asarray(threshold_keep(jnp.asarray(cut, jnp.float32), p))
+        assert not np.any(keep & np.isinf(cut))
+        assert _check_keep_masks(threshold_keep, cut, p) >= 450
+
+
+def test_threshold_keep_at_qwen_vocab_width(threshold_keep):
+    """Full-size rows (V = 151,936, the Qwen2 vocabulary), LM-like (heavy head, long tail) and flat-ish."""
+    rng = np.random.default_rng(11)
+    V = 151_936
+    peaked = rng.standard_t(3, (2, V)) * 2.0
+    peaked[:, rng.integers(0, V, 20)] += 12.0  # a few dominant tokens
+    rows = np.concatenate([peaked, rng.normal(0, 3.0, (2, V))])
+    checked = 0
+    for p in (0.5, 0.9, 0.95):
+        checked += _check_keep_masks(threshold_keep, rows, p)
+    assert checked >= 8  # of 12 (row, p) pairs; the rest have a boundary within 1e-5 of p
+
+
+def test_select_tokens_without_sort_keeps_k_and_p(draw):
+    """top-k then top-p through select_tokens: drawn tokens lie in the nucleus of the k survivors."""
+    rng = np.random.default_rng(5)
+    logits = rng.normal(0, 2.0, (3000, CFG.vocab_size))
+    cfg = SamplingConfig(top_k=6, top_p=0.8)
+    toks = np.asarray(draw(jnp.asarray(logits, jnp.float32), jax.random.key(9), cfg))
+    checked = 0
+    for row, tok in zip(logits, toks):
+        top = np.argsort(-row, kind="stable")[:6]
+        p = np.exp(row[top] - row[top].max())
+        nucleus, margin = _nucleus(p / p.sum(), 0.8)
+        if margin < 1e-5:
+            continue
+        assert int(tok) in {int(top[i]) for i in nucleus}
+        checked += 1
+    assert checked > 2900
+
+
+def test_select_tokens_traces_no_sort():
+    """Without top-k the top-p path must not sort the vocabulary (the point of the threshold search; its
+    fast path uses a top-64 selection, not a sort)."""
+    cfg = SamplingConfig(temperature=0.8, top_p=0.9)
+    jaxpr = str(jax.make_jaxpr(lambda x, k: select_tokens(x, k, cfg))(jnp.zeros((2, 1024)), jax.random.key(0)))
+    assert "sort[" not in jaxpr and "sort " not in jaxpr  # no `sort` primitive (argsort is one too)
+    assert "top_k[" in jaxpr and "cond[" in jaxpr  # the fast path and its exact fallback
+
+
+@pytest.mark.parametrize("p", [0.85, 0.99])
+def test_top_p_fast_path_and_fallback_are_exact(draw, p):
+    """V = 300 > the 64 prefilter candidates: p = 0.85 keeps {0, 1, 2} of a heavy head (the top-k fast
+    path); p = 0.99 needs the head plus 200 equal tail tokens, which do not fit in 64 (the bisection over
+    V). Both must give exactly the renormalized nucleus."""
+    head = np.array([0.5, 0.3, 0.15, 0.0])
+    tail = np.full(296, 0.05 / 296)
+    probs = np.concatenate([head[:3], tail])
+    probs[3:203] = 0.0499 / 200  # 200 equal tokens: 0.95 + 0.0499 = 0.9999 of the mass ...
+    probs[203:] = 0.0001 / 97  # ... and 97 tiny ones
+    n = 8000
+    freq = _frequencies(draw, probs, SamplingConfig(top_p=p), n=n)
+    if p == 0.85:
+        expected = np.zeros_like(probs)
+        expected[:3] = probs[:3] / probs[:3].sum()
+    else:  # 0.95 + k * 0.0499/200 >= 0.99 first at k = 161; all 200 tied tokens are kept (threshold form)
+        expected = np.where(np.arange(len(probs)) < 203, probs, 0.0)
+        expected /= expected.sum()
+    assert np.all(freq[expected == 0] == 0)
+    se = np.sqrt(expected * (1 - expected) / n)
+    assert np.all(np.abs(freq - expected) <= 5 * se + 1e-12), (freq[:5], expected[:5])
+
+
+def test_top_p_rows_of_mixed_width_stay_in_nucleus(draw):
+    """V = 1024: batches of peaked rows (fast path) and batches mixing flat rows (bisection); every drawn
+    token is checked against its float64 nucleus."""
+    rng = np.random.default_rng(2)
+    for scale in (8.0, 0.5):
+        logits = rng.normal(0, scale, (1000, 1024))
+        toks = np.asarray(draw(jnp.asarray(logits, jnp.float32), jax.random.key(4), SamplingConfig(top_p=0.7)))
+        checked = 0
+        for row, tok in zip(logits, toks):
+            q = np.exp(row - row.max())
+            nucleus, margin = _nucleus(q / q.sum(), 0.7)
+            if margin < 1e-5:
+                continue
+            assert int(tok) in nucleus
+            checked += 1
+        assert checked > 900
