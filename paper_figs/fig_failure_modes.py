@@ -37,7 +37,9 @@ def load_diagnostics(root: str | Path) -> list[dict[str, Any]]:
     for path in sorted(Path(root).rglob("diagnostics.json")):
         payload = json.loads(path.read_text())
         summary = path.parent / "metrics.json"
-        config = json.loads(summary.read_text()).get("config", {}) if summary.exists() else {}
+        if not summary.exists():  # a job still running (or one that died): not a finished result
+            continue
+        config = json.loads(summary.read_text()).get("config", {})
         jobs.append({"dir": path.parent, "config": config, "records": payload.get("records", []),
                      "label": job_label(config, path.parent)})
     if not jobs:
@@ -78,7 +80,8 @@ def _records(job, task) -> list[dict[str, Any]]:
 
 def fig_scatter(jobs, out_dir) -> None:
     tasks = _tasks(jobs)
-    fig, axes = plt.subplots(len(tasks), len(jobs), figsize=(3.0 * len(jobs), 3.0 * len(tasks)), squeeze=False)
+    fig, axes = plt.subplots(len(tasks), len(jobs), figsize=(3.3 * len(jobs), 3.3 * len(tasks)), squeeze=False,
+                             layout="constrained")
     for i, task in enumerate(tasks):
         for j, job in enumerate(jobs):
             ax = axes[i, j]
@@ -92,8 +95,8 @@ def fig_scatter(jobs, out_dir) -> None:
             ax.plot([0, 1], [0, 1], color="k", lw=0.8, ls="--")
             ax.set_xlim(0, 1.01)
             ax.set_ylim(0, 1.01)
-            ax.set_title(f"{job['label']} · {task}\nstep {r['step']}: neg-reward {r['neg_reward_frac']:.2f} "
-                         f"(n={sc['n_total']})", fontsize=8)
+            ax.set_title(f"{job['label']}\n{task}, step {r['step']}: neg-reward {r['neg_reward_frac']:.2f} "
+                         f"(n={sc['n_total']})", fontsize=7)
             ax.set_xlabel("student prob π(y_t)")
             ax.set_ylabel("teacher prob q(y_t)")
     fig.suptitle("Fig 2 analog: teacher vs student probability of sampled tokens (below y=x: negative reward)")
@@ -147,7 +150,8 @@ def _box(ax, xs, qrows, width, color, label):
 
 def fig_gap(jobs, out_dir) -> None:
     tasks = _tasks(jobs)
-    fig, axes = plt.subplots(len(tasks), len(jobs), figsize=(3.6 * len(jobs), 3.0 * len(tasks)), squeeze=False)
+    fig, axes = plt.subplots(len(tasks), len(jobs), figsize=(3.8 * len(jobs), 3.3 * len(tasks)), squeeze=False,
+                             layout="constrained")
     for i, task in enumerate(tasks):
         for j, job in enumerate(jobs):
             ax = axes[i, j]
