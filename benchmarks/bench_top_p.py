@@ -7,7 +7,7 @@ tokens). `--impl DIR` imports `opd` from DIR instead (e.g. a copy of an older tr
 comparisons run back to back. One thread:
 
     XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \\
-        python benchmarks/bench_top_p.py [--impl /tmp/before]
+        python benchmarks/bench_top_p.py [--impl path/to/old/checkout]
 """
 
 from __future__ import annotations

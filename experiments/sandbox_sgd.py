@@ -1,7 +1,7 @@
 """Future-reward coupling study (a): SGD on a tabular student with ĝ_γ (issue 3, item 5a).
 
     python -m experiments.sandbox_sgd                          # 3 seeds × γ ∈ {0, .25, .5, .75, 1}
-    python -m experiments.sandbox_sgd lr=1.0 num_iters=200 hydra.run.dir=/tmp/sgd      # a quick look
+    python -m experiments.sandbox_sgd lr=1.0 num_iters=200 hydra.run.dir=results/sandbox/sgd_quick      # a quick look
     python paper_figs/fig_sgd_coupling.py results/sandbox/sgd  # the figure
 
 All seeds × γ run as one jitted call: jax.jit(jax.vmap(jax.vmap(run, (None, 0)), (0, None))) over
