@@ -75,7 +75,8 @@ def make_mesh(
     return Mesh(np.asarray(devices[:n]).reshape(data, fsdp, tensor), AXES)
 
 
-def _path_str(key_path: Sequence[Any]) -> str:
+def path_parts(key_path: Sequence[Any]) -> tuple[str, ...]:
+    """Names along a pytree key path of NNX state (the trailing `.value` dropped); shared with hf.py."""
     parts = []
     for k in key_path:
         if isinstance(k, jax.tree_util.DictKey):
@@ -87,7 +88,11 @@ def _path_str(key_path: Sequence[Any]) -> str:
                 parts.append(k.name)
         else:
             parts.append(str(getattr(k, "key", k)))
-    return "/".join(parts)
+    return tuple(parts)
+
+
+def _path_str(key_path: Sequence[Any]) -> str:
+    return "/".join(path_parts(key_path))
 
 
 def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:

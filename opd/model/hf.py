@@ -34,6 +34,7 @@ from flax import nnx
 
 from opd.model.config import ModelConfig
 from opd.model.transformer import Transformer
+from opd.sharding import path_parts
 
 # architecture -> family; the options each family fixes are checked in `config_from_hf`.
 ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama"}
@@ -220,21 +221,6 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _path_parts(key_path: Sequence[Any]) -> tuple[str, ...]:
-    parts = []
-    for k in key_path:
-        if isinstance(k, jax.tree_util.DictKey):
-            parts.append(str(k.key))
-        elif isinstance(k, jax.tree_util.SequenceKey):
-            parts.append(str(k.idx))
-        elif isinstance(k, jax.tree_util.GetAttrKey):
-            if k.name != "value":
-                parts.append(k.name)
-        else:
-            parts.append(str(getattr(k, "key", k)))
-    return tuple(parts)
-
-
 def hf_name(parts: Sequence[str]) -> tuple[str, bool]:
     """HF tensor name of a parameter path, and whether the array is transposed between the two."""
     parts = list(parts)
@@ -257,7 +243,7 @@ def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], bool]
     _, state = _abstract_model(cfg)
     out = {}
     for kp, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
-        name, transpose = hf_name(_path_parts(kp))
+        name, transpose = hf_name(path_parts(kp))
         shape = tuple(leaf.shape)
         out[name] = (shape[::-1] if transpose else shape, transpose)
     return out
@@ -402,7 +388,7 @@ def load_pretrained(
     sh_leaves = jax.tree.leaves(shardings) if shardings is not None else [None] * len(leaves)
     values = []
     for (kp, _), s in zip(leaves, sh_leaves):
-        name = hf_name(_path_parts(kp))[0]
+        name = hf_name(path_parts(kp))[0]
         x = arrays.pop(name)
         values.append(jax.device_put(x, s) if s is not None else jnp.asarray(x))
     state = jax.tree_util.tree_unflatten(treedef, values)
@@ -423,7 +409,7 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, *, max_shard_si
     path.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, np.ndarray] = {}
     for kp, x in jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]:
-        name, transpose = hf_name(_path_parts(kp))
+        name, transpose = hf_name(path_parts(kp))
         arr = np.asarray(jax.device_get(x))
         tensors[name] = np.ascontiguousarray(arr.T if transpose else arr)
 
