@@ -1,7 +1,7 @@
 """Future-reward coupling on the paper's toy (arXiv 2603.25562 §3.1, Fig 1, Fig A1–A3).
 
     python -m experiments.toy_coupling                       # full study → results/sandbox/toy_coupling
-    python -m experiments.toy_coupling iterations=200 seeds=[42] hydra.run.dir=results/sandbox/toy_quick   # a quick look
+    python -m experiments.toy_coupling iterations=200 seeds=[42] hydra.run.dir=results/sandbox/toy_quick  # quick look
     python paper_figs/fig_toy_coupling.py results/sandbox/toy_coupling                    # the figures
 
 All seeds × γ run in one jitted, vmapped device call (synthetic/toy_control.py::make_study).

@@ -188,8 +188,9 @@ def _draw(state: _LoopState, rng: jax.Array, cfg: SamplingConfig, stop_S: jax.Ar
     live_B = ~state.done_B
     token_B = jnp.where(live_B, token_B, PAD_ID)
     logprob_B = jnp.where(live_B, logprob_B, 0.0)
-    tokens_BxN = jax.lax.dynamic_update_slice(state.tokens_BxN, token_B[:, None], (jnp.zeros_like(state.step), state.step))
-    logprobs_BxN = jax.lax.dynamic_update_slice(state.logprobs_BxN, logprob_B[:, None], (jnp.zeros_like(state.step), state.step))
+    at = (jnp.zeros_like(state.step), state.step)  # column `step` of every row
+    tokens_BxN = jax.lax.dynamic_update_slice(state.tokens_BxN, token_B[:, None], at)
+    logprobs_BxN = jax.lax.dynamic_update_slice(state.logprobs_BxN, logprob_B[:, None], at)
     done_B = state.done_B | (live_B & jnp.any(token_B[:, None] == stop_S[None, :], axis=-1))
     state = state._replace(tokens_BxN=tokens_BxN, logprobs_BxN=logprobs_BxN, done_B=done_B,
                            length_B=state.length_B + live_B.astype(jnp.int32))

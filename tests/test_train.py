@@ -263,8 +263,25 @@ def test_checkpoint_cache_is_reused_not_retrained(tmp_path):
     _, meta3 = prepare("student", mc, mc.to_dict(), task, {"name": "arithmetic", "digits": 1}, sft2, dict(sft2),
                        root=tmp_path, log=logs.append)
     assert meta3["trained"] and meta3["path"] != meta1["path"]
+    # same config sections but demonstrations the task code now writes differently: a different key
+    original = task.demonstration
+    task.demonstration = lambda p: original(p).replace("\n</think>", "</think>")
+    _, meta4 = prepare(*args, root=tmp_path, log=logs.append)
+    assert meta4["trained"] and meta4["path"] != meta1["path"]
     # no temporary directories are left behind
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")) == []
+
+
+def test_sft_targets_end_with_exactly_one_eos():
+    from opd.train.sft import demonstration_batch
+
+    task = _tiny_task()
+    problems = task.problems("train", 8, 0)
+    tokens, attn, target = demonstration_batch(task, problems)
+    eos = task.tokenizer.eos_id
+    for b in range(len(problems)):
+        fitted = tokens[b][target[b] > 0]
+        assert fitted[-1] == eos and (fitted == eos).sum() == 1
 
 
 def test_save_is_atomic_when_the_key_already_exists(tmp_path):

@@ -1,7 +1,9 @@
 """Checkpoint cache for prepared (SFT) models: orbax parameters + a meta.json, keyed by a config hash.
 
 Layout: `<root>/<key>/{params/, meta.json}` where key = sha256 of (model config, task config, SFT config,
-cache format version). A rerun or any job of a sweep that asks for the same key reuses the checkpoint.
+cache format version, and a fingerprint of the SFT data itself, so a change in how the task writes or
+tokenizes its demonstrations invalidates old checkpoints). A rerun or any job of a sweep that asks for the
+same key reuses the checkpoint.
 
 Concurrency: a sweep's parallel jobs may prepare the same key at once. Each writes into its own temporary
 directory under `<root>` and publishes it with one atomic `os.rename`; the loser of the race deletes its
@@ -29,6 +31,19 @@ def cache_key(*parts: Any) -> str:
     """Stable hex key of JSON-serializable parts (dict keys sorted)."""
     blob = json.dumps([CACHE_VERSION, *parts], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def data_fingerprint(*arrays: Any) -> str:
+    """Short hash of sample SFT batches (token ids and masks): part of the cache key, so checkpoints trained
+    on demonstrations that the task code no longer writes are never reused."""
+    import numpy as np
+
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(np.asarray(a))
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
 
 
 def is_complete(path: str | Path) -> bool:

@@ -491,15 +491,15 @@ def sequence_length(task) -> int:
     return int(task.max_prompt_len + task.max_response_len)
 
 
-def sft_batches(task, sft_cfg) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def sft_batches(task, n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(tokens, attention_mask, target_mask) of the task's expert demonstrations (SFT data)."""
     if task.name == "textworld":
-        seeds = task.episodes("train", int(sft_cfg.train_problems), int(sft_cfg.seed))
+        seeds = task.episodes("train", n, seed)
         tokens, loss, attn = task.encode_demonstrations(seeds, textworld_length(task))
         return tokens, attn, loss
-    from opd.train.sft import encode_demonstrations
+    from opd.train.sft import demonstration_batch
 
-    return encode_demonstrations(task, task.problems("train", int(sft_cfg.train_problems), int(sft_cfg.seed)))
+    return demonstration_batch(task, task.problems("train", n, seed))
 
 
 def prepare_model(label: str, model_cfg, task_list: list, sections: dict[str, Any], sft_cfg, *, root,
@@ -509,20 +509,23 @@ def prepare_model(label: str, model_cfg, task_list: list, sections: dict[str, An
     import optax
 
     from opd.train import checkpoints
-    from opd.train.sft import make_sft_step, new_model
+    from opd.train.sft import FINGERPRINT_PROBLEMS, make_sft_step, new_model
 
     model = new_model(model_cfg, int(sft_cfg.seed))
     if checkpoint is not None:
         checkpoints.load_model(model, checkpoint)
         log(f"[sft {label}] loaded {checkpoint}")
         return model, {"path": str(checkpoint), "trained": False}
-    key = checkpoints.cache_key({"multitask_sft": sections})
+    seed = int(sft_cfg.seed)
+    samples = [sft_batches(t, FINGERPRINT_PROBLEMS, seed) for t in task_list]
+    fingerprint = checkpoints.data_fingerprint(*(a for sample in samples for a in sample))
+    key = checkpoints.cache_key({"multitask_sft": sections, "data": fingerprint})
     path = Path(root) / key
     if checkpoints.is_complete(path):
         checkpoints.load_model(model, path)
         log(f"[sft {label}] reusing cached checkpoint {path}")
         return model, {**checkpoints.read_meta(path), "path": str(path), "trained": False}
-    data = [sft_batches(t, sft_cfg) for t in task_list]
+    data = [sft_batches(t, int(sft_cfg.train_problems), seed) for t in task_list]
     steps = int(sft_cfg.steps)
     sched = optax.warmup_cosine_decay_schedule(0.0, sft_cfg.lr, max(min(int(sft_cfg.warmup_steps), steps - 1), 1),
                                                max(steps, 2), sft_cfg.lr * 0.05)

@@ -27,25 +27,19 @@ from opd.train import checkpoints
 from opd.train.opd_step import positions_from_mask
 
 
-def encode_demonstrations(task, problems) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(tokens_BxL, attention_mask_BxL, target_mask_BxL): left-padded prompt, then demonstration + EOS,
-    right-padded to max_response_len. target_mask is 1 on the demonstration tokens (what SFT fits)."""
-    from opd.tasks import encode_prompts
+def demonstration_batch(task, problems) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tokens_BxL, attention_mask_BxL, target_mask_BxL) in the sampler's layout: left-padded prompt, then
+    the solver's demonstration (which already ends in EOS), right-padded to max_response_len. target_mask
+    is 1 on the demonstration tokens (what SFT fits)."""
+    from opd.tasks import encode_demonstrations
 
-    tok = task.tokenizer
-    prompt_BxP, pmask_BxP = encode_prompts(tok, [p.prompt for p in problems], task.max_prompt_len)
-    prompt_BxP, pmask_BxP = np.asarray(prompt_BxP, np.int32), np.asarray(pmask_BxP, np.int32)
-    n_resp = task.max_response_len
-    resp = np.full((len(problems), n_resp), tok.pad_id, np.int32)
-    rmask = np.zeros((len(problems), n_resp), np.int32)
-    for i, p in enumerate(problems):
-        ids = (list(tok.encode(task.demonstration(p))) + [tok.eos_id])[:n_resp]
-        resp[i, : len(ids)] = ids
-        rmask[i, : len(ids)] = 1
-    tokens = np.concatenate([prompt_BxP, resp], axis=1)
-    attn = np.concatenate([pmask_BxP, rmask], axis=1)
-    target = np.concatenate([np.zeros_like(pmask_BxP), rmask], axis=1)
+    tokens, target, attn = encode_demonstrations(
+        task.tokenizer, [p.prompt for p in problems], [task.demonstration(p) for p in problems],
+        task.max_prompt_len, task.max_response_len)
     return tokens, attn, target
+
+
+FINGERPRINT_PROBLEMS = 32  # demonstrations hashed into the cache key
 
 
 def sft_loss(model, tokens_BxL, attention_mask_BxL, target_mask_BxL):
@@ -77,7 +71,7 @@ def _schedule(cfg) -> optax.Schedule:
 def train_sft(model: nnx.Module, task, cfg, *, label: str = "sft", log: Callable[[str], None] = print) -> list[float]:
     """Train `model` in place on `cfg.train_problems` demonstrations for `cfg.steps` steps; returns losses."""
     problems = task.problems("train", int(cfg.train_problems), int(cfg.seed))
-    tokens, attn, target = encode_demonstrations(task, problems)
+    tokens, attn, target = demonstration_batch(task, problems)
     tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
                      optax.adamw(_schedule(cfg), weight_decay=cfg.weight_decay))
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
@@ -127,7 +121,9 @@ def prepare(
         meta = checkpoints.read_meta(checkpoint) if (Path(checkpoint) / checkpoints.META).exists() else {}
         log(f"[sft {label}] loaded {checkpoint}")
         return model, {**meta, "path": str(checkpoint), "trained": False}
-    key = checkpoints.cache_key({"model": model_section, "task": task_section, "sft": sft_section})
+    sample = demonstration_batch(task, task.problems("train", FINGERPRINT_PROBLEMS, int(sft_cfg.seed)))
+    key = checkpoints.cache_key({"model": model_section, "task": task_section, "sft": sft_section,
+                                 "data": checkpoints.data_fingerprint(*sample)})
     path = Path(root) / key
     if checkpoints.is_complete(path):
         checkpoints.load_model(model, path)
