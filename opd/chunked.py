@@ -64,6 +64,12 @@ def _check_chunk_size(chunk_size: int | None) -> None:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
 
+def _objective(table: dict[str, Callable[..., Array]], objective: str) -> Callable[..., Array]:
+    if objective not in table:
+        raise ValueError(f"objective must be one of {tuple(table)}, got {objective!r}")
+    return table[objective]
+
+
 def chunked_map(
     fn: Callable[..., Any],
     h_xD: Float[ArrayLike, "*N D"],
@@ -146,9 +152,7 @@ def chunked_topk_objective(
     `objective` is one of TOPK_OBJECTIVES; `objective_kwargs` go to it (e.g. renormalize=False).
     Equal to `losses.<objective>(h @ W, topk_ids, teacher_topk_logprobs)` up to float rounding.
     """
-    if objective not in TOPK_OBJECTIVES:
-        raise ValueError(f"objective must be one of {tuple(TOPK_OBJECTIVES)}, got {objective!r}")
-    f = TOPK_OBJECTIVES[objective]
+    f = _objective(TOPK_OBJECTIVES, objective)
     topk_ids_xK = jnp.asarray(topk_ids_xK)
     losses._require_ids_in_range("topk_ids", topk_ids_xK, jnp.shape(w_DxV)[-1])  # eager check if concrete
     return chunked_map(
@@ -176,14 +180,12 @@ def chunked_full_objective(
     The teacher side is wrapped in `stop_gradient` (the teacher never trains). `objective` is one of
     FULL_OBJECTIVES (`objective_kwargs`, e.g. beta=0.3, go to it).
     """
-    if objective not in FULL_OBJECTIVES:
-        raise ValueError(f"objective must be one of {tuple(FULL_OBJECTIVES)}, got {objective!r}")
+    f = _objective(FULL_OBJECTIVES, objective)
     if jnp.shape(teacher_w_DxV)[-1] != jnp.shape(w_DxV)[-1]:
         raise ValueError(
             f"teacher vocabulary {jnp.shape(teacher_w_DxV)[-1]} must equal student vocabulary "
             f"{jnp.shape(w_DxV)[-1]}"
         )
-    f = FULL_OBJECTIVES[objective]
     th, tw = jax.lax.stop_gradient(jnp.asarray(teacher_h_xD)), jax.lax.stop_gradient(jnp.asarray(teacher_w_DxV))
     return chunked_map(
         lambda s, t: f(s, t, **objective_kwargs), h_xD, w_DxV, chunk_size=chunk_size, extra_heads=((th, tw),)

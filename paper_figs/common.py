@@ -32,13 +32,17 @@ def load_jobs(root: str | Path) -> list[dict[str, Any]]:
     jobs = []
     for summary in sorted(Path(root).rglob("metrics.json")):
         payload = json.loads(summary.read_text())
-        rows_path = summary.parent / "metrics.jsonl"
-        rows = [json.loads(x) for x in rows_path.read_text().splitlines() if x.strip()] if rows_path.exists() else []
         jobs.append({"dir": summary.parent, "config": payload.get("config", {}),
-                     "metrics": payload.get("metrics", {}), "rows": rows})
+                     "metrics": payload.get("metrics", {}), "rows": read_rows(summary.parent)})
     if not jobs:
         raise SystemExit(f"no finished jobs (metrics.json) under {root}")
     return jobs
+
+
+def read_rows(job_dir: str | Path) -> list[dict[str, Any]]:
+    """The job's metrics.jsonl rows ([] when the file is absent)."""
+    path = Path(job_dir) / "metrics.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
 
 
 def get(config: dict[str, Any], dotted: str, default: Any = None) -> Any:
@@ -49,6 +53,12 @@ def get(config: dict[str, Any], dotted: str, default: Any = None) -> Any:
             return default
         node = node[key]
     return node
+
+
+def mapped_teacher(config: dict[str, Any]) -> bool:
+    """True when any teacher uses a tokenizer other than the default (reached through a token mapping)."""
+    teachers = get(config, "teachers", {}) or {}
+    return any((t or {}).get("tokenizer", "default") != "default" for t in teachers.values())
 
 
 def save(fig: plt.Figure, name: str, out_dir: str | Path | None = None) -> Path:

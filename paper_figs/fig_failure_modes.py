@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from paper_figs.common import PALETTE, get, plt, save, setup_style
+from paper_figs.common import PALETTE, get, mapped_teacher, plt, read_rows, save, setup_style
 
 
 def load_diagnostics(root: str | Path) -> list[dict[str, Any]]:
@@ -52,9 +53,7 @@ def job_label(config: dict[str, Any], directory: Path, *, seed: bool = True) -> 
     if loss is None:
         return directory.name
     mask = " +mask" if get(config, "loss.mask_special_tokens") else ""
-    teachers = get(config, "teachers", {}) or {}
-    variant = " (mapped teacher)" if any((t or {}).get("tokenizer", "default") != "default"
-                                         for t in teachers.values()) else ""
+    variant = " (mapped teacher)" if mapped_teacher(config) else ""
     s = get(config, "seed")
     return f"{loss}{mask}{variant}" + (f" s{s}" if seed and s is not None else "")
 
@@ -78,10 +77,12 @@ def _records(job, task) -> list[dict[str, Any]]:
     return sorted((r for r in job["records"] if r.get("task", "task") == task), key=lambda r: r["step"])
 
 
-def fig_scatter(jobs, out_dir) -> None:
+def _task_job_grid(jobs, panel_width: float, panel: Callable[[Any, dict[str, Any], str, list], None]):
+    """A figure with one panel per (task row, job column): `panel(ax, job, task, records)` draws each one that
+    has records of that task (sorted by step); the others are left blank."""
     tasks = _tasks(jobs)
-    fig, axes = plt.subplots(len(tasks), len(jobs), figsize=(3.3 * len(jobs), 3.3 * len(tasks)), squeeze=False,
-                             layout="constrained")
+    fig, axes = plt.subplots(len(tasks), len(jobs), figsize=(panel_width * len(jobs), 3.3 * len(tasks)),
+                             squeeze=False, layout="constrained")
     for i, task in enumerate(tasks):
         for j, job in enumerate(jobs):
             ax = axes[i, j]
@@ -89,16 +90,24 @@ def fig_scatter(jobs, out_dir) -> None:
             if not recs:
                 ax.set_axis_off()
                 continue
-            r = recs[0]
-            sc = r["scatter"]
-            ax.scatter(sc["student_prob"], sc["teacher_prob"], s=3, alpha=0.35, color=PALETTE[0], lw=0)
-            ax.plot([0, 1], [0, 1], color="k", lw=0.8, ls="--")
-            ax.set_xlim(0, 1.01)
-            ax.set_ylim(0, 1.01)
-            ax.set_title(f"{job['label']}\n{task}, step {r['step']}: neg-reward {r['neg_reward_frac']:.2f} "
-                         f"(n={sc['n_total']})", fontsize=7)
-            ax.set_xlabel("student prob π(y_t)")
-            ax.set_ylabel("teacher prob q(y_t)")
+            panel(ax, job, task, recs)
+    return fig
+
+
+def fig_scatter(jobs, out_dir) -> None:
+    def panel(ax, job, task, recs):
+        r = recs[0]
+        sc = r["scatter"]
+        ax.scatter(sc["student_prob"], sc["teacher_prob"], s=3, alpha=0.35, color=PALETTE[0], lw=0)
+        ax.plot([0, 1], [0, 1], color="k", lw=0.8, ls="--")
+        ax.set_xlim(0, 1.01)
+        ax.set_ylim(0, 1.01)
+        ax.set_title(f"{job['label']}\n{task}, step {r['step']}: neg-reward {r['neg_reward_frac']:.2f} "
+                     f"(n={sc['n_total']})", fontsize=7)
+        ax.set_xlabel("student prob π(y_t)")
+        ax.set_ylabel("teacher prob q(y_t)")
+
+    fig = _task_job_grid(jobs, 3.3, panel)
     fig.suptitle("Fig 2 analog: teacher vs student probability of sampled tokens (below y=x: negative reward)")
     save(fig, "fig_failure_modes_scatter", out_dir)
 
@@ -149,41 +158,29 @@ def _box(ax, xs, qrows, width, color, label):
 
 
 def fig_gap(jobs, out_dir) -> None:
-    tasks = _tasks(jobs)
-    fig, axes = plt.subplots(len(tasks), len(jobs), figsize=(3.8 * len(jobs), 3.3 * len(tasks)), squeeze=False,
-                             layout="constrained")
-    for i, task in enumerate(tasks):
-        for j, job in enumerate(jobs):
-            ax = axes[i, j]
-            recs = _records(job, task)
-            if not recs:
-                ax.set_axis_off()
+    def panel(ax, job, task, recs):
+        for k, (r, color, dx) in enumerate(((recs[0], PALETTE[0], -0.2), (recs[-1], PALETTE[1], 0.2))):
+            if k == 1 and len(recs) == 1:
+                break
+            g = r["gap_by_bucket"]
+            if g["quantile_levels"] != [0.05, 0.25, 0.5, 0.75, 0.95]:
                 continue
-            for k, (r, color, dx) in enumerate(((recs[0], PALETTE[0], -0.2), (recs[-1], PALETTE[1], 0.2))):
-                if k == 1 and len(recs) == 1:
-                    break
-                g = r["gap_by_bucket"]
-                if g["quantile_levels"] != [0.05, 0.25, 0.5, 0.75, 0.95]:
-                    continue
-                xs = np.arange(len(g["bucket_start"])) + dx
-                _box(ax, xs, g["quantiles"], 0.35, color, f"step {r['step']}")
-            g = recs[0]["gap_by_bucket"]
-            ax.set_xticks(np.arange(len(g["bucket_start"])))
-            ax.set_xticklabels([str(s) for s in g["bucket_start"]], rotation=90, fontsize=6)
-            ax.axhline(0, color="k", lw=0.6)
-            ax.autoscale_view()
-            ax.set_title(f"{job['label']} · {task}", fontsize=8)
-            ax.set_xlabel(f"position bucket start (size {g['bucket_size']})")
-            ax.set_ylabel("log q − log π")
-            ax.legend(fontsize=7)
+            xs = np.arange(len(g["bucket_start"])) + dx
+            _box(ax, xs, g["quantiles"], 0.35, color, f"step {r['step']}")
+        g = recs[0]["gap_by_bucket"]
+        ax.set_xticks(np.arange(len(g["bucket_start"])))
+        ax.set_xticklabels([str(s) for s in g["bucket_start"]], rotation=90, fontsize=6)
+        ax.axhline(0, color="k", lw=0.6)
+        ax.autoscale_view()
+        ax.set_title(f"{job['label']} · {task}", fontsize=8)
+        ax.set_xlabel(f"position bucket start (size {g['bucket_size']})")
+        ax.set_ylabel("log q − log π")
+        ax.legend(fontsize=7)
+
+    fig = _task_job_grid(jobs, 3.8, panel)
     fig.suptitle("Fig 4 analog: teacher − student log-prob gap of sampled tokens by position (box 25-75%, "
                  "whiskers 5-95%)")
     save(fig, "fig_failure_modes_gap", out_dir)
-
-
-def _rows(job) -> list[dict[str, Any]]:
-    path = Path(job["dir"]) / "metrics.jsonl"
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
 
 
 def fig_special(jobs, out_dir) -> None:
@@ -215,7 +212,7 @@ def fig_special(jobs, out_dir) -> None:
     ax.set_title("(a) special tokens at first occurrence (first recorded step; points = rollouts)", fontsize=8)
     per_config: dict[str, list[float]] = {}
     for job in jobs:
-        vals = [v for row in _rows(job) for k_, v in row.items() if k_.endswith("/masked_reward_sum")]
+        vals = [v for row in read_rows(job["dir"]) for k_, v in row.items() if k_.endswith("/masked_reward_sum")]
         if vals:
             per_config.setdefault(job_label(job["config"], job["dir"], seed=False), []).append(float(np.mean(vals)))
     labels = sorted(per_config)

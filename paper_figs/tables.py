@@ -16,7 +16,6 @@ paper's numbers (paper.md §7) are printed beside ours.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from paper_figs.common import get
+from paper_figs.common import get, load_jobs, mapped_teacher
 
 PAPER_T1 = {  # Table 1 [P2], math Avg (5 benchmarks)
     "Student (Qwen2.5-7B-It)": 28.2, "Teacher (OpenThinker3-7B)": 56.0, "Sampled-token OPD": 36.4,
@@ -41,21 +40,23 @@ METHOD_NAMES = {("sampled_token", False): "Sampled-token OPD", ("sampled_token",
                 ("lsm", False): "Ours w/o mask", ("lsm", True): "Ours w/ mask"}
 
 
-def load(root: str | Path) -> list[dict[str, Any]]:
-    jobs = []
-    for p in sorted(Path(root).rglob("metrics.json")):
-        payload = json.loads(p.read_text())
-        rows_path = p.parent / "metrics.jsonl"
-        rows = [json.loads(x) for x in rows_path.read_text().splitlines() if x.strip()] if rows_path.exists() else []
-        jobs.append({"dir": p.parent, "config": payload.get("config", {}), "metrics": payload.get("metrics", {}),
-                     "rows": rows})
-    return jobs
-
-
 def method(config: dict[str, Any]) -> str:
     loss = get(config, "loss.name", "?")
     mask = bool(get(config, "loss.mask_special_tokens", False))
     return METHOD_NAMES.get((loss, mask), f"{loss}{' + mask' if mask else ''}")
+
+
+def by_method(jobs) -> dict[str, list[dict]]:
+    """Jobs grouped by `method` of their config, in the order met."""
+    groups: dict[str, list[dict]] = {}
+    for j in jobs:
+        groups.setdefault(method(j["config"]), []).append(j)
+    return groups
+
+
+def metric_values(metrics: list[dict[str, float]], key: str) -> list[float]:
+    """metrics[key] of each metrics dict that has the key."""
+    return [m[key] for m in metrics if key in m]
 
 
 def cell(values: list[float]) -> str:
@@ -91,15 +92,13 @@ def table1(jobs) -> list[str]:
     if not single:
         return ["## Table 1 analog (single-task)", "", "No single-task jobs found.", ""]
     task = get(single[0]["config"], "task.name")
-    groups: dict[str, list[dict]] = {}
-    for j in single:
-        groups.setdefault(method(j["config"]), []).append(j)
+    groups = by_method(single)
     allm = [j["metrics"] for j in single]
     lines = [f"## Table 1 analog: single-task OPD on `{task}` (held-out sampled pass@1, %)", "",
              "| Method | ours: accuracy | seeds | paper: math Avg |", "|---|---|---|---|"]
-    lines.append(f"| Student before OPD | {cell([m['initial/accuracy'] for m in allm if 'initial/accuracy' in m])} "
+    lines.append(f"| Student before OPD | {cell(metric_values(allm, 'initial/accuracy'))} "
                  f"| {len(allm)} jobs | {PAPER_T1['Student (Qwen2.5-7B-It)']} |")
-    lines.append(f"| Teacher | {cell([m['teacher/accuracy'] for m in allm if 'teacher/accuracy' in m])} "
+    lines.append(f"| Teacher | {cell(metric_values(allm, 'teacher/accuracy'))} "
                  f"| {len(allm)} jobs | {PAPER_T1['Teacher (OpenThinker3-7B)']} |")
     finals = {}
     for name in _ordered(groups):
@@ -125,16 +124,14 @@ def _last_kl(jobs, task: str) -> str:
 
 
 def table2(jobs) -> list[str]:
-    multi = [j for j in jobs if len(get(j["config"], "tasks") or []) > 1 and not _mismatched(j)]
+    multi = [j for j in jobs if len(get(j["config"], "tasks") or []) > 1 and not mapped_teacher(j["config"])]
     if not multi:
         return ["## Table 2 analog (multi-task)", "", "No multi-task jobs found.", ""]
-    groups: dict[str, list[dict]] = {}
-    for j in multi:
-        groups.setdefault(method(j["config"]), []).append(j)
+    groups = by_method(multi)
     agent, reason = "textworld/success", "arithmetic/accuracy"
 
     def col(ms, prefix, key):
-        return [m[f"{prefix}/{key}"] for m in ms if f"{prefix}/{key}" in m]
+        return metric_values(ms, f"{prefix}/{key}")
 
     allm = [j["metrics"] for j in multi]
     lines = ["## Table 2 analog: multi-task OPD, tasks alternate per step (held-out, %)", "",
@@ -159,26 +156,19 @@ def table2(jobs) -> list[str]:
     return lines
 
 
-def _mismatched(job) -> bool:
-    teachers = get(job["config"], "teachers", {}) or {}
-    return any((t or {}).get("tokenizer", "default") != "default" for t in teachers.values())
-
-
 def table_fm3(jobs) -> list[str]:
     """Failure mode 3: a teacher with other special-token conventions, reached through a declared mapping."""
-    fm3 = [j for j in jobs if get(j["config"], "tasks") is not None and _mismatched(j)]
+    fm3 = [j for j in jobs if get(j["config"], "tasks") is not None and mapped_teacher(j["config"])]
     if not fm3:
         return []
-    groups: dict[str, list[dict]] = {}
-    for j in fm3:
-        groups.setdefault(method(j["config"]), []).append(j)
+    groups = by_method(fm3)
     lines = ["## Failure mode 3: teacher with other special-token conventions (declared token mapping)", "",
              "| Method | arithmetic pass@1 before | after | teacher (own tokenizer) | seeds |", "|---|---|---|---|---|"]
     for name in _ordered(groups):
         ms = [j["metrics"] for j in groups[name]]
 
         def c(key, ms=ms):
-            return cell([m[key] for m in ms if key in m])
+            return cell(metric_values(ms, key))
 
         lines.append(f"| {name} | {c('initial/arithmetic/accuracy')} | {c('final/arithmetic/accuracy')} "
                      f"| {c('teacher/arithmetic/accuracy')} | {len(ms)} |")
@@ -188,9 +178,7 @@ def table_fm3(jobs) -> list[str]:
 def main(argv: list[str]) -> None:
     if not argv:
         raise SystemExit(__doc__)
-    jobs = load(argv[0])
-    if not jobs:
-        raise SystemExit(f"no finished jobs (metrics.json) under {argv[0]}")
+    jobs = load_jobs(argv[0])
     text = "\n".join(table1(jobs) + table2(jobs) + table_fm3(jobs))
     print(text)
     if len(argv) > 1:
