@@ -277,7 +277,7 @@ def test_sft_targets_end_with_exactly_one_eos():
 
     task = _tiny_task()
     problems = task.problems("train", 8, 0)
-    tokens, attn, target = demonstration_batch(task, problems)
+    tokens, _, target = demonstration_batch(task, problems)
     eos = task.tokenizer.eos_id
     for b in range(len(problems)):
         fitted = tokens[b][target[b] > 0]
