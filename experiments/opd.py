@@ -3,11 +3,22 @@
     python -m experiments.opd                                      # one LSM run on the default config
     python -m experiments.opd -m loss=sampled_token,lsm seed=0,1,2  # the paper's comparison, 3 seeds
     python -m experiments.opd experiment=smoke                     # the whole pipeline, tiny
+    python -m experiments.opd model@student=hf student.path=DIR model@teacher=hf teacher.path=DIR
 
 Flow: validate the config (one ConfigError line, nothing written, on a bad value) -> prepare or reuse the
 SFT teacher and student (opd/train/sft.py, cached by config hash) -> evaluate teacher and initial student
 -> OPD (opd/train/loop.py) -> metrics.jsonl rows per step and metrics.json (initial/final/teacher accuracy,
 resolved config, git revision) in the Hydra job's output directory.
+
+Hugging Face checkpoints (conf/model/hf.yaml, `<role>.path=DIR`, optional `<role>.dtype`): that model is
+loaded as is with opd.model.hf.load_pretrained, with no SFT (as teacher_checkpoint/student_checkpoint do
+for orbax checkpoints); either role or both. Validation checks before anything runs that the directory
+holds config.json and matching safetensors, that an HF teacher and an HF student share one vocabulary, that
+the checkpoint's vocab_size covers the task tokenizer's (the generated tasks speak opd.tasks.Tokenizer
+ids, so the checkpoint must have been saved with at least that vocabulary; ids above it must never be
+sampled, since the samplers do not mask them and the task tokenizer cannot decode them) and that
+max_position_embeddings covers prompt + response. A conf/model partner's vocab_size is padded up to the
+checkpoint's.
 """
 
 from __future__ import annotations
@@ -51,14 +62,17 @@ def run_experiment(cfg: Any, built: dict[str, Any], out_dir: Path, *, log: Calla
         return lambda m: ev.evaluate(m, task, probs, eval_key, max_new_tokens=max_new,
                                      batch_size=min(int(cfg.eval_batch_size), len(probs)), prefix="")
 
-    teacher, tmeta = prepare(
-        "teacher", built["teacher"], built["teacher"].to_dict(), task, resolved["task"], cfg.sft_teacher,
-        resolved["sft_teacher"], root=cfg.checkpoint_root, checkpoint=cfg.teacher_checkpoint,
-        eval_fn=sft_eval(int(cfg.sft_teacher.eval_problems)), log=log)
-    student, smeta = prepare(
-        "student", built["student"], built["student"].to_dict(), task, resolved["task"], cfg.sft_student,
-        resolved["sft_student"], root=cfg.checkpoint_root, checkpoint=cfg.student_checkpoint,
-        eval_fn=sft_eval(int(cfg.sft_student.eval_problems)), log=log)
+    def model(role: str, checkpoint: str | None):
+        hf_dir = built.get("hf_paths", {}).get(role)
+        if hf_dir is not None:  # a Hugging Face checkpoint replaces SFT preparation
+            return load_hf(role, hf_dir, built[role], log=log)
+        return prepare(
+            role, built[role], built[role].to_dict(), task, resolved["task"], cfg[f"sft_{role}"],
+            resolved[f"sft_{role}"], root=cfg.checkpoint_root, checkpoint=checkpoint,
+            eval_fn=sft_eval(int(cfg[f"sft_{role}"].eval_problems)), log=log)
+
+    teacher, tmeta = model("teacher", cfg.teacher_checkpoint)
+    student, smeta = model("student", cfg.student_checkpoint)
     prep_s = time.time() - t_start
 
     bs = min(int(cfg.eval_batch_size), len(eval_problems))
@@ -97,6 +111,16 @@ def run_experiment(cfg: Any, built: dict[str, Any], out_dir: Path, *, log: Calla
         final["initial/greedy_accuracy"], final["final/greedy_accuracy"]))
     log(f"[done] results: {path} and {path.parent / 'metrics.jsonl'} ({time.time() - t_start:.0f}s)")
     return final
+
+
+def load_hf(role: str, path: str, model_cfg: Any, *, log: Callable[[str], None] = _log) -> tuple[Any, dict]:
+    """A Hugging Face checkpoint loaded as is (validated by opd.train.config.validate), and its meta."""
+    from opd.model import hf
+
+    model = hf.load_pretrained(path, dtype=model_cfg.dtype)
+    log(f"[hf {role}] loaded {path} ({hf.num_parameters(model.cfg) / 1e6:.2f}M parameters, "
+        f"vocab {model.cfg.vocab_size}, {model.cfg.dtype}; no SFT)")
+    return model, {"path": str(path), "trained": False, "format": "hf"}
 
 
 _CONF = Path(__file__).resolve().parents[1] / "conf"

@@ -336,6 +336,16 @@ def _validate_tensors(path: Path, cfg: ModelConfig, headers: Mapping[str, tuple[
 # ---------------------------------------------------------------------------------------------------------
 
 
+def check_pretrained(path: str | os.PathLike, *, dtype: str | None = None) -> ModelConfig:
+    """Everything `load_pretrained` checks before reading a weight (directory, config.json, every tensor's
+    presence, shape and dtype from the safetensors headers); returns the checkpoint's `ModelConfig`.
+    Raises the same one-line ValueError; cheap (no tensor data is read)."""
+    path = Path(path)
+    cfg = load_config(path, dtype=dtype)
+    _validate_tensors(path, cfg, _headers(_tensor_files(path)))
+    return cfg
+
+
 def load_pretrained(
     path: str | os.PathLike,
     *,

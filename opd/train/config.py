@@ -7,6 +7,8 @@ paths) are checked by `validate` before any computation and raise `opd.cli.Confi
 
 Model and task groups belong to their modules (conf/model, conf/task); they are kept as plain mappings
 here and turned into `opd.model.ModelConfig` / `opd.tasks.make_task(...)` by `model_config` / `build_task`.
+A model section with a `path` (conf/model/hf.yaml) is a Hugging Face checkpoint directory: its ModelConfig
+comes from the checkpoint (opd.model.hf), and the experiment loads it as is instead of preparing it by SFT.
 """
 
 from __future__ import annotations
@@ -138,12 +140,46 @@ def to_container(cfg: Any) -> dict[str, Any]:
     return dict(cfg)
 
 
+HF_KEYS = ("path", "dtype")
+"""Keys of a Hugging Face checkpoint model section (conf/model/hf.yaml)."""
+HF_DTYPES = (None, "float32", "bfloat16", "float16")
+
+
+def hf_path(section: Any) -> str | None:
+    """The checkpoint directory of a model section that names one (conf/model/hf.yaml), else None."""
+    raw = to_container(section)
+    return None if "path" not in raw else str(raw["path"])
+
+
+def _hf_model_config(raw: dict[str, Any], key: str):
+    """The `ModelConfig` of a Hugging Face checkpoint section, after checking the directory, config.json
+    and every tensor header (no weight is read); any problem is a ConfigError naming `<key>.path`."""
+    from opd.model import hf
+
+    unknown = sorted(set(raw) - set(HF_KEYS))
+    require(not unknown, key, "only " + ", ".join(HF_KEYS) + " in a Hugging Face checkpoint section", unknown)
+    path = raw["path"]
+    require(isinstance(path, str) and path not in ("", "???"), f"{key}.path",
+            "a Hugging Face checkpoint directory (required with model=hf)", path)
+    require(Path(path).is_dir() and (Path(path) / "config.json").is_file(), f"{key}.path",
+            "an existing Hugging Face checkpoint directory with config.json", path)
+    dtype = raw.get("dtype")
+    require_choice(f"{key}.dtype", dtype, HF_DTYPES)
+    try:
+        return hf.check_pretrained(path, dtype=dtype)
+    except ValueError as err:
+        raise ConfigError(f"{key}.path: {err}") from None
+
+
 def model_config(section: Any, key: str):
-    """An `opd.model.ModelConfig` from a conf/model mapping; unknown keys are a ConfigError."""
+    """An `opd.model.ModelConfig` from a conf/model mapping (a `path` one: from the Hugging Face checkpoint
+    it names); unknown keys are a ConfigError."""
     from opd.model import ModelConfig
 
     raw = {k: v for k, v in to_container(section).items() if not k.startswith("_")}
     raw.pop("name", None)
+    if "path" in raw:
+        return _hf_model_config(raw, key)
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(raw) - known)
     require(not unknown, key, "ModelConfig fields " + ", ".join(sorted(known)), unknown)
@@ -187,7 +223,8 @@ def _positive(value: Any, key: str) -> None:
 
 
 def validate(cfg: Any) -> dict[str, Any]:
-    """Check every value a type cannot; return the built pieces {'task', 'student', 'teacher'}.
+    """Check every value a type cannot; return the built pieces {'task', 'student', 'teacher', 'hf_paths'}
+    (hf_paths: role -> Hugging Face checkpoint directory, or None for a model prepared by SFT).
 
     Raises ConfigError('<key>: expected <allowed>, got <value>') on the first bad value."""
     require_choice("loss.name", cfg.loss.name, LOSSES)
@@ -219,22 +256,47 @@ def validate(cfg: Any) -> dict[str, Any]:
         _positive(cfg[sec].batch_size, f"{sec}.batch_size")
         _positive(cfg[sec].lr, f"{sec}.lr")
 
-    for key in ("teacher_checkpoint", "student_checkpoint"):
+    hf_paths = {role: hf_path(cfg[role]) for role in ("student", "teacher")}
+    for role in ("teacher", "student"):
+        key = f"{role}_checkpoint"
         path = cfg[key]
-        if path is not None:
-            require(Path(str(path)).is_dir(), key, "an existing checkpoint directory (or null)", str(path))
+        if path is None:
+            continue
+        require(hf_paths[role] is None, key,
+                f"null when {role} is a Hugging Face checkpoint ({role}.path is loaded as is)", str(path))
+        require(Path(str(path)).is_dir(), key, "an existing checkpoint directory (or null)", str(path))
 
     task = build_task(cfg.task)
-    # conf/model vocab sizes are placeholders padded up to the task tokenizer's vocabulary; a model asking
-    # for more keeps its size, so teacher and student must still agree after padding.
     tok_vocab = task.tokenizer.vocab_size
     student = model_config(cfg.student, "student")
     teacher = model_config(cfg.teacher, "teacher")
-    student = student.replace(vocab_size=max(student.vocab_size, tok_vocab))
-    teacher = teacher.replace(vocab_size=max(teacher.vocab_size, tok_vocab))
-    require(teacher.vocab_size == student.vocab_size, "teacher.vocab_size",
-            f"the student's vocabulary size {student.vocab_size} (one tokenizer; sizes below the "
-            f"tokenizer's {tok_vocab} are padded up to it)", teacher.vocab_size)
+    models = {"student": student, "teacher": teacher}
+    # The generated tasks speak opd.tasks.Tokenizer ids, so a Hugging Face checkpoint must cover them.
+    for role, mc in models.items():
+        if hf_paths[role] is not None and mc.vocab_size < tok_vocab:
+            raise ConfigError(
+                f"{role}.path: checkpoint {hf_paths[role]} has vocab_size {mc.vocab_size}, smaller than the task "
+                f"tokenizer's {tok_vocab} (task {task_kwargs(cfg.task)[0]!r} uses opd.tasks.Tokenizer ids; an HF "
+                f"checkpoint used with it must have been saved with vocab_size >= {tok_vocab})")
+    if hf_paths["student"] is not None and hf_paths["teacher"] is not None:
+        from opd.model import hf
+
+        try:
+            hf.require_same_vocabulary(hf_paths["student"], hf_paths["teacher"])
+        except ValueError as err:
+            raise ConfigError(f"teacher.path: {err}") from None
+    # conf/model vocab sizes are placeholders padded up to the task tokenizer's vocabulary (and to a Hugging
+    # Face partner's); a model asking for more keeps its size, so teacher and student must still agree.
+    floor = max([tok_vocab] + [mc.vocab_size for r, mc in models.items() if hf_paths[r] is not None])
+    for role, mc in models.items():
+        if hf_paths[role] is None:
+            models[role] = mc.replace(vocab_size=max(mc.vocab_size, floor))
+    student, teacher = models["student"], models["teacher"]
+    # Which side to name: the conf/model one (a Hugging Face checkpoint's size is fixed).
+    role, other = ("student", "teacher") if hf_paths["teacher"] is not None else ("teacher", "student")
+    require(teacher.vocab_size == student.vocab_size, f"{role}.vocab_size",
+            f"the {other}'s vocabulary size {models[other].vocab_size} (one tokenizer; sizes below the "
+            f"tokenizer's {tok_vocab} are padded up to it)", models[role].vocab_size)
     require(cfg.loss.k <= student.vocab_size, "loss.k", f"an integer in [1, vocab_size={student.vocab_size}]",
             cfg.loss.k)
     max_new = cfg.rollout.max_new_tokens
@@ -242,7 +304,12 @@ def validate(cfg: Any) -> dict[str, Any]:
         require(isinstance(max_new, int) and max_new >= 1, "rollout.max_new_tokens", "an integer >= 1 or null",
                 max_new)
     seq = task.max_prompt_len + (max_new or task.max_response_len)
-    for key, mc in (("student", student), ("teacher", teacher)):
-        require(mc.max_seq_len >= seq, f"{key}.max_seq_len",
-                f"at least prompt + response length {seq}", mc.max_seq_len)
-    return {"task": task, "student": student, "teacher": teacher}
+    for role, mc in models.items():
+        if hf_paths[role] is not None:
+            if mc.max_seq_len < seq:
+                raise ConfigError(f"{role}.path: checkpoint {hf_paths[role]} has max_position_embeddings "
+                                  f"{mc.max_seq_len}, shorter than prompt + response length {seq}")
+        else:
+            require(mc.max_seq_len >= seq, f"{role}.max_seq_len",
+                    f"at least prompt + response length {seq}", mc.max_seq_len)
+    return {"task": task, "student": student, "teacher": teacher, "hf_paths": hf_paths}
