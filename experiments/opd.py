@@ -15,8 +15,8 @@ loaded as is with opd.model.hf.load_pretrained, with no SFT (as teacher_checkpoi
 for orbax checkpoints); either role or both. Validation checks before anything runs that the directory
 holds config.json and matching safetensors, that an HF teacher and an HF student share one vocabulary, that
 the checkpoint's vocab_size covers the task tokenizer's (the generated tasks speak opd.tasks.Tokenizer
-ids, so the checkpoint must have been saved with at least that vocabulary; ids above it must never be
-sampled, since the samplers do not mask them and the task tokenizer cannot decode them) and that
+ids, so the checkpoint must have been saved with at least that vocabulary; sampled ids above it decode
+to nothing, as HF tokenizers treat padded embedding rows, and such a response scores 0) and that
 max_position_embeddings covers prompt + response. A conf/model partner's vocab_size is padded up to the
 checkpoint's.
 """

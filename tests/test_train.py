@@ -321,3 +321,23 @@ def test_run_opd_rows_have_every_required_key(tmp_path):
     assert {"eval/accuracy", "eval/greedy_accuracy"} <= set(rows[-1])
     assert out["evals"][2]["eval/accuracy"] == rows[-1]["eval/accuracy"]
     assert any(x.startswith("[opd lsm] step 2/2 loss") for x in logs)
+
+
+def test_generate_drops_ids_past_the_tokenizer():
+    """A checkpoint's padded embedding rows (vocab_size > tokenizer's) decode to nothing, not a crash."""
+    from types import SimpleNamespace
+
+    from opd.train import evaluate as ev
+
+    task = _tiny_task()
+    tok = task.tokenizer
+    answer = tok.encode("7")
+
+    def fake_sample(model, prompt_BxP, mask_BxP, key, cfg, eos_id):
+        b, p = np.asarray(prompt_BxP).shape
+        resp = np.array([[answer[0], tok.vocab_size + 2, eos_id]] * b)
+        return SimpleNamespace(tokens_BxL=np.concatenate([prompt_BxP, resp], 1),
+                               response_mask_BxL=np.concatenate([np.zeros((b, p)), np.ones((b, 3))], 1))
+
+    texts = ev.generate(None, task, ["1+2=", "3+4="], jax.random.key(0), None, sample_fn=fake_sample)
+    assert texts == [tok.decode(answer + [tok.eos_id])] * 2

@@ -44,7 +44,8 @@ def generate(model, task, prompts: list[str], rng: jax.Array, cfg, *, batch_size
         resp = np.asarray(out.tokens_BxL)[:, width:]
         rmask = np.asarray(out.response_mask_BxL)[:, width:]
         for row, m in zip(resp[: len(chunk)], rmask[: len(chunk)]):
-            texts.append(tok.decode([int(t) for t, keep in zip(row, m) if keep]))
+            # Ids past the tokenizer (a checkpoint's padded embedding rows) decode to nothing, as HF's do.
+            texts.append(tok.decode([int(t) for t, keep in zip(row, m) if keep and t < tok.vocab_size]))
     return texts
 
 
