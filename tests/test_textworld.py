@@ -1,12 +1,21 @@
 """The agentic text world: dynamics, expert planner, limits, conversation tokens and masks, splits."""
 
 from collections import deque
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from opd.tasks import PAD_ID, make_task
-from opd.tasks.textworld import ERROR_OBSERVATION, TextWorldTask, _transition, goal_reached, parse_action
+from opd.tasks.textworld import (
+    ERROR_OBSERVATION,
+    TextWorldTask,
+    _transition,
+    generate_world,
+    goal_reached,
+    is_openable,
+    parse_action,
+)
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +83,69 @@ def test_expert_recovers_from_midway_states():
             state, obs, done, success = env.step(state, a)
             assert obs != ERROR_OBSERVATION
         assert success and done
+
+
+class _FixedWorlds(TextWorldTask):
+    """A text world whose episode `i` is `worlds[i]` (to compare worlds that differ only in hidden details)."""
+
+    def __init__(self, worlds, **kwargs):
+        super().__init__(**kwargs)
+        self.worlds = worlds
+
+    def world(self, seed):
+        return self.worlds[seed]
+
+
+def _variants(w, rng):
+    """Worlds that differ from `w` in what the agent cannot see at the start: where the goal object and the
+    other objects lie, which receptacles are closed, which receptacle is the goal."""
+    recs = [r for r, _ in w.receptacles]
+    out = [w]
+    for _ in range(6):
+        placements = tuple((o, recs[int(rng.integers(len(recs)))]) for o in w.objects)
+        closed = frozenset(r for r in recs if is_openable(r) and rng.random() < 0.5)
+        src = dict(placements)[w.goal_object]
+        dst = w.goal_receptacle if rng.random() < 0.5 else recs[int(rng.integers(len(recs)))]
+        if dst != src:
+            out.append(replace(w, placements=placements, closed=closed, goal_receptacle=dst))
+    return out
+
+
+def test_expert_actions_are_a_function_of_the_visible_context():
+    """The expert may only act on what the conversation shows: two episodes whose conversations are identical
+    up to a turn get the same expert action at that turn. (An expert walking straight to the goal object's
+    hidden receptacle fails this: the same prompt would be followed by different actions.)"""
+    rng = np.random.default_rng(0)
+    worlds = [v for seed in range(150) for v in _variants(generate_world(seed), rng)]
+    env = _FixedWorlds(worlds, max_turns=12, max_tokens=2000, max_prompt_len=200)
+    next_action, shared = {}, 0
+    for i in range(len(worlds)):
+        ep = env.demonstration_episode(i)
+        assert ep.success
+        context, actions = [], iter(ep.actions)
+        for ids, is_student in ep.conversation.segments:
+            if is_student:
+                key, action = tuple(context), next(actions)
+                shared += key in next_action
+                assert next_action.setdefault(key, action) == action, (i, action, next_action[key])
+            context += ids
+    assert shared > 100  # many contexts were reached by several worlds: the check is not vacuous
+
+
+def test_expert_actions_name_only_what_was_seen(env):
+    """Every name in an expert action (room, receptacle, object) appears in the prompt or an earlier
+    observation, and every "open" answers an observation saying the receptacle is closed."""
+    for seed in range(200):
+        ep = env.demonstration_episode(seed)
+        seen, actions = "", iter(ep.actions)
+        for ids, is_student in ep.conversation.segments:
+            if is_student:
+                verb, args = parse_action(next(actions))
+                assert all(a in seen for a in args), (seed, verb, args)
+                if verb == "open":
+                    assert seen.endswith(f"{args[0]} is closed.<eot>"), (seed, args)
+            else:
+                seen += env.tokenizer.decode(ids, stop=False)
 
 
 def test_dynamics_example(env):

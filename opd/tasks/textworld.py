@@ -4,6 +4,21 @@ World (generated from an integer seed): 2-3 rooms (kitchen, bedroom, bathroom, h
 room ("fridge 1", "cabinet 2"; fridges, cabinets, drawers and dressers open and close), 3-4 objects lying in
 receptacles, and a goal "put the <object> in <receptacle>". The agent starts in a room, hands empty.
 
+The task line states where the goal's two ends are: the receptacle (and its room) holding the goal object,
+and the goal receptacle's room, e.g.
+
+    task: put the apple in cabinet 2. the apple is in drawer 1 in the bedroom. cabinet 2 is in the kitchen.
+
+so every expert action is inferable from the visible conversation: a copy from the task line ("go to
+bedroom", "go to drawer 1", "take apple from drawer 1", ...) skipped when the first observation shows the
+agent already is in that room, or a reaction to the last observation ("drawer 1 is closed." -> "open drawer
+1"). An expert that walks to hidden locations (as ALFWorld's does) cannot be imitated: its demonstrations
+teach guessing, and a model SFT'd on them solved 0% of held-out episodes. Stating the locations (instead of
+an expert that searches) keeps the expert shortest and the conversations short; the closed/open state of
+receptacles and the other objects stay hidden until observed. This makes imitation possible, not easy: the
+names must be copied from the task line, which tiny_teacher did not learn within 1200 SFT steps
+(0% held-out success, see conf/multitask.yaml).
+
 Actions (the whole grammar; anything else, or an action impossible in the current state, gets the normal
 error observation "Nothing happens." and the episode goes on):
 
@@ -17,7 +32,7 @@ success ends as a failure with `end_reason` "turn_limit" or "token_limit" (count
 
 Conversation format (one context, docs/interfaces.md conventions):
 
-    prompt   <bos>task: put the apple in cabinet 2.<obs>you are in the kitchen. ...<eot>
+    prompt   <bos>task: put the apple in cabinet 2. the apple is in ...<obs>you are in the kitchen. ...<eot>
     student  go to bedroom<eot>                                     (student mask 1, EOT included)
     env      <obs>you are in the bedroom. you see bed 1, ...<eot>    (student mask 0)
     student  ...
@@ -25,6 +40,10 @@ Conversation format (one context, docs/interfaces.md conventions):
 The student samples each turn with `stop_ids=(eot_id,)`; environment tokens are never student tokens.
 Train and eval episodes are a hash partition of generated worlds (by their full description), so the two
 seed sets never share a world.
+
+Measured over seeds 0-1999 (default tokenizer): prompts 85-93 tokens (median 88), expert conversations
+4-8 actions and 205-368 tokens (median ~285, 99th percentile 358), so max_prompt_len 96 and max_tokens 384
+fit every episode.
 """
 
 from __future__ import annotations
@@ -70,8 +89,21 @@ class World:
     def objects(self) -> tuple[str, ...]:
         return tuple(o for o, _ in self.placements)
 
+    @property
+    def goal_source(self) -> str:
+        """The receptacle holding the goal object at the start."""
+        return dict(self.placements)[self.goal_object]
+
     def goal_text(self) -> str:
         return f"put the {self.goal_object} in {self.goal_receptacle}"
+
+    def task_text(self) -> str:
+        """The task line of the prompt: the goal plus where its two ends are (see the module docstring)."""
+        obj, src, dst = self.goal_object, self.goal_source, self.goal_receptacle
+        return (
+            f"{self.goal_text()}. the {obj} is in {src} in the {self.room_of(src)}. "
+            f"{dst} is in the {self.room_of(dst)}"
+        )
 
     def signature(self) -> str:
         """A canonical description of the whole episode (world + goal + start), the key of the split."""
@@ -308,7 +340,7 @@ class TextWorldTask:
         max_turns: int = 12,
         max_tokens: int = 384,
         max_action_len: int = 16,
-        max_prompt_len: int = 64,
+        max_prompt_len: int = 96,
         min_rooms: int = 2,
         max_rooms: int = 3,
         min_objects: int = 3,
@@ -423,7 +455,11 @@ class TextWorldTask:
     def expert_actions(self, state: State) -> list[str]:
         """A shortest action sequence from `state` to success (from a generated start; from other states a
         short one): fetch the goal object (go to its room, go to its receptacle, open it if closed, take),
-        then go to the goal receptacle's room and receptacle, open it if closed, put."""
+        then go to the goal receptacle's room and receptacle, open it if closed, put.
+
+        From a generated start every action is inferable from the conversation so far (the task line names
+        the goal object's receptacle and both rooms; "open" follows an observation "... is closed.").
+        From a midway state the goal object's location is where the conversation's actions left it."""
         w = state.world
         obj, dst = w.goal_object, w.goal_receptacle
         plan: list[str] = []
@@ -463,7 +499,7 @@ class TextWorldTask:
     def prompt_text(self, world: World, first_observation: str) -> str:
         """Prompt text without BOS (encode_prompts prepends it)."""
         r = self.tokenizer.roles
-        return f"task: {world.goal_text()}.{r['obs']}{first_observation}{r['eot']}"
+        return f"task: {world.task_text()}.{r['obs']}{first_observation}{r['eot']}"
 
     def prompt_ids(self, world: World, first_observation: str) -> list[int]:
         return [self.tokenizer.bos_id] + self.tokenizer.encode(self.prompt_text(world, first_observation))
