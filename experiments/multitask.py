@@ -21,7 +21,7 @@ import hydra
 import jax
 from omegaconf import DictConfig
 
-from opd.cli import entry_point, output_dir
+from opd.cli import entry_point, output_dir, run_main
 from opd.train.multitask import register_multitask_configs, validate_multitask
 
 register_multitask_configs()
@@ -63,5 +63,8 @@ def main(cfg: DictConfig) -> float:
     return float(sum(v for k, v in final.items() if k.startswith("final/")))
 
 
+_GROUPS = {"loss": "loss", "rollout": "rollout", "optimizer": "optimizer", "experiment": "experiment",
+           "model@student": "model"}
+
 if __name__ == "__main__":
-    main()
+    run_main(main, _GROUPS, "multitask")

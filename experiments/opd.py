@@ -23,7 +23,6 @@ checkpoint's.
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,7 +32,7 @@ import hydra
 import jax
 from omegaconf import DictConfig
 
-from opd.cli import entry_point, output_dir
+from opd.cli import entry_point, output_dir, run_main
 from opd.train.config import register_configs, to_container, validate
 
 register_configs()
@@ -123,24 +122,8 @@ def load_hf(role: str, path: str, model_cfg: Any, *, log: Callable[[str], None] 
     return model, {"path": str(path), "trained": False, "format": "hf"}
 
 
-_CONF = Path(__file__).resolve().parents[1] / "conf"
 _GROUPS = {"loss": "loss", "task": "task", "rollout": "rollout", "optimizer": "optimizer",
            "experiment": "experiment", "model@student": "model", "model@teacher": "model"}
-
-
-def check_group_choices(argv: list[str]) -> None:
-    """Refuse an unknown option of a config group (`loss=nope`) with one ConfigError line, before Hydra
-    composes (whose own message is a multi-line traceback-style report with exit status 1)."""
-    from opd.cli import ConfigError
-
-    for arg in argv:
-        key, sep, value = arg.lstrip("+~").partition("=")
-        if not sep or key not in _GROUPS or value in ("", "null"):
-            continue
-        options = sorted(p.stem for p in (_CONF / _GROUPS[key]).glob("*.yaml"))
-        for choice in value.split(","):
-            if choice not in options and not choice.startswith(("glob(", "range(")):
-                raise ConfigError(f"{key}: expected one of {', '.join(options)}, got {choice!r}")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="opd")
@@ -152,9 +135,4 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    try:
-        check_group_choices(sys.argv[1:])
-    except ValueError as err:  # ConfigError
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    main()
+    run_main(main, _GROUPS, "opd")

@@ -58,3 +58,46 @@ def entry_point(fn: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(2)
 
     return wrapper
+
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def experiment_presets(entry: str, conf_dir: Path = CONF_DIR) -> list[str]:
+    """conf/experiment options for entry point `entry` ("opd", "multitask", ...): a preset names its entry
+    point in a `# entry: experiments.<name>` line; presets without one belong to experiments.opd."""
+    out = []
+    for path in sorted((conf_dir / "experiment").glob("*.yaml")):
+        marks = [ln.split(":", 1)[1].strip() for ln in path.read_text().splitlines() if ln.startswith("# entry:")]
+        if (marks[0] if marks else "experiments.opd") == f"experiments.{entry}":
+            out.append(path.stem)
+    return out
+
+
+def check_group_choices(argv: list[str], groups: dict[str, str], entry: str, conf_dir: Path = CONF_DIR) -> None:
+    """Refuse an unknown option of a config group (`loss=nope`), or an experiment preset of another entry
+    point, with one ConfigError line before Hydra composes (whose own report is many lines, exit status 1).
+
+    groups: command-line key -> conf/ directory, e.g. {"loss": "loss", "model@student": "model"}."""
+    for arg in argv:
+        key, sep, value = arg.lstrip("+~").partition("=")
+        if not sep or key not in groups or value in ("", "null"):
+            continue
+        if groups[key] == "experiment":
+            options = experiment_presets(entry, conf_dir)
+        else:
+            options = sorted(p.stem for p in (conf_dir / groups[key]).glob("*.yaml"))
+        for choice in value.split(","):
+            if choice not in options and not choice.startswith(("glob(", "range(")):
+                raise ConfigError(f"{key}: expected one of {', '.join(options)} (for experiments.{entry}), "
+                                  f"got {choice!r}")
+
+
+def run_main(main: Callable[[], Any], groups: dict[str, str], entry: str) -> None:
+    """`python -m experiments.<entry>`: check the group choices on the command line, then run Hydra."""
+    try:
+        check_group_choices(sys.argv[1:], groups, entry)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    main()

@@ -9,6 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from opd.cli import experiment_presets
 from opd.train.config import LOSSES, register_configs, validate
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -64,10 +65,30 @@ def test_loss_sets_the_papers_rollout_top_p():
     assert _compose(["loss=sampled_token", "rollout=nucleus"]).rollout.top_p == 0.9
 
 
-@pytest.mark.parametrize("experiment", _options("experiment"))
+@pytest.mark.parametrize("experiment", experiment_presets("opd"))
 def test_every_experiment_composes(experiment):
     cfg = _compose([f"experiment={experiment}"])
     validate(cfg)
+
+
+def test_every_experiment_preset_belongs_to_an_entry_point():
+    from opd.train.multitask import register_multitask_configs, validate_multitask
+
+    opd_presets, mt_presets = experiment_presets("opd"), experiment_presets("multitask")
+    assert sorted(opd_presets + mt_presets) == _options("experiment")
+    assert {"smoke", "compare", "single_task"} <= set(opd_presets) and "multitask" in mt_presets
+    register_multitask_configs()
+    for preset in mt_presets:
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            validate_multitask(compose(config_name="multitask", overrides=[f"experiment={preset}"]))
+
+
+def test_a_preset_of_another_entry_point_is_one_clear_line():
+    from opd.cli import ConfigError, check_group_choices
+
+    with pytest.raises(ConfigError, match=r"^experiment: expected one of .*\(for experiments.opd\), got 'multitask'"):
+        check_group_choices(["experiment=multitask"], {"experiment": "experiment"}, "opd")
+    check_group_choices(["experiment=multitask"], {"experiment": "experiment"}, "multitask")
 
 
 def test_typed_schema_rejects_unknown_keys_and_wrong_types():

@@ -140,7 +140,7 @@ def test_bad_hf_inputs_on_the_command_line_write_nothing(bad, tmp_path, monkeypa
     for name, (overrides, key, _) in bad.items():
         argv = [f"hydra.run.dir={tmp_path / name}", f"checkpoint_root={tmp_path / 'ckpt'}", "experiment=smoke",
                 "hydra/job_logging=none", "hydra/hydra_logging=none", *overrides]  # no handlers on capsys' stream
-        exp.check_group_choices(argv)
+        cli.check_group_choices(argv, exp._GROUPS, "opd")
         monkeypatch.setattr(sys, "argv", ["experiments/opd.py", f"--config-path={CONF}", *argv])
         with pytest.raises(SystemExit) as exit_:
             exp.main()

@@ -70,6 +70,7 @@ class OptimizerConfig:
     b2: float = 0.999
     eps: float = 1e-8
     grad_clip: float = 1.0
+    warmup_steps: int = 0  # optimizer steps of linear warmup from 0 (paper: 0)
     minibatches_per_step: int = 1  # optimizer steps per training step (paper: 2 = batch 128 / mini 64)
 
 

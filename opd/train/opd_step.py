@@ -139,10 +139,15 @@ def make_loss_fn(student_graphdef, loss_cfg: Any, teacher_graphdef=None):
 
 
 def make_optimizer(student: nnx.Module, opt_cfg: Any) -> nnx.Optimizer:
-    """AdamW (decoupled weight decay) after global-norm clipping, over the student's nnx.Param only."""
+    """AdamW (decoupled weight decay, optional linear warmup) after global-norm clipping, over the
+    student's nnx.Param only."""
+    # Linear warmup from 0 (paper: none). A fresh Adam state makes the first updates ~lr * sign(grad) on
+    # every parameter, which knocks a small, sharply trained SFT student off its solution.
+    warmup = int(getattr(opt_cfg, "warmup_steps", 0) or 0)
+    lr = optax.linear_schedule(0.0, opt_cfg.lr, warmup) if warmup > 0 else opt_cfg.lr
     tx = optax.chain(
         optax.clip_by_global_norm(opt_cfg.grad_clip),
-        optax.adamw(opt_cfg.lr, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps, weight_decay=opt_cfg.weight_decay),
+        optax.adamw(lr, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps, weight_decay=opt_cfg.weight_decay),
     )
     return nnx.Optimizer(student, tx, wrt=nnx.Param)
 
