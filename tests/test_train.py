@@ -200,6 +200,18 @@ def test_minibatches_take_several_optimizer_steps():
     assert int(stepper.optimizer.step[...]) == 2
 
 
+def test_warmup_starts_from_zero_learning_rate():
+    student, teacher = _model(8), _model(9)
+    before = jax.tree.map(np.asarray, nnx.state(student, nnx.Param))
+    stepper = _stepper(student, "lsm", teacher, warmup_steps=3)
+    batch = _batch(student, teacher)
+    stepper.update(batch)  # lr 0 at the first step: parameters unchanged
+    jax.tree.map(np.testing.assert_array_equal, before, nnx.state(student, nnx.Param))
+    stepper.update(batch)
+    moved = jax.tree.map(lambda a, b: float(np.max(np.abs(a - np.asarray(b)))), before, nnx.state(student, nnx.Param))
+    assert max(jax.tree.leaves(moved)) > 0
+
+
 def test_special_token_mask_zeroes_first_occurrence_in_response_only():
     task = ArithmeticTask(digits=1, min_terms=2, max_terms=2)
     tok = task.tokenizer
