@@ -56,10 +56,23 @@ def run_experiment(cfg: Any, built: dict[str, Any], out_dir: Path, *, log: Calla
     eval_problems = task.problems("eval", int(cfg.eval_problems), int(cfg.eval_seed))
     eval_key = jax.random.key(int(cfg.eval_seed))
 
+    def eval_spec(n: int) -> dict[str, Any]:
+        """Everything a held-out evaluation's numbers depend on besides the model."""
+        return {"task": resolved["task"], "problems": n, "eval_seed": int(cfg.eval_seed),
+                "max_new_tokens": max_new, "batch_size": min(int(cfg.eval_batch_size), n)}
+
     def sft_eval(n: int) -> Callable:
         probs = eval_problems[:n]
         return lambda m: ev.evaluate(m, task, probs, eval_key, max_new_tokens=max_new,
-                                     batch_size=min(int(cfg.eval_batch_size), len(probs)), prefix="")
+                                     batch_size=eval_spec(n)["batch_size"], prefix="")
+
+    def held_out(model, meta: dict[str, Any], prefix: str) -> dict[str, float]:
+        """The model's held-out accuracy: the numbers stored with its checkpoint when they were measured
+        the same way (same problems, key, budget, batch), else a fresh evaluation."""
+        if meta.get("sft_eval") and meta.get("sft_eval_spec") == eval_spec(len(eval_problems)):
+            return {prefix + k: v for k, v in meta["sft_eval"].items()}
+        return ev.evaluate(model, task, eval_problems, eval_key, max_new_tokens=max_new,
+                           batch_size=eval_spec(len(eval_problems))["batch_size"], prefix=prefix)
 
     def model(role: str, checkpoint: str | None):
         hf_dir = built.get("hf_paths", {}).get(role)
@@ -68,17 +81,15 @@ def run_experiment(cfg: Any, built: dict[str, Any], out_dir: Path, *, log: Calla
         return prepare(
             role, built[role], built[role].to_dict(), task, resolved["task"], cfg[f"sft_{role}"],
             resolved[f"sft_{role}"], root=cfg.checkpoint_root, checkpoint=checkpoint,
-            eval_fn=sft_eval(int(cfg[f"sft_{role}"].eval_problems)), log=log)
+            eval_fn=sft_eval(int(cfg[f"sft_{role}"].eval_problems)),
+            eval_spec=eval_spec(int(cfg[f"sft_{role}"].eval_problems)), log=log)
 
     teacher, tmeta = model("teacher", cfg.teacher_checkpoint)
     student, smeta = model("student", cfg.student_checkpoint)
     prep_s = time.time() - t_start
 
-    bs = min(int(cfg.eval_batch_size), len(eval_problems))
-    teacher_acc = ev.evaluate(teacher, task, eval_problems, eval_key, max_new_tokens=max_new, batch_size=bs,
-                              prefix="teacher/")
-    initial_acc = ev.evaluate(student, task, eval_problems, eval_key, max_new_tokens=max_new, batch_size=bs,
-                              prefix="initial/")
+    teacher_acc = held_out(teacher, tmeta, "teacher/")
+    initial_acc = held_out(student, smeta, "initial/")
     log("[eval] teacher acc {:.3f} greedy {:.3f} | student before OPD acc {:.3f} greedy {:.3f}".format(
         teacher_acc["teacher/accuracy"], teacher_acc["teacher/greedy_accuracy"],
         initial_acc["initial/accuracy"], initial_acc["initial/greedy_accuracy"]))

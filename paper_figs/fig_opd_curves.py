@@ -2,10 +2,11 @@
 
     python paper_figs/fig_opd_curves.py multirun/opd/<date>_<time> [--out paper_figs]
 
-Writes `opd_curves.png` (loss, held-out sampled pass@1, fraction of sampled tokens outside the teacher's
-top-K, response length and gradient norm per step; one line per loss = mean over seeds, band = ± std) and
-`opd_final_accuracy.png` (final sampled pass@1 per loss, mean ± std over seeds with the seeds as dots, and
-horizontal lines for the teacher and the student before OPD).
+Writes `opd_curves.png` (loss, held-out sampled and greedy pass@1, fraction of sampled tokens outside the
+teacher's top-K, response length and gradient norm per step; one line per loss, "+ mask" when special tokens
+are masked, = mean over seeds, band = ± sample std) and `opd_final_accuracy.png` (final sampled pass@1
+per loss, mean ± std over seeds with the seeds as dots, and horizontal lines for the teacher and the
+student before OPD).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from paper_figs.common import PALETTE, get, load_jobs, plt, save, setup_style
 PANELS = [
     ("loss", "objective (loss)"),
     ("eval/accuracy", "held-out pass@1 (top-p 0.9)"),
+    ("eval/greedy_accuracy", "held-out pass@1 (greedy)"),
     ("not_in_topk_frac", "sampled tokens outside teacher top-K"),
     ("response_len", "response length (tokens)"),
     ("grad_norm", "gradient norm (before clipping)"),
@@ -30,14 +32,17 @@ PANELS = [
 
 
 def label_of(job) -> str:
-    return str(get(job["config"], "loss.name", "?"))
+    """The loss, and "+ mask" when special tokens were masked (the two halves of a table sweep)."""
+    mask = bool(get(job["config"], "loss.mask_special_tokens", False))
+    return str(get(job["config"], "loss.name", "?")) + (" + mask" if mask else "")
 
 
 def series(job, key: str) -> tuple[np.ndarray, np.ndarray]:
     steps, values = [], []
-    if key == "eval/accuracy" and "initial/accuracy" in job["metrics"]:
+    initial = key.replace("eval/", "initial/")
+    if key.startswith("eval/") and initial in job["metrics"]:
         steps.append(0)
-        values.append(job["metrics"]["initial/accuracy"])
+        values.append(job["metrics"][initial])
     for row in job["rows"]:
         if row.get(key) is not None:
             steps.append(row["step"])
@@ -46,12 +51,12 @@ def series(job, key: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def mean_band(runs: list[tuple[np.ndarray, np.ndarray]]):
-    """Mean and std over runs on the steps every run has."""
+    """Mean and sample std (0 for one run) over runs on the steps every run has."""
     common = sorted(set.intersection(*[set(s.tolist()) for s, _ in runs])) if runs else []
     if not common:
         return np.array([]), np.array([]), np.array([])
     mat = np.stack([[v[list(s).index(c)] for c in common] for s, v in runs])
-    return np.asarray(common), mat.mean(0), mat.std(0)
+    return np.asarray(common), mat.mean(0), mat.std(0, ddof=1) if len(mat) > 1 else np.zeros(mat.shape[1])
 
 
 def main(argv=None) -> None:
@@ -64,7 +69,7 @@ def main(argv=None) -> None:
     by_loss: dict[str, list] = defaultdict(list)
     for job in jobs:
         by_loss[label_of(job)].append(job)
-    order = sorted(by_loss, key=lambda n: (n != "sampled_token", n))
+    order = sorted(by_loss, key=lambda n: (not n.startswith("sampled_token"), n))
     colors = {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(order)}
 
     fig, axes = plt.subplots(1, len(PANELS), figsize=(4.0 * len(PANELS), 3.2))
@@ -85,13 +90,14 @@ def main(argv=None) -> None:
     fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(order), 3.4))
     for i, name in enumerate(order):
         finals = np.array([j["metrics"].get("final/accuracy", np.nan) for j in by_loss[name]], float)
-        ax.bar(i, np.nanmean(finals), yerr=np.nanstd(finals), color=colors[name], alpha=0.85, capsize=4)
+        err = np.nanstd(finals, ddof=1) if finals.size > 1 else 0.0
+        ax.bar(i, np.nanmean(finals), yerr=err, color=colors[name], alpha=0.85, capsize=4)
         ax.scatter(np.full(finals.shape, i) + np.linspace(-0.15, 0.15, finals.size), finals, color="k", s=10, zorder=3)
     for key, style, text in (("teacher/accuracy", "--", "teacher"), ("initial/accuracy", ":", "student before OPD")):
         vals = [j["metrics"][key] for j in jobs if j["metrics"].get(key) is not None]
         if vals:
             ax.axhline(float(np.mean(vals)), color="0.3", ls=style, lw=1.2, label=f"{text} ({np.mean(vals):.2f})")
-    ax.set_xticks(range(len(order)), order)
+    ax.set_xticks(range(len(order)), [n.replace(" + ", "\n+ ") for n in order])
     ax.set_ylabel("final held-out pass@1 (top-p 0.9)")
     ax.set_ylim(0, 1)
     ax.legend(loc="upper left", fontsize=8)

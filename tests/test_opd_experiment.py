@@ -49,7 +49,15 @@ def test_smoke_experiment_writes_complete_results(tmp_path):
         assert REQUIRED_ROW_KEYS <= set(row), REQUIRED_ROW_KEYS - set(row)
     assert "eval/accuracy" in rows[1] and "eval/accuracy" in rows[3]
     assert rows[-1]["eval/accuracy"] == m["final/accuracy"]
-    assert len([p for p in ckpt.iterdir() if not p.name.startswith(".")]) == 2  # teacher + student cached
+    cached = [p for p in ckpt.iterdir() if not p.name.startswith(".")]
+    assert len(cached) == 2  # teacher + student cached
+    # the SFT evaluation was measured exactly as the run's (same problems, key, budget, batch): stored with
+    # its spec and reused as teacher/ and initial/ accuracy instead of being measured again
+    metas = {json.loads((p / "meta.json").read_text())["label"]: json.loads((p / "meta.json").read_text())
+             for p in cached}
+    for label, prefix in (("teacher", "teacher/"), ("student", "initial/")):
+        assert metas[label]["sft_eval_spec"]["problems"] == payload["config"]["eval_problems"]
+        assert metas[label]["sft_eval"]["accuracy"] == m[prefix + "accuracy"]
 
 
 BAD = {

@@ -108,13 +108,15 @@ def prepare(
     root: str | Path,
     checkpoint: str | Path | None = None,
     eval_fn: Callable[[nnx.Module], dict[str, float]] | None = None,
+    eval_spec: dict[str, Any] | None = None,
     log: Callable[[str], None] = print,
 ) -> tuple[nnx.Module, dict[str, Any]]:
     """A prepared model and its meta ({'key', 'path', 'trained', 'sft_eval', ...}).
 
     checkpoint: an explicit directory to load instead of the cache. Otherwise the cache key is the hash
     of the three config sections; a complete cached checkpoint is loaded, else the model is trained,
-    evaluated with `eval_fn` (its numbers go into meta.json) and saved atomically."""
+    evaluated with `eval_fn` (its numbers go into meta.json, with `eval_spec`, what they depend on, so a
+    caller measuring the same way can reuse them) and saved atomically."""
     model = new_model(model_cfg, int(sft_cfg.seed))
     if checkpoint is not None:
         checkpoints.load_model(model, checkpoint)
@@ -136,7 +138,7 @@ def prepare(
     if sft_eval:
         log(f"[sft {label}] held-out " + " ".join(f"{k} {v:.3f}" for k, v in sft_eval.items()))
     meta = {"key": key, "label": label, "model": model_section, "task": task_section, "sft": sft_section,
-            "final_loss": losses[-1] if losses else None, "sft_eval": sft_eval,
+            "final_loss": losses[-1] if losses else None, "sft_eval": sft_eval, "sft_eval_spec": eval_spec,
             "train_time_s": round(time.time() - t0, 1)}
     checkpoints.save_model(model, path, meta)
     log(f"[sft {label}] saved {path}")
