@@ -99,7 +99,9 @@ def main(argv=None) -> None:
             ax.axhline(float(np.mean(vals)), color="0.3", ls=style, lw=1.2, label=f"{text} ({np.mean(vals):.2f})")
     ax.set_xticks(range(len(order)), [n.replace(" + ", "\n+ ") for n in order])
     ax.set_ylabel("final held-out pass@1 (top-p 0.9)")
-    ax.set_ylim(0, 1)
+    shown = [j["metrics"].get(k) for j in jobs for k in ("final/accuracy", "initial/accuracy")]
+    low = min([v for v in shown if v is not None], default=0.0)
+    ax.set_ylim(max(0.0, low - 0.1), 1.0)  # zoomed: differences of a few points must be visible
     ax.legend(loc="upper left", fontsize=8)
     save(fig, "opd_final_accuracy", args.out)
 
