@@ -21,17 +21,13 @@ import hydra
 import jax
 from omegaconf import DictConfig
 
-from opd.cli import entry_point, output_dir, run_main
+from opd.cli import entry_point, output_dir, progress, run_main
 from opd.train.multitask import register_multitask_configs, validate_multitask
 
 register_multitask_configs()
 
 
-def _log(msg: str) -> None:
-    print(msg, flush=True)
-
-
-def run_experiment(cfg, built, out_dir: Path, *, log=_log) -> dict:
+def run_experiment(cfg, built, out_dir: Path, *, log=progress) -> dict:
     from opd.results import RunRecorder
     from opd.train.config import to_container
     from opd.train.multitask import build_routes, run_multitask, teacher_scores

@@ -32,17 +32,13 @@ import hydra
 import jax
 from omegaconf import DictConfig
 
-from opd.cli import entry_point, output_dir, run_main
+from opd.cli import entry_point, output_dir, progress, run_main
 from opd.train.config import register_configs, to_container, validate
 
 register_configs()
 
 
-def _log(msg: str) -> None:
-    print(msg, flush=True)
-
-
-def run_experiment(cfg: Any, built: dict[str, Any], out_dir: Path, *, log: Callable[[str], None] = _log) -> dict:
+def run_experiment(cfg: Any, built: dict[str, Any], out_dir: Path, *, log: Callable[[str], None] = progress) -> dict:
     """Everything after validation. Returns the final metrics written to metrics.json."""
     from opd.results import RunRecorder
     from opd.train import evaluate as ev
@@ -123,7 +119,7 @@ def run_experiment(cfg: Any, built: dict[str, Any], out_dir: Path, *, log: Calla
     return final
 
 
-def load_hf(role: str, path: str, model_cfg: Any, *, log: Callable[[str], None] = _log) -> tuple[Any, dict]:
+def load_hf(role: str, path: str, model_cfg: Any, *, log: Callable[[str], None] = progress) -> tuple[Any, dict]:
     """A Hugging Face checkpoint loaded as is (validated by opd.train.config.validate), and its meta."""
     from opd.model import hf
 

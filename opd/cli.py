@@ -4,6 +4,7 @@ before any computation, and leave no results behind."""
 from __future__ import annotations
 
 import functools
+import logging
 import shutil
 import sys
 from collections.abc import Callable, Iterable
@@ -24,6 +25,15 @@ def require(condition: bool, key: str, allowed: str, got: Any) -> None:
 def require_choice(key: str, value: Any, choices: Iterable[Any]) -> None:
     choices = list(choices)
     require(value in choices, key, "one of " + ", ".join(map(str, choices)), value)
+
+
+def progress(msg: str) -> None:
+    """A progress line: through logging when a Hydra job configured it (console *and* the job's log file),
+    else straight to stdout."""
+    if logging.getLogger().handlers:
+        logging.getLogger("opd").info(msg)
+    else:
+        print(msg, flush=True)
 
 
 def output_dir() -> Path:
