@@ -66,6 +66,7 @@ def run_experiment(cfg: Any, built: dict[str, Any], out_dir: Path, *, log: Calla
         """The model's held-out accuracy: the numbers stored with its checkpoint when they were measured
         the same way (same problems, key, budget, batch), else a fresh evaluation."""
         if meta.get("sft_eval") and meta.get("sft_eval_spec") == eval_spec(len(eval_problems)):
+            log(f"[eval] {prefix.rstrip('/')}: the held-out accuracy measured after SFT (same problems and key)")
             return {prefix + k: v for k, v in meta["sft_eval"].items()}
         return ev.evaluate(model, task, eval_problems, eval_key, max_new_tokens=max_new,
                            batch_size=eval_spec(len(eval_problems))["batch_size"], prefix=prefix)

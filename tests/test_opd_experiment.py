@@ -58,6 +58,7 @@ def test_smoke_experiment_writes_complete_results(tmp_path):
     for label, prefix in (("teacher", "teacher/"), ("student", "initial/")):
         assert metas[label]["sft_eval_spec"]["problems"] == payload["config"]["eval_problems"]
         assert metas[label]["sft_eval"]["accuracy"] == m[prefix + "accuracy"]
+        assert f"[eval] {prefix.rstrip('/')}: the held-out accuracy measured after SFT" in out
 
 
 BAD = {

@@ -39,7 +39,7 @@ from opd.sharding import path_parts
 # architecture -> family; the options each family fixes are checked in `config_from_hf`.
 ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama"}
 _FAMILY_TO_ARCH = {v: k for k, v in ARCHITECTURES.items()}
-_DTYPE_NAMES = ("float32", "bfloat16", "float16")
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
 _NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 _FLOAT_SAFETENSORS_DTYPES = ("F32", "F16", "BF16", "F64")
 _REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
@@ -137,9 +137,9 @@ def config_from_hf(raw: Mapping[str, Any], *, dtype: str | None = None, where: A
 
     if dtype is None:
         dtype = raw.get("torch_dtype") or raw.get("dtype") or "float32"
-        dtype = dtype if dtype in _DTYPE_NAMES else "float32"
-    if dtype not in _DTYPE_NAMES:
-        raise ValueError(f"dtype: expected one of {list(_DTYPE_NAMES)} or None, got {dtype!r}")
+        dtype = dtype if dtype in DTYPE_NAMES else "float32"
+    if dtype not in DTYPE_NAMES:
+        raise ValueError(f"dtype: expected one of {list(DTYPE_NAMES)} or None, got {dtype!r}")
 
     num_heads = int(raw["num_attention_heads"])
     head_dim = raw.get("head_dim")

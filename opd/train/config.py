@@ -143,7 +143,6 @@ def to_container(cfg: Any) -> dict[str, Any]:
 
 HF_KEYS = ("path", "dtype")
 """Keys of a Hugging Face checkpoint model section (conf/model/hf.yaml)."""
-HF_DTYPES = (None, "float32", "bfloat16", "float16")
 
 
 def hf_path(section: Any) -> str | None:
@@ -165,7 +164,7 @@ def _hf_model_config(raw: dict[str, Any], key: str):
     require(Path(path).is_dir() and (Path(path) / "config.json").is_file(), f"{key}.path",
             "an existing Hugging Face checkpoint directory with config.json", path)
     dtype = raw.get("dtype")
-    require_choice(f"{key}.dtype", dtype, HF_DTYPES)
+    require_choice(f"{key}.dtype", dtype, (None, *hf.DTYPE_NAMES))
     try:
         return hf.check_pretrained(path, dtype=dtype)
     except ValueError as err:
