@@ -38,7 +38,7 @@ import re
 
 import numpy as np
 
-from opd.tasks.common import Problem, check_split, split_of_key
+from opd.tasks.common import Problem, check_split, draw_distinct, split_of_key
 from opd.tasks.tokenizer import Tokenizer
 
 _ANSWER_RE = re.compile(r"\s*(\d+)\s*")
@@ -164,21 +164,15 @@ class ArithmeticTask:
         if n < 0:
             raise ValueError(f"n: expected a non-negative count, got {n}")
         rng = np.random.default_rng([int(seed), 0 if split == "train" else 1])
-        out: list[Problem] = []
-        seen: set[str] = set()
-        attempts = 0
-        while len(out) < n:
-            attempts += 1
-            if attempts > 100 * n + 10_000:
-                raise ValueError(f"problems: the {split} split of this difficulty has fewer than {n} distinct problems")
+
+        def draw() -> list[int]:
             k = int(rng.integers(self.min_terms, self.max_terms + 1))
-            numbers = [int(x) for x in rng.integers(0, 10**self.digits, size=k)]
-            prompt = self.format_prompt(numbers)
-            if prompt in seen or self.split_of(prompt) != split:
-                continue
-            seen.add(prompt)
-            out.append(self.make_problem(numbers))
-        return out
+            return [int(x) for x in rng.integers(0, 10**self.digits, size=k)]
+
+        error = f"problems: the {split} split of this difficulty has fewer than {n} distinct problems"
+        numbers = draw_distinct(n, draw, self.format_prompt, lambda _, prompt: self.split_of(prompt) == split,
+                                error=error)
+        return [self.make_problem(x) for x in numbers]
 
     # -- targets and scoring --------------------------------------------------------------------------
 

@@ -47,6 +47,27 @@ def split_of_key(key: str, eval_fraction: float) -> str:
     return "eval" if hash_bucket(key, 1_000_000) < round(eval_fraction * 1_000_000) else "train"
 
 
+def draw_distinct(n: int, draw, key, keep, *, error: str) -> list:
+    """`n` items of `draw()` with distinct `key(item)`, each satisfying `keep(item, key(item))`, in draw order.
+
+    Rejection sampling shared by the task generators (a split is a hash partition of the keys, so items are
+    drawn until enough land in the requested split); ValueError(`error`) after 100 n + 10 000 draws."""
+    out: list = []
+    seen: set = set()
+    for _ in range(100 * n + 10_000):
+        if len(out) >= n:
+            break
+        item = draw()
+        k = key(item)
+        if k in seen or not keep(item, k):
+            continue
+        seen.add(k)
+        out.append(item)
+    if len(out) < n:
+        raise ValueError(error)
+    return out
+
+
 def encode_prompts(tokenizer: Tokenizer, prompts: Sequence[str], length: int) -> tuple[np.ndarray, np.ndarray]:
     """BOS + prompt, left-padded with PAD to `length`: (prompt_BxP, prompt_mask_BxP), int32.
 

@@ -54,7 +54,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from opd.tasks.common import check_split, pad_sequences, split_of_key
+from opd.tasks.common import check_split, draw_distinct, pad_sequences, split_of_key
 from opd.tasks.tokenizer import Tokenizer
 
 ERROR_OBSERVATION = "Nothing happens."
@@ -397,20 +397,10 @@ class TextWorldTask:
         """
         check_split(split)
         rng = np.random.default_rng([int(seed), 0 if split == "train" else 1, 31])
-        out: list[int] = []
-        seen: set[str] = set()
-        attempts = 0
-        while len(out) < n:
-            attempts += 1
-            if attempts > 100 * n + 10_000:
-                raise ValueError(f"episodes: could not find {n} {split} episodes within the limits")
-            s = int(rng.integers(0, 2**31 - 1))
-            sig = self.world(s).signature()
-            if sig in seen or split_of_key(sig, self.eval_fraction) != split or not self.fits(s):
-                continue
-            seen.add(sig)
-            out.append(s)
-        return out
+        return draw_distinct(
+            n, lambda: int(rng.integers(0, 2**31 - 1)), lambda s: self.world(s).signature(),
+            lambda s, sig: split_of_key(sig, self.eval_fraction) == split and self.fits(s),
+            error=f"episodes: could not find {n} {split} episodes within the limits")
 
     def reset(self, seed: int) -> tuple[State, str]:
         """(initial state, first observation). `state.tokens` counts the prompt."""
