@@ -68,6 +68,20 @@ def test_unknown_character_is_refused(tok):
         tok.decode([tok.vocab_size])
 
 
+def test_spaced_tokenizer_keeps_default_ids(tok):
+    spaced = Tokenizer.spaced()
+    assert [spaced.id_to_token(i) for i in range(tok.vocab_size)] == [tok.id_to_token(i) for i in range(tok.vocab_size)]
+    text = "task: put the key in drawer 12.<obs>you see key, pen.<eot>take key from drawer 12<eot>"
+    assert [spaced.id_to_token(i) for i in spaced.encode(text)][:9] == [
+        "task", ":", " put", " the", " key", " in", " drawer", " 1", "2"]
+    assert spaced.decode(spaced.encode(text)) == text and len(spaced.encode(text)) < len(tok.encode(text)) * 0.75
+    arithmetic = make_task("arithmetic")  # no word follows a space there: identical ids in both vocabularies
+    for p in arithmetic.problems("train", 20, 0):
+        assert spaced.encode(p.prompt + p.solution) == tok.encode(p.prompt + p.solution)
+    variant = Tokenizer.variant(eos_token="<|endoftext|>", spaced=True)
+    assert variant.encode(" key") == [variant.token_to_id(" key")] and variant.eos_id != spaced.eos_id
+
+
 def test_variant_tokenizer_conventions(tok):
     teacher = Tokenizer.variant(think_as_pieces=True, eos_token="<|endoftext|>", name="teacher")
     assert teacher.think_open_id is None and teacher.think_close_id is None

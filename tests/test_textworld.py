@@ -289,9 +289,9 @@ def test_prompt_fits_and_bad_config(env):
 def test_conversation_in_teacher_conventions():
     from opd.tasks import Tokenizer, TokenMapping
 
-    student_tok = Tokenizer()
-    teacher_tok = Tokenizer.variant(eot_token="<|im_end|>")
-    student, teacher = TextWorldTask(), TextWorldTask(tokenizer=teacher_tok)
+    student_tok = Tokenizer.spaced()  # the text world's default
+    teacher_tok = Tokenizer.variant(eot_token="<|im_end|>", spaced=True)
+    student, teacher = TextWorldTask(tokenizer=student_tok), TextWorldTask(tokenizer=teacher_tok)
     s_tokens, s_mask = student.demonstration_conversation(4)
     t_tokens, t_mask = teacher.demonstration_conversation(4)
     assert (

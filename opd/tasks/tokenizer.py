@@ -2,6 +2,8 @@
 
 Vocabulary (default, `Tokenizer()`): 7 special tokens, then single characters (digits, lower-case letters,
 punctuation, space, newline), then a few whole words of the text world, < 128 ids in all.
+`Tokenizer.spaced()` adds those words and the digits with their leading space (" key", " 1"), 181 ids: the
+text world's default.
 
     id 0 <pad>   1 <bos>   2 <eos>   3 <think>   4 </think>   5 <eot> (end of turn)   6 <obs> (observation)
 
@@ -53,6 +55,10 @@ _WORDS: tuple[str, ...] = tuple(
         ]
     ).split()
 )
+
+# The same words and the digits with a leading space (" key", " 1"), as BPE vocabularies have them: see
+# `Tokenizer.spaced`.
+_SPACED: tuple[str, ...] = tuple(" " + w for w in _WORDS + tuple(string.digits))
 
 
 class Tokenizer:
@@ -120,12 +126,24 @@ class Tokenizer:
     # -- variants -------------------------------------------------------------------------------------
 
     @classmethod
+    def spaced(cls, name: str = "spaced") -> Tokenizer:
+        """The default vocabulary plus every word and digit with its leading space as one piece (" key", " 1").
+
+        The text world's default (and the multi-task runs', whose student shares one vocabulary across tasks).
+        Why: with the space as a token of its own, each word is two tokens after the previous one, and the
+        tiny text-world teacher never learned to copy names from the task line (0% held-out success after
+        1000 SFT steps, name tokens at 0.93 nats); with spaced pieces it solves 39% after 300 steps (same
+        model and settings). Ids of the default pieces are unchanged, so arithmetic encodes identically."""
+        return cls(list(_CHARS + _WORDS + _SPACED), name=name)
+
+    @classmethod
     def variant(
         cls,
         *,
         think_as_pieces: bool | Sequence[str] = False,
         eos_token: str | None = None,
         eot_token: str | None = None,
+        spaced: bool = False,
         name: str = "variant",
     ) -> Tokenizer:
         """A tokenizer with different special-token conventions from the default (a teacher-side vocabulary).
@@ -134,11 +152,12 @@ class Tokenizer:
             pieces `<`, `think`, `>` (a "think" piece is added). A sequence of strings adds those pieces
             instead (e.g. ("<th", "ink", ">") as in the paper's example).
         eos_token / eot_token: rename EOS / end-of-turn (e.g. "<|endoftext|>", "<|im_end|>").
+        spaced: also the pieces of `Tokenizer.spaced` (words and digits with their leading space).
         Ids differ from the default: only PAD and BOS precede the ordinary pieces; all other special
         tokens come after them, so e.g. the EOS id is not 2.
         """
         specials = dict(DEFAULT_SPECIALS)
-        pieces = list(_CHARS + _WORDS)
+        pieces = list(_CHARS + _WORDS + (_SPACED if spaced else ()))
         if think_as_pieces:
             del specials["think_open"], specials["think_close"]
             extra = ["think"] if think_as_pieces is True else list(think_as_pieces)

@@ -420,9 +420,11 @@ def register_multitask_configs() -> None:
 def make_tokenizer(kind: str):
     from opd.tasks import Tokenizer
 
+    # Spaced words: the student shares one vocabulary across tasks and the text world needs them (see
+    # Tokenizer.spaced); arithmetic encodes the same either way.
     if kind == "default":
-        return Tokenizer()
-    return Tokenizer.variant(think_as_pieces=True, eos_token="<|endoftext|>", name="teacher-variant")
+        return Tokenizer.spaced()
+    return Tokenizer.variant(think_as_pieces=True, eos_token="<|endoftext|>", spaced=True, name="teacher-variant")
 
 
 def validate_multitask(cfg: Any) -> dict[str, Any]:
