@@ -132,8 +132,8 @@ class Tokenizer:
         The text world's default (and the multi-task runs', whose student shares one vocabulary across tasks).
         Why: with the space as a token of its own, each word is two tokens after the previous one, and the
         tiny text-world teacher never learned to copy names from the task line (0% held-out success after
-        1000 SFT steps, name tokens at 0.93 nats); with spaced pieces it solves 39% after 300 steps (same
-        model and settings). Ids of the default pieces are unchanged, so arithmetic encodes identically."""
+        1000 SFT steps, name tokens at 0.93 nats); with spaced pieces it solved 39% after 300 steps, and 100%
+        after 2000 steps on 8192 episodes. Ids of the default pieces are unchanged, so arithmetic encodes identically."""
         return cls(list(_CHARS + _WORDS + _SPACED), name=name)
 
     @classmethod
