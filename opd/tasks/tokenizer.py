@@ -133,7 +133,8 @@ class Tokenizer:
         Why: with the space as a token of its own, each word is two tokens after the previous one, and the
         tiny text-world teacher never learned to copy names from the task line (0% held-out success after
         1000 SFT steps, name tokens at 0.93 nats); with spaced pieces it solved 39% after 300 steps, and 100%
-        after 2000 steps on 8192 episodes. Ids of the default pieces are unchanged, so arithmetic encodes identically."""
+        after 2000 steps on 8192 episodes. Ids of the default pieces are unchanged, so arithmetic encodes
+        identically."""
         return cls(list(_CHARS + _WORDS + _SPACED), name=name)
 
     @classmethod
