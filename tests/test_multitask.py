@@ -201,7 +201,7 @@ def test_multitask_job_end_to_end(tmp_path):
                     "sft_student.train_problems=8", "steps=2", "eval_every=2", "eval_problems=2",
                     "train_problems=8", "rollout.prompts_per_step=1", "rollout.group_size=2",
                     "diagnostics_every=1", f"checkpoint_root={tmp_path / 'ckpt'}",
-                    "task_args.arithmetic={digits:1,min_terms:2,max_terms:2}"])
+                    "++task_args.arithmetic={digits:1,min_terms:2,max_terms:2}"])  # ++: the conf has {}
     built = mt.validate_multitask(cfg)
     final = run_experiment(cfg, built, tmp_path, log=lambda _m: None)
     assert {"final/arithmetic/accuracy", "final/textworld/success", "teacher/textworld/success"} <= set(final)
