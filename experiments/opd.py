@@ -57,10 +57,10 @@ def run_experiment(cfg: Any, built: dict[str, Any], out_dir: Path, *, log: Calla
         return {"task": resolved["task"], "problems": n, "eval_seed": int(cfg.eval_seed),
                 "max_new_tokens": max_new, "batch_size": min(int(cfg.eval_batch_size), n)}
 
-    def sft_eval(n: int) -> Callable:
-        probs = eval_problems[:n]
-        return lambda m: ev.evaluate(m, task, probs, eval_key, max_new_tokens=max_new,
-                                     batch_size=eval_spec(n)["batch_size"], prefix="")
+    def evaluate(model, n: int, prefix: str = "") -> dict[str, float]:
+        """Held-out accuracy on the first `n` eval problems, measured as `eval_spec(n)` describes."""
+        return ev.evaluate(model, task, eval_problems[:n], eval_key, max_new_tokens=max_new,
+                           batch_size=eval_spec(n)["batch_size"], prefix=prefix)
 
     def held_out(model, meta: dict[str, Any], prefix: str) -> dict[str, float]:
         """The model's held-out accuracy: the numbers stored with its checkpoint when they were measured
@@ -68,18 +68,17 @@ def run_experiment(cfg: Any, built: dict[str, Any], out_dir: Path, *, log: Calla
         if meta.get("sft_eval") and meta.get("sft_eval_spec") == eval_spec(len(eval_problems)):
             log(f"[eval] {prefix.rstrip('/')}: the held-out accuracy measured after SFT (same problems and key)")
             return {prefix + k: v for k, v in meta["sft_eval"].items()}
-        return ev.evaluate(model, task, eval_problems, eval_key, max_new_tokens=max_new,
-                           batch_size=eval_spec(len(eval_problems))["batch_size"], prefix=prefix)
+        return evaluate(model, len(eval_problems), prefix)
 
     def model(role: str, checkpoint: str | None):
         hf_dir = built.get("hf_paths", {}).get(role)
         if hf_dir is not None:  # a Hugging Face checkpoint replaces SFT preparation
             return load_hf(role, hf_dir, built[role], log=log)
+        n_sft = int(cfg[f"sft_{role}"].eval_problems)
         return prepare(
             role, built[role], built[role].to_dict(), task, resolved["task"], cfg[f"sft_{role}"],
             resolved[f"sft_{role}"], root=cfg.checkpoint_root, checkpoint=checkpoint,
-            eval_fn=sft_eval(int(cfg[f"sft_{role}"].eval_problems)),
-            eval_spec=eval_spec(int(cfg[f"sft_{role}"].eval_problems)), log=log)
+            eval_fn=lambda m: evaluate(m, n_sft), eval_spec=eval_spec(n_sft), log=log)
 
     teacher, tmeta = model("teacher", cfg.teacher_checkpoint)
     student, smeta = model("student", cfg.student_checkpoint)

@@ -508,10 +508,8 @@ def prepare_model(label: str, model_cfg, task_list: list, sections: dict[str, An
                   checkpoint=None, log: Callable[[str], None] = print) -> tuple[nnx.Module, dict[str, Any]]:
     """SFT a model on the demonstrations of `task_list` (steps alternate tasks), cached by config hash
     (the single-task trainer's checkpoint cache and SFT step); or load `checkpoint`."""
-    import optax
-
     from opd.train import checkpoints
-    from opd.train.sft import FINGERPRINT_PROBLEMS, make_sft_step, new_model
+    from opd.train.sft import FINGERPRINT_PROBLEMS, make_sft_step, new_model, sft_optimizer
 
     model = new_model(model_cfg, int(sft_cfg.seed))
     if checkpoint is not None:
@@ -529,11 +527,7 @@ def prepare_model(label: str, model_cfg, task_list: list, sections: dict[str, An
         return model, {**checkpoints.read_meta(path), "path": str(path), "trained": False}
     data = [sft_batches(t, int(sft_cfg.train_problems), seed) for t in task_list]
     steps = int(sft_cfg.steps)
-    sched = optax.warmup_cosine_decay_schedule(0.0, sft_cfg.lr, max(min(int(sft_cfg.warmup_steps), steps - 1), 1),
-                                               max(steps, 2), sft_cfg.lr * 0.05)
-    tx = optax.chain(optax.clip_by_global_norm(sft_cfg.grad_clip),
-                     optax.adamw(sched, weight_decay=sft_cfg.weight_decay))
-    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    optimizer = sft_optimizer(model, sft_cfg)
     graphdef, state = nnx.split((model, optimizer))
     step_fn = make_sft_step(graphdef)
     rng = np.random.default_rng(int(sft_cfg.seed))

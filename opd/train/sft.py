@@ -68,13 +68,18 @@ def _schedule(cfg) -> optax.Schedule:
     return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(warmup, 1), max(int(cfg.steps), 2), cfg.lr * 0.05)
 
 
+def sft_optimizer(model: nnx.Module, cfg) -> nnx.Optimizer:
+    """AdamW on the warmup-cosine schedule after global-norm clipping (every SFT loop's optimizer)."""
+    tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
+                     optax.adamw(_schedule(cfg), weight_decay=cfg.weight_decay))
+    return nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+
 def train_sft(model: nnx.Module, task, cfg, *, label: str = "sft", log: Callable[[str], None] = print) -> list[float]:
     """Train `model` in place on `cfg.train_problems` demonstrations for `cfg.steps` steps; returns losses."""
     problems = task.problems("train", int(cfg.train_problems), int(cfg.seed))
     tokens, attn, target = demonstration_batch(task, problems)
-    tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
-                     optax.adamw(_schedule(cfg), weight_decay=cfg.weight_decay))
-    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    optimizer = sft_optimizer(model, cfg)
     graphdef, state = nnx.split((model, optimizer))
     step = make_sft_step(graphdef)
     rng = np.random.default_rng(int(cfg.seed))
