@@ -32,7 +32,7 @@ def _model(seed: int, vocab: int = V, hidden: int = 16) -> Transformer:
 
 
 def _loss_cfg(name: str, **kw):
-    base = {"name": name, "k": K, "renormalize": True, "aggregation": "sequence_mean", "clip_eps": 0.2,
+    base = {"name": name, "k": K, "aggregation": "sequence_mean", "clip_eps": 0.2,
             "dual_clip": 3.0, "mask_special_tokens": False, "rollout_top_p": 1.0}
     return OmegaConf.create({**base, **kw})
 

@@ -20,11 +20,12 @@ from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from opd import objectives
 from opd.cli import ConfigError, require, require_choice
 from opd.losses import AGGREGATION_MODES
 
-LOSSES = ("sampled_token", "lsm", "lsm_no_renorm", "full_rkl", "topk_tail", "topk_fkl")
-"""Objectives the OPD step knows (opd/train/opd_step.py); each maps to one function in opd/losses.py."""
+LOSSES = objectives.NAMES
+"""Objectives the OPD step knows: the registry's names (opd/objectives.py)."""
 
 
 @dataclass
@@ -38,7 +39,6 @@ class LossConfig:
     # paper's K=32/152K holds 97-99%, which K=1 already does here, but K=1 makes renormalized LSM identically
     # 0; K=4 (3.4% of V) is the default, K=2 the smallest non-degenerate choice.
     k: int = 4
-    renormalize: bool = True  # lsm family: renormalize both sides over the support (Eq. 7)
     # token_mean (paper Eq. 8) | sequence_mean: the default, because it is what produced the paper's numbers
     # (verl token-mean per micro-batch of one sequence, then averaged; paper.md §5 "Code reality").
     aggregation: str = "sequence_mean"

@@ -1,16 +1,10 @@
 """One OPD training step, split into its hot stages: sample (opd.sampling), score (opd.teacher), update.
 
 The objective is built by `make_loss_fn(...) -> loss_fn(params, rest, batch, teacher_state) -> (loss, aux)`
-and the step (`make_update_fn`) only does grad, AdamW update and metrics (style.md E3). Every objective is
-one function from opd/losses.py; nothing here re-derives a divergence.
-
-    sampled_token  A = sg(log q(y) − log π_old(y))  ->  ppo_clip_loss(log π(y), log π_old(y), A)   (top-p 1.0)
-    lsm            topk_reverse_kl(π logits, teacher top-K ids, teacher top-K log-probs, renormalize=True)
-    lsm_no_renorm  same, renormalize=False (the paper's collapse ablation)
-    topk_tail      topk_reverse_kl_with_tail (K support bins + one tail bin)
-    topk_fkl       topk_forward_kl (truncated forward KL)
-    full_rkl       full_reverse_kl(π logits, sg(teacher logits)): the teacher forward runs *inside* the
-                   step, for this ablation only, because the scoring payload never ships [B, L, V].
+and the step (`make_update_fn`) only does grad, AdamW update and metrics (style.md E3). The per-position
+objective comes from the registry (opd/objectives.py), which calls one function of opd/losses.py each;
+nothing here re-derives a divergence. An objective that needs the teacher's full logits (full_rkl) gets them
+from a teacher forward *inside* the update, because the scoring payload never ships [B, L, V].
 
 The teacher is frozen (style.md E5): it is not in the optimizer, its logits are under stop_gradient, and
 its scoring runs in its own jitted function (opd.teacher.score).
@@ -25,7 +19,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from opd import diagnostics
+from opd import diagnostics, objectives
 from opd import losses as L
 
 
@@ -81,35 +75,26 @@ def build_batch(rollout, payload, *, special_ids=(), mask_special_tokens: bool =
 # ---------------------------------------------------------------------------------------------------------
 
 
+def position_inputs(batch: Batch) -> objectives.PositionInputs:
+    """The per-position view of a batch that every registered objective reads."""
+    return objectives.PositionInputs(tokens=batch.tokens_BxL, old_logprobs=batch.old_logprobs_BxL,
+                                     teacher_sampled=batch.teacher_sampled_BxL, topk_ids=batch.topk_ids_BxLxK,
+                                     topk_logprobs=batch.topk_logprobs_BxLxK)
+
+
 def per_position_loss(loss_cfg: Any, logits_BxLxV, batch: Batch, teacher_logits_BxLxV=None) -> jax.Array:
     """The configured objective at every position [B, L] (unmasked; the caller aggregates)."""
-    name = loss_cfg.name
-    if name == "sampled_token":
-        logp_BxLxV = jax.nn.log_softmax(logits_BxLxV, axis=-1)
-        logprobs_BxL = jnp.take_along_axis(logp_BxLxV, batch.tokens_BxL[..., None], axis=-1)[..., 0]
-        adv_BxL = L.sampled_token_log_ratio(batch.old_logprobs_BxL, batch.teacher_sampled_BxL)
-        return L.ppo_clip_loss(logprobs_BxL, batch.old_logprobs_BxL, adv_BxL,
-                               clip_eps=loss_cfg.clip_eps, dual_clip=loss_cfg.dual_clip)
-    if name in ("lsm", "lsm_no_renorm"):
-        renorm = bool(loss_cfg.renormalize) and name == "lsm"
-        return L.topk_reverse_kl(logits_BxLxV, batch.topk_ids_BxLxK, batch.topk_logprobs_BxLxK,
-                                 renormalize=renorm)
-    if name == "topk_tail":
-        return L.topk_reverse_kl_with_tail(logits_BxLxV, batch.topk_ids_BxLxK, batch.topk_logprobs_BxLxK)
-    if name == "topk_fkl":
-        return L.topk_forward_kl(logits_BxLxV, batch.topk_ids_BxLxK, batch.topk_logprobs_BxLxK)
-    if name == "full_rkl":
-        if teacher_logits_BxLxV is None:
-            raise ValueError("full_rkl needs the teacher's full logits (pass teacher_state)")
-        return L.full_reverse_kl(logits_BxLxV, jax.lax.stop_gradient(teacher_logits_BxLxV))
-    raise ValueError(f"loss.name: unknown objective {name!r}")
+    objective = objectives.get(loss_cfg.name)
+    if objective.teacher == "logits" and teacher_logits_BxLxV is None:
+        raise ValueError(f"loss.name={objective.name} needs the teacher's full logits (pass teacher_state)")
+    return objective.fn(logits_BxLxV, position_inputs(batch), loss_cfg, teacher_logits_BxLxV)
 
 
 def make_loss_fn(student_graphdef, loss_cfg: Any, teacher_graphdef=None):
     """loss_fn(params, rest, batch, teacher_state) -> (loss, aux) for the student's nnx.Param `params`.
 
     aux holds the student-side diagnostics computed from the same forward pass (entropy, top-K mass)."""
-    needs_teacher = loss_cfg.name == "full_rkl"
+    needs_teacher = objectives.get(loss_cfg.name).teacher == "logits"
 
     def loss_fn(params, rest, batch: Batch, teacher_state=None):
         student = nnx.merge(student_graphdef, params, rest)
