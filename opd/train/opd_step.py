@@ -12,7 +12,7 @@ its scoring runs in its own jitted function (opd.teacher.score).
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,25 +21,7 @@ from flax import nnx
 
 from opd import diagnostics, objectives
 from opd import losses as L
-
-
-class Batch(NamedTuple):
-    """Everything the update needs from one sample + score round, all device arrays, target-aligned."""
-
-    tokens_BxL: jax.Array
-    attention_mask_BxL: jax.Array
-    positions_BxL: jax.Array
-    response_mask_BxL: jax.Array  # every generated token (diagnostics)
-    loss_mask_BxL: jax.Array  # response mask, minus masked special tokens (objective)
-    old_logprobs_BxL: jax.Array  # π_old(y_t) recorded by the sampler (unmodified softmax)
-    teacher_sampled_BxL: jax.Array  # log q(y_t)
-    topk_ids_BxLxK: jax.Array
-    topk_logprobs_BxLxK: jax.Array
-
-
-def positions_from_mask(attention_mask_BxL: jax.Array) -> jax.Array:
-    """RoPE positions: cumsum(mask) − 1 clipped at 0, so left padding never shifts them."""
-    return jnp.maximum(jnp.cumsum(attention_mask_BxL.astype(jnp.int32), axis=-1) - 1, 0)
+from opd.train.batch import Batch, build_batch, positions_from_mask  # noqa: F401  (re-exported)
 
 
 def target_aligned_logits(model: nnx.Module, tokens_BxL, positions_BxL, attention_mask_BxL) -> jax.Array:
@@ -47,27 +29,6 @@ def target_aligned_logits(model: nnx.Module, tokens_BxL, positions_BxL, attentio
     logits_BxLxV = model(tokens_BxL, positions_BxT=positions_BxL, attention_mask_BxT=attention_mask_BxL)
     logits_BxLxV = logits_BxLxV.astype(jnp.float32)
     return jnp.concatenate([jnp.zeros_like(logits_BxLxV[:, :1]), logits_BxLxV[:, :-1]], axis=1)
-
-
-def build_batch(rollout, payload, *, special_ids=(), mask_special_tokens: bool = False) -> Batch:
-    """Masks and positions from a Rollout and a TeacherPayload (docs/interfaces.md)."""
-    response_mask = rollout.response_mask_BxL.astype(jnp.float32)
-    loss_mask = response_mask
-    if mask_special_tokens and len(special_ids):
-        # First occurrence *in the response*: prompt and padding positions become -1 (never an id).
-        response_tokens = jnp.where(response_mask > 0, rollout.tokens_BxL, -1)
-        loss_mask = L.mask_first_occurrences(response_tokens, list(special_ids), response_mask)
-    return Batch(
-        tokens_BxL=rollout.tokens_BxL,
-        attention_mask_BxL=rollout.attention_mask_BxL,
-        positions_BxL=positions_from_mask(rollout.attention_mask_BxL),
-        response_mask_BxL=response_mask,
-        loss_mask_BxL=loss_mask,
-        old_logprobs_BxL=rollout.logprobs_BxL.astype(jnp.float32),
-        teacher_sampled_BxL=payload.sampled_logprobs_BxL.astype(jnp.float32),
-        topk_ids_BxLxK=payload.topk_ids_BxLxK,
-        topk_logprobs_BxLxK=payload.topk_logprobs_BxLxK.astype(jnp.float32),
-    )
 
 
 # ---------------------------------------------------------------------------------------------------------
