@@ -293,6 +293,246 @@ def ppo_clip_loss(
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Support variants, baselines and controls (issue 13): each a per-position function of what the trainer
+# has at a position — student logits [..., V], the sampled token y_t, the sampler's log π_old(y_t), the
+# teacher's log q(y_t), the teacher's top-K ids and log-probs, and (full-vocabulary variants only) the
+# teacher's logits.
+# ---------------------------------------------------------------------------------------------------------
+
+SAMPLED_REWARDS = ("log_ratio", "box_cox")
+
+
+def _require_sampled(student_logits: Array, sampled_ids: Array, *named: tuple[str, Array]) -> None:
+    """sampled_ids int [...] matching the logits' leading axes; each named array of the same shape."""
+    if student_logits.ndim < 1:
+        raise ValueError("student_logits must have a vocabulary axis [..., V], got a scalar")
+    if sampled_ids.shape != student_logits.shape[:-1]:
+        raise ValueError(
+            f"sampled_ids shape {sampled_ids.shape} must equal student_logits leading axes "
+            f"{student_logits.shape[:-1]}"
+        )
+    if not jnp.issubdtype(sampled_ids.dtype, jnp.integer):
+        raise ValueError(f"sampled_ids must be an integer array, got dtype {sampled_ids.dtype}")
+    _require_ids_in_range("sampled_ids", sampled_ids, student_logits.shape[-1])
+    for name, arr in named:
+        _require_same_shape("sampled_ids", sampled_ids, name, arr)
+
+
+def _gather(x_xV: Array, ids: Array) -> Array:
+    """x[..., ids] for ids of shape [...] (one id per position)."""
+    return jnp.take_along_axis(x_xV, ids[..., None], axis=-1)[..., 0]
+
+
+def _in_support(support_ids_xK: Array, sampled_ids: Array) -> Array:
+    return jnp.any(support_ids_xK == sampled_ids[..., None], axis=-1)
+
+
+def student_topk_support(
+    student_logits: Float[ArrayLike, "*B V"], teacher_logits: Float[ArrayLike, "*B V"], k: int
+) -> tuple[Int[Array, "*B K"], Float[Array, "*B K"]]:
+    """The student's top-k ids (of the detached logits) and the teacher's full-vocabulary log-probs there.
+
+    The support of the paper's V2 and V4 variants (App. G.3). It needs the teacher's log-probs at ids the
+    *student* chooses, so the teacher must supply its full logits (or score arbitrary student ids): a
+    teacher that ships only its own top-K cannot serve these variants.
+    """
+    student_logits, teacher_logits = jnp.asarray(student_logits), jnp.asarray(teacher_logits)
+    _require_same_shape("student_logits", student_logits, "teacher_logits", teacher_logits)
+    if student_logits.ndim < 1:
+        raise ValueError("student_logits must have a vocabulary axis [..., V], got a scalar")
+    vocab = student_logits.shape[-1]
+    if int(k) != k or not 1 <= int(k) <= vocab:
+        raise ValueError(f"k must be an integer with 1 <= k <= V={vocab}, got {k}")
+    _, ids_xK = jax.lax.top_k(jax.lax.stop_gradient(_f32(student_logits)), int(k))
+    logq_xV = jax.nn.log_softmax(_f32(teacher_logits), axis=-1)
+    return ids_xK, jnp.take_along_axis(logq_xV, ids_xK, axis=-1)
+
+
+def union_sampled_reverse_kl(
+    student_logits: Float[ArrayLike, "*B V"],
+    support_ids: Int[ArrayLike, "*B K"],
+    teacher_support_logprobs: Float[ArrayLike, "*B K"],
+    sampled_ids: Int[ArrayLike, "*B"],
+    teacher_sampled_logprobs: Float[ArrayLike, "*B"],
+) -> Float[Array, "*B"]:
+    """Reverse KL renormalized over a top-K support joined with the sampled token (paper App. G.3, V2/V3):
+
+        S' = S ∪ {y_t},   L(c) = Σ_{v∈S'} π̂(v) (log π̂(v) − log q̂(v)),   x̂ = x / Σ_{S'} x   (x = π, q).
+
+    V3: S = the teacher's top-K (`topk_ids`, `topk_logprobs` of the payload; log q(y_t) is the teacher's
+    sampled-token log-prob). V2: S = the student's top-K with the teacher's log-probs there
+    (`student_topk_support`). When y_t ∈ S the support is S itself (the extra slot is masked out).
+
+    Source: arXiv 2603.25562 v2, App. G.3 (support variants). Deterministic given the prefix *and* y_t, so
+    unlike LSM it depends on the sample; like LSM it is a biased surrogate of the full reverse KL (Eq. 4)
+    whenever S' misses student mass, and its gradient reaches only the logits in S'.
+    """
+    student_logits, support_ids = jnp.asarray(student_logits), jnp.asarray(support_ids)
+    teacher_support_logprobs = jnp.asarray(teacher_support_logprobs)
+    sampled_ids, teacher_sampled_logprobs = jnp.asarray(sampled_ids), jnp.asarray(teacher_sampled_logprobs)
+    _require_topk_shapes(student_logits, support_ids, teacher_support_logprobs)
+    _require_sampled(student_logits, sampled_ids, ("teacher_sampled_logprobs", teacher_sampled_logprobs))
+    logits_xV = _f32(student_logits)
+    extra_valid = ~_in_support(support_ids, sampled_ids)
+    ids_xS = jnp.concatenate([support_ids, sampled_ids[..., None]], axis=-1)
+    valid_xS = jnp.concatenate([jnp.ones_like(support_ids, bool), extra_valid[..., None]], axis=-1)
+    student_xS = jnp.where(valid_xS, jnp.take_along_axis(logits_xV, ids_xS, axis=-1), -jnp.inf)
+    teacher_xS = jnp.concatenate(
+        [_f32(teacher_support_logprobs), _f32(teacher_sampled_logprobs)[..., None]], axis=-1)
+    teacher_xS = jnp.where(valid_xS, teacher_xS, -jnp.inf)
+    return _kl(_renormalize(student_xS), _renormalize(teacher_xS))
+
+
+def stop_gradient_topk_reverse_kl(
+    student_logits: Float[ArrayLike, "*B V"],
+    topk_ids: Int[ArrayLike, "*B K"],
+    teacher_topk_logprobs: Float[ArrayLike, "*B K"],
+) -> Float[Array, "*B"]:
+    """Stop-gradient top-K reverse KL (the fix of arXiv 2605.11182 for biased top-K gradients):
+
+        L(c) = Σ_{v∈S} π(v) · sg(log π(v) − log q(v)),   ∇L = Σ_{v∈S} (log π(v) − log q(v)) ∇π(v).
+
+    Its value is the no-renormalization partial sum (`topk_reverse_kl(..., renormalize=False)`); its
+    gradient drops the Σ_{v∈S} π(v)∇log π(v) = ∇π(S) term ("+1") that the plain partial sum keeps and
+    that does not vanish when S ≠ V. What remains is exactly the full-vocabulary gradient
+    ∇KL = Σ_v (log π(v) − log q(v)) ∇π(v) restricted to S, so the estimator is deterministic given the
+    prefix and biased only by the tokens outside S (−Σ_{v∉S} (log π − log q)∇π), 0 at K = V.
+
+    The paper's text was not retrievable here; this is the formula as the issue and paper.md §8 describe
+    it (detaching the log-ratio on the unnormalized support removes the surviving "+1" term).
+    """
+    student_logits, topk_ids = jnp.asarray(student_logits), jnp.asarray(topk_ids)
+    teacher_topk_logprobs = jnp.asarray(teacher_topk_logprobs)
+    _require_topk_shapes(student_logits, topk_ids, teacher_topk_logprobs)
+    logp_xV = jax.nn.log_softmax(_f32(student_logits), axis=-1)
+    logp_xK = jnp.take_along_axis(logp_xV, topk_ids, axis=-1)
+    logq_xK = _f32(teacher_topk_logprobs)
+    p_xK = jnp.exp(logp_xK)
+    alive = p_xK > 0
+    cost_xK = jax.lax.stop_gradient(jnp.where(alive, logp_xK, 0.0) - jnp.where(alive, logq_xK, 0.0))
+    return jnp.sum(jnp.where(alive, p_xK * cost_xK, 0.0), axis=-1)
+
+
+def ema_pg_loss(
+    student_logits: Float[ArrayLike, "*B V"],
+    support_ids: Int[ArrayLike, "*B K"],
+    teacher_support_logprobs: Float[ArrayLike, "*B K"],
+    sampled_ids: Int[ArrayLike, "*B"],
+    old_logprobs: Float[ArrayLike, "*B"],
+    teacher_sampled_logprobs: Float[ArrayLike, "*B"],
+    *,
+    is_clip: float | None = None,
+) -> Float[Array, "*B"]:
+    """The paper's EMA-PG support variants V4/V5 (arXiv 2603.25562 v2, App. G.3): head + tail,
+
+        ℓ_head = Σ_{v∈S} π(v) log(π(v)/q(v))                      (full-vocabulary probabilities, no renorm)
+        ℓ_tail = s · 1[y_t ∉ S] · ρ · sg(log π(y_t) − log q(y_t)),  ρ = π(y_t)/sg(π(y_t)),
+        s = sg(π(y_t)/π_old(y_t)), clipped above at `is_clip` when given (None: unclipped).
+
+    V4: S = the student's top-K (`student_topk_support`); V5: S = the teacher's top-K. The tail is a
+    REINFORCE term for the tokens outside S, so on-policy (s = 1)
+        E_y ∇ℓ = Σ_{v∈S} (log π − log q)∇π + ∇π(S) + Σ_{v∉S} (log π − log q)∇π = ∇KL(π‖q) + ∇π(S):
+    the head's "+1" term ∇π(S) = Σ_{v∈S} ∇π(v) survives, so the estimator is *biased* unless S = V (then
+    ∇π(V) = 0 and the tail never fires) — our derivation, checked exactly in synthetic/support_study.py.
+    Variance: only from the tail, i.e. from samples outside S.
+    """
+    student_logits = jnp.asarray(student_logits)
+    sampled_ids, old_logprobs = jnp.asarray(sampled_ids), jnp.asarray(old_logprobs)
+    teacher_sampled_logprobs = jnp.asarray(teacher_sampled_logprobs)
+    support_ids = jnp.asarray(support_ids)
+    _require_sampled(student_logits, sampled_ids, ("old_logprobs", old_logprobs),
+                     ("teacher_sampled_logprobs", teacher_sampled_logprobs))
+    if is_clip is not None and not float(is_clip) > 0:
+        raise ValueError(f"is_clip must be > 0 (or None to disable), got {is_clip}")
+    head = topk_reverse_kl(student_logits, support_ids, teacher_support_logprobs, renormalize=False)
+    logp_y = _gather(jax.nn.log_softmax(_f32(student_logits), axis=-1), sampled_ids)
+    outside = ~_in_support(support_ids, sampled_ids)
+    s = jax.lax.stop_gradient(jnp.exp(logp_y - _f32(old_logprobs)))
+    if is_clip is not None:
+        s = jnp.minimum(s, float(is_clip))
+    rho = jnp.exp(logp_y - jax.lax.stop_gradient(logp_y))
+    cost = jax.lax.stop_gradient(jnp.where(outside, logp_y - _f32(teacher_sampled_logprobs), 0.0))
+    return head + jnp.where(outside, s * rho * cost, 0.0)
+
+
+def box_cox_reward(
+    student_logprobs: Float[ArrayLike, "*B"], teacher_logprobs: Float[ArrayLike, "*B"], alpha: float
+) -> Float[Array, "*B"]:
+    """PowerOPD's bounded reward (arXiv 2606.17199): the Box–Cox transform BC_α(p) = (p^α − 1)/α applied
+    to both sampled-token probabilities,
+
+        R_α(y) = BC_α(q(y)) − BC_α(π(y)) = (q(y)^α − π(y)^α) / α  ∈ [−1/α, 1/α],   α > 0,
+
+    sign-consistent with the log ratio log q − log π, which is its α → 0 limit. The authors' released code
+    (EIT-NLP/PowerOPD, `sampled_power_diff`) uses q^α − π^α, i.e. α·R_α: the same reward up to a constant
+    factor (a learning-rate rescaling). As a gradient coefficient it is *biased* for ∇KL(π‖q) at any α > 0
+    (it no longer is the per-token cost), in exchange for a bounded, lower-variance signal.
+    """
+    student_logprobs, teacher_logprobs = jnp.asarray(student_logprobs), jnp.asarray(teacher_logprobs)
+    _require_same_shape("student_logprobs", student_logprobs, "teacher_logprobs", teacher_logprobs)
+    if not (np.isfinite(alpha) and float(alpha) > 0):
+        raise ValueError(f"alpha must be a finite number > 0 (alpha -> 0 is reward='log_ratio'), got {alpha}")
+    a = float(alpha)
+    # expm1 keeps (q^α − π^α)/α accurate for small α, where both powers are close to 1.
+    return (jnp.expm1(a * _f32(teacher_logprobs)) - jnp.expm1(a * _f32(student_logprobs))) / a
+
+
+def sampled_token_advantage(
+    student_logprobs: Float[ArrayLike, "*B"],
+    teacher_logprobs: Float[ArrayLike, "*B"],
+    *,
+    reward: str = "log_ratio",
+    alpha: float | None = None,
+    kl_baseline: Float[ArrayLike, "*B"] | None = None,
+) -> Float[Array, "*B"]:
+    """Detached per-token advantage of sampled-token OPD, A(y) = sg(R(y) − b(c)), for `ppo_clip_loss`.
+
+    reward="log_ratio":  R = log q(y) − log π(y) (`sampled_token_log_ratio`, paper Eq. 2/5).
+    reward="box_cox":    R = PowerOPD's bounded reward (`box_cox_reward`, `alpha` required).
+    kl_baseline:         vOPD (arXiv 2605.07865): the value of the per-token reward is V(c) = −KL(π‖q)(c),
+                         and b = V is subtracted, A = R + KL. Pass the per-position KL: the full-vocabulary
+                         `full_reverse_kl(logits, teacher_logits)`, or its top-k approximation, the partial
+                         sum `topk_reverse_kl(logits, ids, q_ids, renormalize=False)` over a top-k support.
+                         None: no baseline (b = 0).
+    Statistics: the baseline depends only on the prefix, so E_y[b ∇log π(y)] = 0 and the gradient's mean is
+    unchanged (log_ratio stays unbiased for the per-token ∇KL, i.e. the γ = 0 estimator of Eq. 3, whichever
+    KL approximation is used); with the exact KL it is the variance-reducing value baseline, and a poor
+    approximation only costs variance. `student_logprobs` is the sampler's log π_old(y).
+    """
+    if reward not in SAMPLED_REWARDS:
+        raise ValueError(f"reward must be one of {SAMPLED_REWARDS}, got {reward!r}")
+    if reward == "box_cox":
+        if alpha is None:
+            raise ValueError("alpha is required for reward='box_cox' (a finite number > 0)")
+        advantage = box_cox_reward(student_logprobs, teacher_logprobs, alpha)
+    else:
+        if alpha is not None:
+            raise ValueError(f"alpha applies only to reward='box_cox', got alpha={alpha} with {reward!r}")
+        advantage = sampled_token_log_ratio(student_logprobs, teacher_logprobs)
+    if kl_baseline is not None:
+        kl_baseline = jnp.asarray(kl_baseline)
+        _require_same_shape("student_logprobs", jnp.asarray(student_logprobs), "kl_baseline", kl_baseline)
+        advantage = advantage + _f32(kl_baseline)
+    return jax.lax.stop_gradient(advantage)
+
+
+def constant_advantage(reference: ArrayLike, value: float = -1.0) -> Float[Array, "*B"]:
+    """The constant negative advantage control ("Does OPD really distill?", arXiv 2608.31046): a fixed
+    A = `value` < 0 at every position, in place of the teacher's log ratio, shaped like `reference`.
+
+    The paper's text was not retrievable here; this follows the issue's description (a fixed negative
+    advantage). Fed to `ppo_clip_loss`, its on-policy gradient −A∇log π(y) has mean exactly 0 at every
+    position (E_y ∇log π(y) = 0): it carries no teacher information, so it is biased for ∇KL(π‖q) (relative
+    bias 1) and its whole effect is noise that pushes sampled tokens down — the control that says how much
+    of a gain is the teacher's at all.
+    """
+    if not (np.isfinite(value) and float(value) < 0):
+        raise ValueError(f"value must be a finite number < 0 (a negative constant advantage), got {value}")
+    reference = jnp.asarray(reference)
+    return jnp.full(reference.shape, float(value), _f32(reference).dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Masks and aggregation
 # ---------------------------------------------------------------------------------------------------------
 
@@ -353,4 +593,10 @@ OBJECTIVES = (
     "generalized_jsd",
     "sampled_token_log_ratio",
     "ppo_clip_loss",
+    "union_sampled_reverse_kl",
+    "stop_gradient_topk_reverse_kl",
+    "ema_pg_loss",
+    "box_cox_reward",
+    "sampled_token_advantage",
+    "constant_advantage",
 )
