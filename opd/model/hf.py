@@ -374,6 +374,36 @@ def load_pretrained(
     headers = _headers(files)
     expected = _validate_tensors(path, cfg, headers)
 
+    arrays: dict[str, np.ndarray] = {}
+    by_file: dict[Path, list[str]] = {}
+    for name in expected:
+        by_file.setdefault(files[name], []).append(name)
+    for f, names in by_file.items():
+        with safe_open(f, framework="numpy") as h:
+            for name in names:
+                arrays[name] = h.get_tensor(name)
+    return model_from_tensors(cfg, arrays, mesh=mesh, rules=rules)
+
+
+def model_from_tensors(
+    cfg: ModelConfig,
+    arrays: dict[str, np.ndarray],
+    *,
+    mesh: Any = None,
+    rules: Sequence[Any] | None = None,
+) -> Transformer:
+    """A `Transformer` for `cfg` from Hugging Face-named arrays in Hugging Face layout (Linear weights
+    [out, in]); `mesh`/`rules` as in `load_pretrained`. `arrays` is consumed (emptied) so that each host copy
+    can be freed once placed. Missing or misshapen tensors are a one-line ValueError before anything is placed."""
+    expected = expected_tensors(cfg)
+    missing = sorted(set(expected) - set(arrays))
+    if missing:
+        raise ValueError(f"arrays: missing tensor {missing[0]!r}" + (f" and {len(missing) - 1} more"
+                                                                     if len(missing) > 1 else ""))
+    for name, (shape, _) in expected.items():
+        if tuple(arrays[name].shape) != shape:
+            raise ValueError(f"arrays: tensor {name!r} has shape {list(arrays[name].shape)}, expected {list(shape)}")
+
     graphdef, abstract_state = _abstract_model(cfg)
     shardings = None
     if mesh is not None:
@@ -382,24 +412,13 @@ def load_pretrained(
         shardings = sh.state_shardings(abstract_state, mesh, rules if rules is not None else sh.DEFAULT_RULES)
 
     np_dtype = _NP_DTYPES[cfg.param_dtype or cfg.dtype]
-    arrays: dict[str, np.ndarray] = {}
-    by_file: dict[Path, list[str]] = {}
-    for name in expected:
-        by_file.setdefault(files[name], []).append(name)
-    for f, names in by_file.items():
-        with safe_open(f, framework="numpy") as h:
-            for name in names:
-                x = h.get_tensor(name)
-                if expected[name][1]:
-                    x = x.T
-                arrays[name] = np.ascontiguousarray(x.astype(np_dtype))
-
     leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract_state)
     sh_leaves = jax.tree.leaves(shardings) if shardings is not None else [None] * len(leaves)
     values = []
     for (kp, _), s in zip(leaves, sh_leaves):
-        name = hf_name(path_parts(kp))[0]
+        name, transpose = hf_name(path_parts(kp))
         x = arrays.pop(name)
+        x = np.ascontiguousarray((x.T if transpose else x).astype(np_dtype))
         values.append(jax.device_put(x, s) if s is not None else jnp.asarray(x))
     state = jax.tree_util.tree_unflatten(treedef, values)
     return nnx.merge(graphdef, state)
