@@ -12,12 +12,19 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from opd.losses import full_reverse_kl, topk_reverse_kl
+from opd.losses import full_reverse_kl, sampled_token_log_ratio, topk_reverse_kl
 
 
 def _check_rank(name: str, x: Array, rank: int) -> None:
     if x.ndim != rank:
         raise ValueError(f"{name} must have rank {rank}, got shape {x.shape}")
+
+
+def token_costs(student_logprobs: Float[Array, "*B"], teacher_logprobs: Float[Array, "*B"]) -> Float[Array, "*B"]:
+    """r_t = log π(y_t|c_t) − log q(y_t|c_t), elementwise: the trainer's per-token reward
+    `opd.losses.sampled_token_log_ratio` with its sign flipped (a cost), so the sandbox and the trainer share
+    one definition. float64 inputs stay float64."""
+    return -sampled_token_log_ratio(student_logprobs, teacher_logprobs)
 
 
 def discounted_coefficients(r_T: Float[Array, " T"], gamma: float | Array) -> Float[Array, " T"]:
@@ -41,10 +48,11 @@ def full_return_coefficients(r_T: Float[Array, " T"]) -> Float[Array, " T"]:
 def discounted_estimator(r_T: Float[Array, " T"], g_TxD: Float[Array, "T ..."], gamma: float | Array) -> Array:
     """ĝ_γ = Σ_t (Σ_{t'≥t} γ^{t'−t} r_{t'}) g_t   (paper Eq. 3).
 
-    γ = 1 (causal, return-to-go): unbiased for ∇KL(π‖q); variance O(T⁴) by the paper's worst-case bound
-      (T² B_r² B_g² · T²). γ = 0 (token level, Eq. 2): biased (it drops E[Σ_t Σ_{t'>t} r_{t'} g_t],
-      App. B.1) with variance O(T²) (T² B_r² B_g²). 0 < γ < 1: biased, variance ≤ B_r² B_g² T² min(T, 1/(1−γ))²
-      (our extension, not in the paper).
+    γ = 1 (causal, return-to-go): unbiased for ∇KL(π‖q); the paper's worst-case bound is T⁴ B_r² B_g², but
+      with tokens drawn from π itself the order is T³ (martingale bound, synthetic/bounds.py); T⁴ is reached
+      off-policy (top-p / greedy / stale rollouts). γ = 0 (token level, Eq. 2): biased (it drops
+      E[Σ_t Σ_{t'>t} r_{t'} g_t], App. B.1) with variance O(T²) (T² B_r² B_g²). 0 < γ < 1: biased, variance
+      ≤ B_r² B_g² T² min(T, 1/(1−γ²)) on-policy (ours, not in the paper).
     """
     g = jnp.asarray(g_TxD)
     c_T = discounted_coefficients(r_T, gamma)
@@ -54,8 +62,9 @@ def discounted_estimator(r_T: Float[Array, " T"], g_TxD: Float[Array, "T ..."], 
 def full_return_estimator(r_T: Float[Array, " T"], g_TxD: Float[Array, "T ..."]) -> Array:
     """ĝ_seq = (Σ_t r_t)(Σ_t g_t)   (paper Eq. 1): REINFORCE with the whole-sequence cost.
 
-    Unbiased for ∇KL(π‖q). Variance O(T⁴) by the paper's bound T⁴ B_r² B_g²; since Σ_t g_t is a martingale
-    (E[g_t | c_t] = 0) the tight order is O(T³): Var ≤ E[R²‖G‖²] ≤ T² B_r² · T B_g² (ours).
+    Unbiased for ∇KL(π‖q). Variance O(T⁴) by the paper's bound T⁴ B_r² B_g²; on-policy Σ_t g_t is a
+    martingale (E[g_t | c_t] = 0) and the tight order is O(T³): Var ≤ E[R²‖G‖²] ≤ T² B_r² · T B_g² (ours).
+    Off-policy (tokens from a behaviour β ≠ π) E_β[g_t | c_t] ≠ 0 and T⁴ is reached.
     """
     g = jnp.asarray(g_TxD)
     return jnp.sum(r_T) * jnp.sum(g, axis=0)

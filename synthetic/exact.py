@@ -32,6 +32,7 @@ from synthetic.estimators import (
     full_return_coefficients,
     full_rkl_prefix_grad,
     lsm_prefix_grad,
+    token_costs,
 )
 
 DEFAULT_CHUNK = 8192
@@ -55,16 +56,25 @@ class Moments(NamedTuple):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _kl_dp(logp_RxV, logq_RxV, vocab: int, horizon: int):
-    """Returns (KL(π‖q) over sequences, ∇_logits KL [R, V], prefix probabilities P(ρ) [R])."""
+def prefix_probabilities(probs_RxV, vocab: int, horizon: int):
+    """P(ρ) [R] of reaching each prefix when tokens are drawn from the per-prefix table probs_RxV."""
+    offsets = tabular.prefix_offsets(vocab, horizon)
+    # FORWARD: P(child ρv) = P(ρ) p(v|ρ)
+    probs = [jnp.ones((1,), probs_RxV.dtype)]
+    for t in range(horizon - 1):
+        block = probs_RxV[offsets[t] : offsets[t + 1]]
+        probs.append((probs[-1][:, None] * block).reshape(-1))
+    return probs
+
+
+def kl_dp(logp_RxV, logq_RxV, vocab: int, horizon: int):
+    """(KL(π‖q) over sequences, ∇_logits KL [R, V], prefix probabilities P(ρ) [R]); traceable under jit.
+
+    Backward dynamic programming over prefix lengths (KL-to-go), independent of the estimators."""
     offsets = tabular.prefix_offsets(vocab, horizon)
     pi_RxV = jnp.exp(logp_RxV)
-    r_RxV = jnp.where(pi_RxV > 0, logp_RxV - logq_RxV, 0.0)
-    # FORWARD: P(child ρv) = P(ρ) π(v|ρ)
-    probs = [jnp.ones((1,), logp_RxV.dtype)]
-    for t in range(horizon - 1):
-        block = pi_RxV[offsets[t] : offsets[t + 1]]
-        probs.append((probs[-1][:, None] * block).reshape(-1))
+    r_RxV = jnp.where(pi_RxV > 0, token_costs(logp_RxV, logq_RxV), 0.0)
+    probs = prefix_probabilities(pi_RxV, vocab, horizon)
     # BACKWARD: A(ρ, v) = r(ρ, v) + W(ρv),  W(ρ) = Σ_v π(v|ρ) A(ρ, v),  ∇_ρ = P(ρ) π (A − W)
     w_next = None
     grads = [None] * horizon
@@ -83,7 +93,7 @@ def sequence_kl_and_grad(student_logits, teacher_logits):
     with jax.enable_x64(True):
         s = jnp.asarray(student_logits, jnp.float64)
         q = jnp.asarray(teacher_logits, jnp.float64)
-        kl, grad, _ = _kl_dp(jax.nn.log_softmax(s, -1), jax.nn.log_softmax(q, -1), vocab, horizon)
+        kl, grad, _ = kl_dp(jax.nn.log_softmax(s, -1), jax.nn.log_softmax(q, -1), vocab, horizon)
         return float(kl), np.asarray(grad, np.float64)
 
 
@@ -93,13 +103,24 @@ def sequence_kl_and_grad(student_logits, teacher_logits):
 
 
 @functools.partial(
-    jax.jit, static_argnames=("vocab", "horizon", "kind", "k", "num_params", "chunk")
+    jax.jit,
+    static_argnames=("vocab", "horizon", "kind", "k", "num_params", "chunk", "importance_weights"),
 )
-def _moments_impl(student, teacher, gamma, tie, *, vocab, horizon, kind, k, num_params, chunk):
+def moments_traced(student, teacher, gamma, tie=None, behaviour=None, *, vocab, horizon, kind="discounted", k=0,
+                   num_params=None, chunk, importance_weights=False):
+    """The enumeration engine on float64 arrays, traceable (callers inside jit/vmap, e.g.
+    synthetic.sgd_study, use it directly under jax.enable_x64). No validation: the public entry points
+    `estimator_moments` / `prefix_estimator_moments` check their arguments first. `behaviour`: per-prefix
+    sampling probabilities [R, V] (None: the student itself)."""
     logp_RxV = jax.nn.log_softmax(student, axis=-1)
     logq_RxV = jax.nn.log_softmax(teacher, axis=-1)
     pi_RxV = jnp.exp(logp_RxV)
-    kl, grad_RxV, prefix_prob_R = _kl_dp(logp_RxV, logq_RxV, vocab, horizon)
+    kl, grad_RxV, _ = kl_dp(logp_RxV, logq_RxV, vocab, horizon)
+    # Tokens are drawn from the behaviour β; with importance weights each estimate is scaled by π(y)/β(y).
+    logb_RxV = logp_RxV if behaviour is None else jnp.log(behaviour)
+    beta_RxV = pi_RxV if behaviour is None else behaviour
+    prefix_prob_R = jnp.concatenate(prefix_probabilities(beta_RxV, vocab, horizon))
+    reweight = importance_weights and behaviour is not None
     if kind == "lsm":
         h_RxV = jax.vmap(lambda s, q: lsm_prefix_grad(s, q, k))(student, teacher)
     elif kind == "full_rkl":
@@ -121,23 +142,30 @@ def _moments_impl(student, teacher, gamma, tie, *, vocab, horizon, kind, k, num_
         y_CxT = tabular.sequence_tokens(n_C, vocab, horizon)
         rows_CxT = tabular.sequence_rows(n_C, vocab, horizon)
         lp_CxT = logp_RxV[rows_CxT, y_CxT]
-        p_C = jnp.where(valid_C, jnp.exp(jnp.sum(lp_CxT, axis=-1)), 0.0)
+        logb_C = jnp.sum(logb_RxV[rows_CxT, y_CxT], axis=-1)
+        p_C = jnp.where(valid_C, jnp.exp(logb_C), 0.0)
+        # π(y)/β(y) on β's support (0 elsewhere, never inf·0)
+        w_C = jnp.where(p_C > 0, jnp.exp(jnp.sum(lp_CxT, axis=-1) - jnp.where(p_C > 0, logb_C, 0.0)), 0.0)
         c_CxT = None
         if score_kind:
-            r_CxT = lp_CxT - logq_RxV[rows_CxT, y_CxT]
+            r_CxT = token_costs(lp_CxT, logq_RxV[rows_CxT, y_CxT])
             if kind == "discounted":
                 c_CxT = jax.vmap(discounted_coefficients, (0, None))(r_CxT, gamma)
             else:
                 c_CxT = jax.vmap(full_return_coefficients)(r_CxT)
-        return p_C, rows_CxT, y_CxT, c_CxT
+            if reweight:
+                c_CxT = w_C[:, None] * c_CxT
+        return p_C, rows_CxT, y_CxT, c_CxT, w_C
 
     def chunk_terms(start):
-        p_C, rows_CxT, y_CxT, c_CxT = chunk_base(start)
+        p_C, rows_CxT, y_CxT, c_CxT, w_C = chunk_base(start)
         if score_kind:
             score_CxTxV = jax.nn.one_hot(y_CxT, vocab, dtype=pi_RxV.dtype) - pi_RxV[rows_CxT]
             u_CxTxV = c_CxT[..., None] * score_CxTxV
         else:
             u_CxTxV = h_RxV[rows_CxT]
+            if reweight:
+                u_CxTxV = w_C[:, None, None] * u_CxTxV
         return p_C, rows_CxT, u_CxTxV
 
     target = (lambda rows: rows) if tie is None else (lambda rows: tie[rows])
@@ -147,7 +175,7 @@ def _moments_impl(student, teacher, gamma, tie, *, vocab, horizon, kind, k, num_
     if scalar_path:
         def mean_body(acc, start):
             onehot_acc_RxV, row_acc_R = acc
-            p_C, rows_CxT, y_CxT, c_CxT = chunk_base(start)
+            p_C, rows_CxT, y_CxT, c_CxT, _ = chunk_base(start)
             w_CxT = p_C[:, None] * c_CxT
             return (onehot_acc_RxV.at[rows_CxT, y_CxT].add(w_CxT), row_acc_R.at[rows_CxT].add(w_CxT)), None
 
@@ -170,7 +198,7 @@ def _moments_impl(student, teacher, gamma, tie, *, vocab, horizon, kind, k, num_
 
     def var_body(acc, start):
         if scalar_path:
-            p_C, rows_CxT, y_CxT, c_CxT = chunk_base(start)
+            p_C, rows_CxT, y_CxT, c_CxT, _ = chunk_base(start)
             score_sq = 1.0 - 2.0 * pi_RxV[rows_CxT, y_CxT] + pi_sq_R[rows_CxT]
             score_dot_m = mean_xV[rows_CxT, y_CxT] - pi_m_R[rows_CxT]
             dev_sq_CxT = c_CxT**2 * score_sq - 2.0 * c_CxT * score_dot_m + m_sq_R[rows_CxT]
@@ -193,8 +221,8 @@ def _moments_impl(student, teacher, gamma, tie, *, vocab, horizon, kind, k, num_
     variance, _ = jax.lax.scan(var_body, jnp.zeros((), student.dtype), starts)
 
     grad_xV = grad_RxV if tie is None else jax.ops.segment_sum(grad_RxV, tie, num_segments=num_params)
-    reachable_RxV = (prefix_prob_R[:, None] > 0) & (pi_RxV > 0)
-    b_r = jnp.max(jnp.where(reachable_RxV, jnp.abs(logp_RxV - logq_RxV), 0.0))
+    reachable_RxV = (prefix_prob_R[:, None] > 0) & (beta_RxV > 0)
+    b_r = jnp.max(jnp.where(reachable_RxV, jnp.abs(token_costs(logp_RxV, logq_RxV)), 0.0))
     # ‖e_y − π‖² = 1 − 2π_y + ‖π‖²
     score_sq_RxV = 1.0 - 2.0 * pi_RxV + jnp.sum(pi_RxV**2, axis=-1, keepdims=True)
     b_g = jnp.sqrt(jnp.max(jnp.where(reachable_RxV, score_sq_RxV, 0.0)))
@@ -212,7 +240,33 @@ def _validate_tie(tie, num_rows: int, num_params: int | None) -> tuple[np.ndarra
     return tie, num_params
 
 
-def _run(student_logits, teacher_logits, gamma, *, kind, k=0, tie=None, num_params=None, chunk_size=None):
+def _validate_behaviour(behaviour_probs, student_logits, importance_weights: bool) -> np.ndarray:
+    """Checks of `behaviour_probs` (before any computation); returns it as float64."""
+    shape = tuple(np.shape(student_logits))
+    beta = np.asarray(behaviour_probs, np.float64)
+    if beta.shape != shape:
+        raise ValueError(f"behaviour_probs must have the logits' shape {shape}, got {beta.shape}")
+    if not np.all(np.isfinite(beta)) or beta.min() < 0:
+        raise ValueError("behaviour_probs must be finite and >= 0")
+    sums = beta.sum(-1)
+    worst = int(np.argmax(np.abs(sums - 1.0)))
+    if abs(sums[worst] - 1.0) > 1e-9:
+        raise ValueError(f"behaviour_probs rows must sum to 1 (within 1e-9), row {worst} sums to {sums[worst]!r}")
+    if importance_weights:
+        logits = np.asarray(student_logits, np.float64)
+        pi = np.exp(logits - logits.max(-1, keepdims=True))
+        holes = (beta == 0) & (pi > 0)
+        if holes.any():
+            row, tok = (int(i) for i in np.argwhere(holes)[0])
+            raise ValueError(
+                f"behaviour_probs is 0 where the student has support (row {row}, token {tok}, and "
+                f"{int(holes.sum()) - 1} more); importance weights π/β need β > 0 wherever π > 0"
+            )
+    return beta
+
+
+def _run(student_logits, teacher_logits, gamma, *, kind, k=0, tie=None, num_params=None, chunk_size=None,
+         behaviour_probs=None, importance_weights=False):
     vocab, horizon = tabular.validate_logits(student_logits, teacher_logits)
     if kind not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {kind!r}")
@@ -224,47 +278,64 @@ def _run(student_logits, teacher_logits, gamma, *, kind, k=0, tie=None, num_para
         raise ValueError(f"k must satisfy 1 <= k <= V={vocab}, got {k}")
     if tie is not None:
         tie, num_params = _validate_tie(tie, np.shape(student_logits)[0], num_params)
+    if not isinstance(importance_weights, bool):
+        raise ValueError(f"importance_weights must be True or False, got {importance_weights!r}")
+    if behaviour_probs is not None:
+        behaviour_probs = _validate_behaviour(behaviour_probs, student_logits, importance_weights)
     n_total = vocab**horizon
     chunk = int(min(chunk_size or DEFAULT_CHUNK, n_total))
     with jax.enable_x64(True):
-        out = _moments_impl(
+        out = moments_traced(
             jnp.asarray(student_logits, jnp.float64),
             jnp.asarray(teacher_logits, jnp.float64),
             jnp.asarray(0.0 if gamma is None else gamma, jnp.float64),
             None if tie is None else jnp.asarray(tie),
+            None if behaviour_probs is None else jnp.asarray(behaviour_probs, jnp.float64),
             vocab=vocab, horizon=horizon, kind=kind, k=int(k),
             num_params=None if tie is None else num_params, chunk=chunk,
+            importance_weights=importance_weights and behaviour_probs is not None,
         )
         # numpy float64 out: jax float64 arrays would silently drop to float32 outside the x64 context
         return Moments(*(np.asarray(x, np.float64) for x in out))
 
 
-def estimator_moments(student_logits, teacher_logits, gamma, *, tie=None, num_params=None, chunk_size=None):
+def estimator_moments(student_logits, teacher_logits, gamma, *, behaviour_probs=None, importance_weights=False,
+                      tie=None, num_params=None, chunk_size=None):
     """Exact mean, variance, bias of the discounted estimator ĝ_γ (Eq. 3), or of Eq. 1 when gamma is None.
 
     Args:
         student_logits, teacher_logits: tabular tables [(V^T − 1)/(V − 1), V] in the canonical prefix order.
         gamma: float in [0, 1] (0 token-level, 1 causal sequence-level) or None (full return, Eq. 1).
+        behaviour_probs: the distribution tokens are drawn from, per prefix: [R, V] like the logits, rows
+            summing to 1 (synthetic.behaviour builds the sampler's top-p / top-k / temperature table and a
+            stale student's). None: the student itself (on-policy). r_t and g_t are always the student's.
+        importance_weights: with a behaviour, multiply each sequence's estimate by π(y)/β(y), so the mean
+            equals the on-policy mean (needs β > 0 wherever π > 0).
         tie: optional int [R] mapping prefix rows to shared parameter rows (logits = shared[tie]); the
             moments are then w.r.t. the shared [num_params, V] parameters. None: the tabular table itself.
     Returns:
-        Moments(mean, variance, grad, bias, kl, b_r, b_g) in float64.
+        Moments(mean, variance, grad, bias, kl, b_r, b_g) in float64. `mean` and `variance` are under the
+        behaviour; `grad`, `bias` and `kl` stay against the student's own sequence-level KL(π‖q); b_r, b_g
+        are maxima over the behaviour's support (without the importance weight).
     Raises:
         ValueError before any computation for V < 2, a row count that is no (V^T − 1)/(V − 1), V^T above
-        the enumeration limit (use synthetic.markov's Monte Carlo), gamma outside [0, 1].
+        the enumeration limit (use synthetic.markov's Monte Carlo), gamma outside [0, 1], a behaviour of
+        another shape, with negative entries or rows not summing to 1, or (importance weights) with
+        β = 0 where π > 0.
     """
     kind = "full_return" if gamma is None else "discounted"
     return _run(student_logits, teacher_logits, gamma, kind=kind, tie=tie, num_params=num_params,
-                chunk_size=chunk_size)
+                chunk_size=chunk_size, behaviour_probs=behaviour_probs, importance_weights=importance_weights)
 
 
 def prefix_estimator_moments(student_logits, teacher_logits, kind: str, *, k: int | None = None, tie=None,
-                             num_params=None, chunk_size=None):
+                             num_params=None, chunk_size=None, behaviour_probs=None, importance_weights=False):
     """Exact moments of the per-prefix estimators Σ_t ∇L(c_t): kind "lsm" (teacher top-k, through
-    opd.losses.topk_reverse_kl) or "full_rkl" (opd.losses.full_reverse_kl)."""
+    opd.losses.topk_reverse_kl) or "full_rkl" (opd.losses.full_reverse_kl). `behaviour_probs` and
+    `importance_weights` as in `estimator_moments`."""
     if kind not in ("lsm", "full_rkl"):
         raise ValueError(f"kind must be 'lsm' or 'full_rkl', got {kind!r}")
     if kind == "lsm" and k is None:
         raise ValueError("k is required for kind='lsm'")
     return _run(student_logits, teacher_logits, None, kind=kind, k=k or 0, tie=tie, num_params=num_params,
-                chunk_size=chunk_size)
+                chunk_size=chunk_size, behaviour_probs=behaviour_probs, importance_weights=importance_weights)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from synthetic import tabular
-from synthetic.estimators import discounted_coefficients, full_return_coefficients
+from synthetic.estimators import discounted_coefficients, full_return_coefficients, token_costs
 
 
 def validate_markov(logits_TxVxV, teacher_TxVxV=None) -> tuple[int, int]:
@@ -61,7 +61,7 @@ def per_sample_estimates(student_TxVxV, teacher_TxVxV, tokens_NxT, prev_NxT, gam
     logp = jax.nn.log_softmax(student_TxVxV, -1)
     logq = jax.nn.log_softmax(teacher_TxVxV, -1)
     t_T = jnp.arange(horizon)
-    r_NxT = logp[t_T, prev_NxT, tokens_NxT] - logq[t_T, prev_NxT, tokens_NxT]
+    r_NxT = token_costs(logp[t_T, prev_NxT, tokens_NxT], logq[t_T, prev_NxT, tokens_NxT])
     if gamma is None:
         c_NxT = jax.vmap(full_return_coefficients)(r_NxT)
     else:

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from synthetic import exact, tabular
-from synthetic.estimators import discounted_coefficients
+from synthetic.estimators import discounted_coefficients, tabular_score, token_costs
 
 
 @dataclass(frozen=True)
@@ -46,16 +46,16 @@ def make_run(cfg: SGDStudyConfig):
     chunk = min(cfg.vocab**cfg.horizon, exact.DEFAULT_CHUNK)
 
     def moments(student_RxV, gamma):
-        return exact._moments_impl(student_RxV, teacher_RxV, gamma, None, vocab=cfg.vocab, horizon=cfg.horizon,
-                                   kind="discounted", k=0, num_params=None, chunk=chunk)
+        return exact.moments_traced(student_RxV, teacher_RxV, gamma, vocab=cfg.vocab, horizon=cfg.horizon,
+                                    kind="discounted", chunk=chunk)
 
     def batch_estimate(key, student_RxV, gamma):
         tok_BxT, rows_BxT = tabular.sample_tabular(key, student_RxV, cfg.horizon, cfg.batch_size)
         logp_RxV = jax.nn.log_softmax(student_RxV, -1)
         logq_RxV = jax.nn.log_softmax(teacher_RxV, -1)
-        r_BxT = logp_RxV[rows_BxT, tok_BxT] - logq_RxV[rows_BxT, tok_BxT]
+        r_BxT = token_costs(logp_RxV[rows_BxT, tok_BxT], logq_RxV[rows_BxT, tok_BxT])
         c_BxT = jax.vmap(discounted_coefficients, (0, None))(r_BxT, gamma)
-        score_BxTxV = jax.nn.one_hot(tok_BxT, cfg.vocab, dtype=student_RxV.dtype) - jnp.exp(logp_RxV[rows_BxT])
+        score_BxTxV = jax.vmap(jax.vmap(tabular_score))(student_RxV[rows_BxT], tok_BxT)
         est_RxV = jnp.zeros_like(student_RxV).at[rows_BxT].add(c_BxT[..., None] * score_BxTxV)
         return est_RxV / cfg.batch_size
 
@@ -68,8 +68,8 @@ def make_run(cfg: SGDStudyConfig):
             m = moments(student_RxV, gamma)
             est_RxV = batch_estimate(key, student_RxV, gamma)
             new_RxV = student_RxV - cfg.lr * est_RxV
-            kl_next, _, _ = exact._kl_dp(jax.nn.log_softmax(new_RxV, -1), jax.nn.log_softmax(teacher_RxV, -1),
-                                         cfg.vocab, cfg.horizon)
+            kl_next, _, _ = exact.kl_dp(jax.nn.log_softmax(new_RxV, -1), jax.nn.log_softmax(teacher_RxV, -1),
+                                        cfg.vocab, cfg.horizon)
             metrics = {
                 "kl": m.kl,
                 "variance": m.variance,
