@@ -95,6 +95,8 @@ def _field_value(field: Any) -> Any:
     def scalar(part: np.ndarray, vtype: Any) -> Any:
         if vtype == GGUFValueType.STRING:
             return bytes(part).decode("utf-8")
+        if vtype == GGUFValueType.FLOAT32:  # the shortest decimal of the float32 (1e-05, not 9.99999974e-06)
+            return float(str(np.float32(part[0])))
         return part[0].item()
 
     if field.types and field.types[0] == GGUFValueType.ARRAY:
@@ -121,14 +123,17 @@ class GGUFFile:
 def _read(path: Path) -> Any:
     from gguf import GGUFReader
 
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise _fail(path, "not a GGUF file (no GGUF magic at the start)")
     try:
         reader = GGUFReader(path)
-    except Exception as err:  # the reader raises ValueError, IndexError, ... on non-GGUF or cut-off files
-        raise _fail(path, f"not a readable GGUF file ({type(err).__name__}: {err})") from None
+    except Exception as err:  # the reader raises ValueError, IndexError, ... on cut-off or corrupt files
+        raise _fail(path, f"truncated or corrupt GGUF file ({type(err).__name__}: {err})") from None
     size = path.stat().st_size
     for t in reader.tensors:
         if int(t.data_offset) + int(t.n_bytes) > size:
-            raise _fail(path, f"truncated GGUF file (tensor {t.name!r} ends past the end of the file)")
+            raise _fail(path, f"truncated or corrupt GGUF file (tensor {t.name!r} ends past the end of the file)")
     return reader
 
 
@@ -337,12 +342,12 @@ def _write_tokenizer(gf: GGUFFile, out: Path) -> None:
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2, ensure_ascii=False) + "\n")
 
 
-def gguf_tokenizer(source: str | os.PathLike) -> Any:
+def gguf_tokenizer(source: str | os.PathLike | GGUFFile) -> Any:
     """The file's tokenizer as an `opd.model.hf.HFTokenizer` (special ids, chat template, mask ids), the same
-    object `load_tokenizer` returns for the converted directory."""
+    object `load_tokenizer` returns for the converted directory. `source` may be an already opened file."""
     from opd.model import hf
 
-    gf = open_gguf(source)
+    gf = source if isinstance(source, GGUFFile) else open_gguf(source)
     with tempfile.TemporaryDirectory() as tmp:
         _write_tokenizer(gf, Path(tmp))
         return hf.load_tokenizer(tmp)

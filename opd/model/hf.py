@@ -545,6 +545,20 @@ class HFTokenizer:
             ids = ids[: ids.index(self.eos_id)]
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    def render_chat(self, messages: Any, *, add_generation_prompt: bool = True) -> str:
+        """The conversation as text under this tokenizer's chat template (opd.model.chat.render_chat);
+        messages: [{"role": "system"|"user"|"assistant", "content": str}, ...]."""
+        from opd.model.chat import render_chat
+
+        names = {f"{role}_token": self.tokenizer.id_to_token(i) for role, i in self.special_ids.items()
+                 if role in ("bos", "eos", "pad", "unk")}
+        return render_chat(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+                           special_tokens=names)
+
+    def encode_chat(self, messages: Any, *, add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of `render_chat(messages)`; special tokens in the template map to their single ids."""
+        return self.encode(self.render_chat(messages, add_generation_prompt=add_generation_prompt))
+
 
 def load_tokenizer(path: str | os.PathLike) -> HFTokenizer:
     """The tokenizer of a checkpoint directory: tokenizer.json via `tokenizers`, special tokens from
