@@ -88,6 +88,64 @@ def _full_rkl(logits, _x: PositionInputs, _cfg, teacher_logits):
     return L.full_reverse_kl(logits, jax.lax.stop_gradient(teacher_logits))
 
 
+# Issue 13 objectives. Their constants are read with defaults (getattr) until LossConfig declares them:
+# box_cox_alpha (PowerOPD α), constant_advantage (the control's A < 0), is_clip (EMA-PG's IS-weight cap).
+BOX_COX_ALPHA = 1.0
+CONSTANT_ADVANTAGE = -1.0
+
+
+def _policy_gradient(logits, x: PositionInputs, cfg, advantage):
+    return L.ppo_clip_loss(token_logprobs(logits, x.tokens), x.old_logprobs, advantage,
+                           clip_eps=float(cfg.clip_eps), dual_clip=cfg.dual_clip)
+
+
+def _vopd(logits, x: PositionInputs, cfg, teacher_logits):
+    kl = L.full_reverse_kl(logits, jax.lax.stop_gradient(teacher_logits))
+    return _policy_gradient(logits, x, cfg, L.sampled_token_advantage(x.old_logprobs, x.teacher_sampled,
+                                                                      kl_baseline=kl))
+
+
+def _vopd_topk(logits, x: PositionInputs, cfg, _teacher_logits):
+    kl = L.topk_reverse_kl(logits, x.topk_ids, x.topk_logprobs, renormalize=False)
+    return _policy_gradient(logits, x, cfg, L.sampled_token_advantage(x.old_logprobs, x.teacher_sampled,
+                                                                      kl_baseline=kl))
+
+
+def _power_opd(logits, x: PositionInputs, cfg, _teacher_logits):
+    alpha = float(getattr(cfg, "box_cox_alpha", BOX_COX_ALPHA))
+    return _policy_gradient(logits, x, cfg, L.sampled_token_advantage(x.old_logprobs, x.teacher_sampled,
+                                                                      reward="box_cox", alpha=alpha))
+
+
+def _constant_negative(logits, x: PositionInputs, cfg, _teacher_logits):
+    value = float(getattr(cfg, "constant_advantage", CONSTANT_ADVANTAGE))
+    return _policy_gradient(logits, x, cfg, L.constant_advantage(x.old_logprobs, value))
+
+
+def _stop_grad_topk(logits, x: PositionInputs, _cfg, _teacher_logits):
+    return L.stop_gradient_topk_reverse_kl(logits, x.topk_ids, x.topk_logprobs)
+
+
+def _support_v2(logits, x: PositionInputs, cfg, teacher_logits):
+    ids, logq = L.student_topk_support(logits, jax.lax.stop_gradient(teacher_logits), int(cfg.k))
+    return L.union_sampled_reverse_kl(logits, ids, logq, x.tokens, x.teacher_sampled)
+
+
+def _support_v3(logits, x: PositionInputs, _cfg, _teacher_logits):
+    return L.union_sampled_reverse_kl(logits, x.topk_ids, x.topk_logprobs, x.tokens, x.teacher_sampled)
+
+
+def _support_v4(logits, x: PositionInputs, cfg, teacher_logits):
+    ids, logq = L.student_topk_support(logits, jax.lax.stop_gradient(teacher_logits), int(cfg.k))
+    return L.ema_pg_loss(logits, ids, logq, x.tokens, x.old_logprobs, x.teacher_sampled,
+                         is_clip=getattr(cfg, "is_clip", None))
+
+
+def _support_v5(logits, x: PositionInputs, cfg, _teacher_logits):
+    return L.ema_pg_loss(logits, x.topk_ids, x.topk_logprobs, x.tokens, x.old_logprobs, x.teacher_sampled,
+                         is_clip=getattr(cfg, "is_clip", None))
+
+
 REGISTRY: dict[str, Objective] = {o.name: o for o in (
     Objective("sampled_token", _sampled_token, "sampled", 1.0,
               "advantage log q(y) − log π_old(y) in the PPO clipped surrogate (the paper's baseline)"),
@@ -98,6 +156,24 @@ REGISTRY: dict[str, Objective] = {o.name: o for o in (
     Objective("topk_tail", _topk_tail, "topk", 0.9, "reverse KL over K support bins plus one tail bin"),
     Objective("topk_fkl", _topk_fkl, "topk", 0.9, "forward KL truncated to the teacher's top-K, unnormalized"),
     Objective("full_rkl", _full_rkl, "logits", 0.9, "exact full-vocabulary reverse KL (Eq. 4)"),
+    Objective("vopd", _vopd, "logits", 1.0,
+              "vOPD: sampled-token advantage + full-vocabulary KL(π‖q) as a detached value baseline (2605.07865)"),
+    Objective("vopd_topk", _vopd_topk, "topk", 1.0,
+              "vOPD with the baseline's KL as a partial sum over the teacher's top-K (2605.07865)"),
+    Objective("power_opd", _power_opd, "sampled", 1.0,
+              "PowerOPD: bounded Box-Cox reward (q^α − π^α)/α as the sampled-token advantage (2606.17199)"),
+    Objective("constant_negative", _constant_negative, "sampled", 1.0,
+              "control: a constant negative advantage in place of the teacher's log ratio (2608.31046)"),
+    Objective("stop_grad_topk", _stop_grad_topk, "topk", 0.9,
+              "top-K partial sum of the reverse KL with the log ratio detached (2605.11182)"),
+    Objective("support_v2", _support_v2, "logits", 0.9,
+              "V2: reverse KL renormalized over the student's top-K ∪ {y_t} (App. G.3)"),
+    Objective("support_v3", _support_v3, "topk", 0.9,
+              "V3: reverse KL renormalized over the teacher's top-K ∪ {y_t} (App. G.3)"),
+    Objective("support_v4", _support_v4, "logits", 0.9,
+              "V4: EMA-PG head (student top-K partial sum) + REINFORCE tail for y_t outside it (App. G.3)"),
+    Objective("support_v5", _support_v5, "topk", 0.9,
+              "V5: EMA-PG head (teacher top-K partial sum) + REINFORCE tail for y_t outside it (App. G.3)"),
 )}
 
 NAMES = tuple(REGISTRY)

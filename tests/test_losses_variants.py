@@ -326,3 +326,56 @@ def test_bad_input_raises_one_clear_line():
         losses.sampled_token_advantage(t_y, t_y, kl_baseline=t_y[:2])
     with pytest.raises(ValueError, match="value must be"):
         losses.constant_advantage(t_y, 0.5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Registry entries (opd/objectives.py): each adapter is the direct opd.losses call on the trainer's inputs
+# ---------------------------------------------------------------------------------------------------------
+
+ISSUE13 = ("vopd", "vopd_topk", "power_opd", "constant_negative", "stop_grad_topk",
+           "support_v2", "support_v3", "support_v4", "support_v5")
+
+
+class _Cfg:
+    clip_eps, dual_clip, k = 0.2, 3.0, 3
+
+
+def _direct(name, s, t, ids, t_lp, y, old, t_y):
+    lp_y = np.take_along_axis(np.asarray(jax.nn.log_softmax(jnp.asarray(s, jnp.float32)), np.float64),
+                              y[..., None], -1)[..., 0]
+
+    def pg(adv):
+        return losses.ppo_clip_loss(lp_y, old, adv)
+
+    s_ids, s_lq = losses.student_topk_support(s, t, 3)
+    return {
+        "vopd": lambda: pg(losses.sampled_token_advantage(old, t_y, kl_baseline=losses.full_reverse_kl(s, t))),
+        "vopd_topk": lambda: pg(losses.sampled_token_advantage(
+            old, t_y, kl_baseline=losses.topk_reverse_kl(s, ids, t_lp, renormalize=False))),
+        "power_opd": lambda: pg(losses.sampled_token_advantage(old, t_y, reward="box_cox", alpha=1.0)),
+        "constant_negative": lambda: pg(losses.constant_advantage(old, -1.0)),
+        "stop_grad_topk": lambda: losses.stop_gradient_topk_reverse_kl(s, ids, t_lp),
+        "support_v2": lambda: losses.union_sampled_reverse_kl(s, s_ids, s_lq, y, t_y),
+        "support_v3": lambda: losses.union_sampled_reverse_kl(s, ids, t_lp, y, t_y),
+        "support_v4": lambda: losses.ema_pg_loss(s, s_ids, s_lq, y, old, t_y),
+        "support_v5": lambda: losses.ema_pg_loss(s, ids, t_lp, y, old, t_y),
+    }[name]()
+
+
+@pytest.mark.parametrize("name", ISSUE13)
+def test_registered_objective_is_the_direct_loss(name):
+    from opd import objectives
+
+    obj = objectives.get(name)
+    assert obj.teacher in objectives.TEACHER_SUPPLIES and 0 < obj.rollout_top_p <= 1
+    # the student-top-K variants and the full-vocabulary baseline need the teacher's logits
+    assert (obj.teacher == "logits") == (name in ("vopd", "support_v2", "support_v4"))
+    s, t, ids, t_lp, y, t_y = case(15, shape=(2, 3))
+    old = np.take_along_axis(np_log_softmax(s), y[..., None], -1)[..., 0] - 0.1
+    x = objectives.PositionInputs(tokens=jnp.asarray(y), old_logprobs=jnp.asarray(old, jnp.float32),
+                                  teacher_sampled=jnp.asarray(t_y, jnp.float32), topk_ids=jnp.asarray(ids),
+                                  topk_logprobs=jnp.asarray(t_lp, jnp.float32))
+    teacher = jnp.asarray(t, jnp.float32) if obj.teacher == "logits" else None
+    got = obj.fn(jnp.asarray(s, jnp.float32), x, _Cfg(), teacher)
+    assert got.shape == y.shape and np.all(np.isfinite(got))
+    np.testing.assert_allclose(got, _direct(name, s, t, ids, t_lp, y, old.astype(np.float32), t_y), atol=1e-5)
