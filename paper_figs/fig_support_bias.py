@@ -5,8 +5,8 @@
 Top row: ‖E ĝ − ∇_tok‖ / ‖∇_tok‖, ∇_tok the gradient of the full-vocabulary per-prefix reverse KL (the
 support truncation alone). Bottom row: against the sequence-level KL gradient (truncation plus the future
 coupling every per-position objective drops; dotted: the full-vocabulary RKL's own floor). Medians over
-seeds, horizon T of the study. Tick labels carry the teacher's top-K mass and the student's mass on the
-teacher's top-K (prefix-weighted, median over seeds).
+seeds, horizon T of the study. Tick labels: K, the teacher's top-K mass q(top-K) and the student's mass on the
+teacher's top-K π(top-K) (prefix-weighted, median over seeds).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def main(root: str) -> None:
                 ax.set_title(fam, fontsize=10)
         axes[0, j].set_ylabel("rel. bias vs token-level full RKL" if j == 0 else "")
         axes[1, j].set_ylabel("rel. bias vs sequence-level KL" if j == 0 else "")
-        axes[1, j].set_xlabel("K  (teacher's / student's mass on the teacher top-K)")
+        axes[1, j].set_xlabel("K / q(top-K) / π(top-K)", fontsize=8)
     fig.legend(*axes[1, 0].get_legend_handles_labels(), loc="lower center", ncol=5, fontsize=8,
                bbox_to_anchor=(0.5, -0.06))
     v = rows[0]["vocab"]
