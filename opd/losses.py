@@ -496,8 +496,10 @@ def sampled_token_advantage(
                          None: no baseline (b = 0).
     Statistics: the baseline depends only on the prefix, so E_y[b ∇log π(y)] = 0 and the gradient's mean is
     unchanged (log_ratio stays unbiased for the per-token ∇KL, i.e. the γ = 0 estimator of Eq. 3, whichever
-    KL approximation is used); with the exact KL it is the variance-reducing value baseline, and a poor
-    approximation only costs variance. `student_logprobs` is the sampler's log π_old(y).
+    KL approximation is used). The exact KL is the value baseline; it is not the variance-optimal one for a
+    vector-valued score (that weights the reward by ‖∇log π(y)‖²), so it lowers the variance only usually,
+    and a poor top-k approximation can raise it above no baseline at all (synthetic/support_study.py gives
+    the exact numbers). `student_logprobs` is the sampler's log π_old(y).
     """
     if reward not in SAMPLED_REWARDS:
         raise ValueError(f"reward must be one of {SAMPLED_REWARDS}, got {reward!r}")

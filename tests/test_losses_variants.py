@@ -379,3 +379,25 @@ def test_registered_objective_is_the_direct_loss(name):
     got = obj.fn(jnp.asarray(s, jnp.float32), x, _Cfg(), teacher)
     assert got.shape == y.shape and np.all(np.isfinite(got))
     np.testing.assert_allclose(got, _direct(name, s, t, ids, t_lp, y, old.astype(np.float32), t_y), atol=1e-5)
+
+
+def test_padded_vocabulary_gives_finite_values_and_gradients():
+    """-inf student logits (padding) outside S ∪ {y}, and a padded id inside the support: no NaN/inf."""
+    s, _, ids, t_lp, y, t_y = case(16, shape=(3,), vocab=8, k=3, y_in_support=False)
+    pad = np.ones_like(s, bool)
+    np.put_along_axis(pad, ids, False, -1)
+    np.put_along_axis(pad, y[..., None], False, -1)
+    first_pad = np.argmax(pad, axis=-1)
+    s = np.where(pad, -np.inf, s)
+    ids_with_pad = ids.copy()
+    ids_with_pad[..., -1] = first_pad  # a zero-probability student token inside the support
+    lp_y = np.take_along_axis(np_log_softmax(s), y[..., None], -1)[..., 0]
+    fns = {
+        "union": lambda x: losses.union_sampled_reverse_kl(x, ids, t_lp, y, t_y),
+        "sg_topk": lambda x: losses.stop_gradient_topk_reverse_kl(x, ids_with_pad, t_lp),
+        "ema": lambda x: losses.ema_pg_loss(x, ids_with_pad, t_lp, y, lp_y, t_y),
+    }
+    for name, fn in fns.items():
+        value = np.asarray(fn(jnp.asarray(s)))
+        grad = np.asarray(jax.grad(lambda x, fn=fn: fn(x).sum())(jnp.asarray(s)))
+        assert np.all(np.isfinite(value)) and np.all(np.isfinite(grad)), name
