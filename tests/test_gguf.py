@@ -291,6 +291,18 @@ def test_converted_directory_is_read_by_both(tmp_path):
     assert ours.render_chat(msgs) == theirs.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
 
 
+def test_converted_checkpoint_is_cached(tmp_path):
+    cfg = _cfg("qwen3")
+    path = write_gguf(tmp_path / "m.gguf", cfg, _weights(cfg))
+    first = G.converted_checkpoint(path, tmp_path / "cache")
+    assert hf.load_config(first) == cfg
+    stamp = (first / "model.safetensors").stat().st_mtime_ns
+    assert G.converted_checkpoint(path, tmp_path / "cache") == first
+    assert (first / "model.safetensors").stat().st_mtime_ns == stamp  # reused, not rewritten
+    (first / "model.safetensors").unlink()  # an incomplete directory is converted again
+    assert G.converted_checkpoint(path, tmp_path / "cache") == first and (first / "model.safetensors").is_file()
+
+
 def test_cli_refuses_a_non_empty_out_and_overwrites_on_request(tmp_path, capsys):
     cfg = _cfg("qwen2")
     path = write_gguf(tmp_path / "m.gguf", cfg, _weights(cfg))
@@ -414,13 +426,13 @@ def smollm2(tmp_path_factory):
     path = G.resolve_gguf("smollm2-135m")
     ref = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                            dtype=torch.float32).eval()
-    return hf.load_pretrained(out), hf.load_tokenizer(out), ref
+    return hf.load_pretrained(out), hf.load_tokenizer(out), ref, out
 
 
 @pytest.mark.hf
 @pytest.mark.slow
 def test_smollm2_logits_match_transformers(smollm2):
-    model, tok, ref = smollm2
+    model, tok, ref, _ = smollm2
     assert model.cfg.num_layers == 30 and model.cfg.dtype == "float32"
     prompts = ["The capital of France is", "def fibonacci(n):\n    if n < 2:\n        return n\n",
                "Ünïcödé text: naïve café, 日本語, 🙂.",
@@ -441,7 +453,7 @@ def test_smollm2_greedy_matches_transformers_and_answers_in_english(smollm2):
 
     from opd.sampling import SamplingConfig, sample
 
-    model, tok, ref = smollm2
+    model, tok, ref, _ = smollm2
     question = tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
     rows = [question, tok.encode("The quick brown fox"), tok.encode("def fibonacci(n):")]
     width = max(map(len, rows))
@@ -465,3 +477,17 @@ def test_smollm2_greedy_matches_transformers_and_answers_in_english(smollm2):
     answer = tok.decode(ours[0, : int(lengths[0])])
     assert "Paris" in answer and "France" in answer, answer
     assert sum(c.isalpha() or c in " .,'" for c in answer) >= 0.9 * len(answer), answer
+
+
+@pytest.mark.hf
+@pytest.mark.slow
+def test_smollm2_converted_tokenizer_matches_transformers(smollm2):
+    """transformers reads the converted tokenizer.json (with llama.cpp's smollm digit split) to the same ids."""
+    transformers = pytest.importorskip("transformers")
+    _, tok, _, out = smollm2
+    theirs = transformers.AutoTokenizer.from_pretrained(out)
+    for text in ["It's 3:45 pm; we'll pay $1,234.50 by 2026-12-01.", "def f(x):\n    return x ** 2  # ünï 日本 🙂",
+                 tok.render_chat([{"role": "user", "content": "What is 12 + 30?"}])]:
+        assert tok.encode(text) == theirs.encode(text, add_special_tokens=False), text
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert tok.render_chat(msgs) == theirs.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)

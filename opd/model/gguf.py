@@ -400,3 +400,17 @@ def convert_gguf(source: str | os.PathLike, out: str | os.PathLike, *, dtype: st
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def converted_checkpoint(source: str | os.PathLike, cache_root: str | os.PathLike, *,
+                         dtype: str = "float32") -> Path:
+    """The Hugging Face directory of a GGUF model under `cache_root`, converting it on first use.
+
+    The directory name carries the file's name, size and modification time, so a changed file is converted
+    again; a complete directory (config.json, model.safetensors, tokenizer.json) is reused as is."""
+    path = resolve_gguf(source)
+    st = path.stat()
+    out = Path(cache_root) / f"{path.stem}-{dtype}-{st.st_size:x}-{int(st.st_mtime):x}"
+    if all((out / f).is_file() for f in ("config.json", "model.safetensors", "tokenizer.json")):
+        return out
+    return convert_gguf(path, out, dtype=dtype, overwrite=True)
