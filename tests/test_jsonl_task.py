@@ -123,6 +123,8 @@ def test_bad_options(tmp_path, tok):
     ("so the answer is \\boxed{\\frac{1}{2}}.", "\\frac{1}{2}", 1.0),
     ("Final answer: **Lima**.", "lima", 1.0),
     ("The answer is: 3.50", "3.5", 1.0),
+    ("So the answer is 42.\nDone", "42", 1.0),
+    ("Answer: -7", "-7", 1.0),
     ("I think\nLima", "Lima", 1.0),
     ("#### 6", "5", 0.0),
     ("5 apples, then 6", "5", 0.0),

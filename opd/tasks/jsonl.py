@@ -48,13 +48,13 @@ Verifier = Callable[[str, str], float]
 # ---------------------------------------------------------------------------------------------------------
 
 _BOXED = re.compile(r"\\boxed\{([^{}]*(?:\{[^{}]*\}[^{}]*)*)\}")
-_MARKERS = re.compile(r"(?:####|final answer\s*(?:is)?\s*:?|answer\s*(?:is)?\s*:)", re.IGNORECASE)
+_MARKERS = re.compile(r"(?:####|final answer\s*(?:is)?\s*:?|answer\s*(?:is\s*:?|:))", re.IGNORECASE)
 _NUMBER = re.compile(r"^[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?$")
 
 
 def final_answer(text: str) -> str:
     """The final answer of a response: the last \\boxed{...}, else what follows the last "####",
-    "final answer:" or "answer is", else the last non-empty line."""
+    "final answer:", "answer:" or "answer is" (to the end of that line), else the last non-empty line."""
     boxed = _BOXED.findall(text)
     if boxed:
         return boxed[-1]
