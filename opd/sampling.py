@@ -1,7 +1,9 @@
 """Batched generation from the student: temperature, top-k, exact top-p, in one jitted while_loop.
 
-Top-p needs no sort of the vocabulary: the exact nucleus threshold is found by bisection over the
-probabilities' float32 bit patterns (`nucleus_threshold_keep`).
+Top-p needs no sort of the vocabulary and no search for the nucleus threshold: tokens are drawn by
+rejection from supersets of the nucleus, and a draw's membership is one masked sum (`_select_top_p`); the
+kept set is that of `nucleus_threshold_keep` (the threshold form, found by bisection, for callers that
+need the whole keep-mask).
 
 `sample` prefills the left-padded prompt into a preallocated KV cache, then draws one token per step for
 every sequence until each has emitted EOS (or a stop id) or `max_new_tokens` are drawn; the loop exits as
@@ -63,8 +65,8 @@ def nucleus_keep(sorted_logits_BxV: jax.Array, top_p: float) -> jax.Array:
     """Given logits sorted in descending order, True on the smallest prefix whose probability mass is
     >= top_p (the exact nucleus). The first (most likely) token is always kept.
 
-    Used on the (already sorted) top-k candidates; unsorted rows go through `nucleus_threshold_keep`,
-    which needs no sort."""
+    Used on the (already sorted) top-k candidates; unsorted rows go through `_select_top_p` (sampling)
+    or `nucleus_threshold_keep` (the keep-mask), which need no sort."""
     probs_BxV = jax.nn.softmax(sorted_logits_BxV.astype(jnp.float32), axis=-1)
     # Keep token j while the strictly more likely tokens hold < p (an exclusive cumsum, exact at j = 0).
     mass_before_BxV = jnp.concatenate(
@@ -130,41 +132,66 @@ def select_tokens(logits_BxV: jax.Array, key: jax.Array, cfg: SamplingConfig) ->
     return jax.random.categorical(key, x_BxV, axis=-1).astype(jnp.int32)
 
 
-# Candidates of the top-p fast path: a top-k selection (no sort of V); rows whose nucleus does not fit in
-# them send the batch down the exact bisection over all of V.
-_PREFILTER_K = 64
+def _draw_candidates(probs_BxV: jax.Array, floor_B: jax.Array, u_BxR: jax.Array) -> jax.Array:
+    """R independent draws per row from probs restricted to {i : π_i > floor} (inverse CDF of the uniforms)."""
+    w_BxV = jnp.where(probs_BxV > floor_B[:, None], probs_BxV, 0.0)
+    cum_BxV = jnp.cumsum(w_BxV, axis=-1)
+    r_BxR = u_BxR * cum_BxV[:, -1:]
+    # The first candidate whose inclusive cumulative mass exceeds r (never a zero-weight token) ...
+    hit_BxRxV = (cum_BxV[:, None, :] > r_BxR[:, :, None]) & (w_BxV > 0.0)[:, None, :]
+    # ... or, if r rounded up to the total, the most likely candidate.
+    return jnp.where(jnp.any(hit_BxRxV, axis=-1), jnp.argmax(hit_BxRxV, axis=-1),
+                     jnp.argmax(w_BxV, axis=-1)[:, None]).astype(jnp.int32)
+
+
+def _in_nucleus(probs_BxV: jax.Array, choice_BxR: jax.Array, top_p: float) -> tuple[jax.Array, jax.Array]:
+    """Whether each `choice` lies in its row's nucleus {i : π_i >= τ*} (`nucleus_threshold_keep`): exactly when
+    the tokens strictly more likely than it hold mass < top_p. Also returns the choices' probabilities."""
+    p_BxR = jnp.take_along_axis(probs_BxV, choice_BxR, axis=-1)
+    above_BxR = jnp.sum(jnp.where(probs_BxV[:, None, :] > p_BxR[:, :, None], probs_BxV[:, None, :], 0.0), axis=-1)
+    return above_BxR < top_p, p_BxR
+
+
+# Proposals drawn at once per row: each lands in the nucleus with probability >= top_p, so all of them miss
+# (and the row goes on to the sequential rounds) with probability <= (1 - top_p)^4.
+_FIRST_PROPOSALS = 4
 
 
 def _select_top_p(x_BxV: jax.Array, key: jax.Array, top_p: float) -> jax.Array:
-    """One draw per row from the renormalized nucleus of softmax(x), with no sort of the vocabulary.
+    """One draw per row from the renormalized nucleus of softmax(x), with no sort, no top-k and no threshold
+    search: rejection sampling from supersets of the nucleus.
 
-    Fast path, when every row's nucleus {i : π_i >= τ*} lies inside its K most likely tokens: τ* is read off
-    the K largest probabilities (normalized over all of V) and the draw is over those K only (K random
-    numbers per row instead of V). It is taken only if the K-th largest probability is strictly below τ*,
-    so no token outside the K (tied or not) can belong to the nucleus: the kept set, hence the sampled
-    distribution, is exactly that of `nucleus_threshold_keep`. Otherwise (flat rows) the whole batch uses
-    the bisection and a draw over V."""
-    V = x_BxV.shape[-1]
-    K = min(_PREFILTER_K, V)
+    First, `_FIRST_PROPOSALS` independent draws per row from softmax(x) (inverse CDF, one cumulative sum);
+    the first that lies in the nucleus (`_in_nucleus`, one masked sum) is the row's token: rejection
+    sampling, so it is distributed as softmax(x) renormalized over the nucleus. Rows where all miss (rare)
+    go on in rounds: a rejected token c and every token at most as likely lie outside the nucleus (an upper
+    set of π), so the row's floor rises to π_c and the next draw is from {i : π_i > floor}, a set that still
+    contains the nucleus; the first accepted draw has the same distribution. The most likely token is always
+    in the nucleus, so the rounds end."""
+    B, _ = x_BxV.shape
     probs_BxV = jax.nn.softmax(x_BxV, axis=-1)
-    top_x_BxK, top_i_BxK = jax.lax.top_k(x_BxV, K)  # descending
-    top_p_BxK = jnp.take_along_axis(probs_BxV, top_i_BxK, axis=-1)
-    cum_BxK = jnp.cumsum(top_p_BxK, axis=-1)
-    # n = tokens whose strictly more likely predecessors hold < p (>= 1, <= K); τ = the n-th largest.
-    n_B = jnp.sum((cum_BxK - top_p_BxK) < top_p, axis=-1)
-    tau_B = jnp.take_along_axis(top_p_BxK, (n_B - 1)[:, None], axis=-1)[:, 0]
-    fits = jnp.all((cum_BxK[:, -1] >= top_p) & (top_p_BxK[:, -1] < tau_B)) if K < V else jnp.bool_(True)
+    first_key, rounds_key = jax.random.split(key)
+    cand_BxR = _draw_candidates(probs_BxV, jnp.full((B,), -1.0, jnp.float32),
+                                jax.random.uniform(first_key, (B, _FIRST_PROPOSALS), jnp.float32))
+    ok_BxR, p_BxR = _in_nucleus(probs_BxV, cand_BxR, top_p)
+    choice_B = jnp.take_along_axis(cand_BxR, jnp.argmax(ok_BxR, axis=-1)[:, None], axis=-1)[:, 0]
+    done_B = jnp.any(ok_BxR, axis=-1)
+    floor_B = jnp.where(done_B, -1.0, jnp.max(p_BxR, axis=-1))
 
-    def within_top_k() -> jax.Array:
-        keep_BxK = top_p_BxK >= tau_B[:, None]
-        choice_B = jax.random.categorical(key, jnp.where(keep_BxK, top_x_BxK, -jnp.inf), axis=-1)
-        return jnp.take_along_axis(top_i_BxK, choice_B[:, None], axis=-1)[:, 0]
+    def cond(state):
+        return ~jnp.all(state[2])
 
-    def over_vocabulary() -> jax.Array:
-        keep_BxV = nucleus_threshold_keep(x_BxV, top_p)
-        return jax.random.categorical(key, jnp.where(keep_BxV, x_BxV, -jnp.inf), axis=-1)
+    def body(state):
+        round_, choice_B, done_B, floor_B = state
+        u_Bx1 = jax.random.uniform(jax.random.fold_in(rounds_key, round_), (B, 1), jnp.float32)
+        cand_Bx1 = _draw_candidates(probs_BxV, floor_B, u_Bx1)
+        ok_Bx1, p_Bx1 = _in_nucleus(probs_BxV, cand_Bx1, top_p)
+        ok_B = ok_Bx1[:, 0] & ~done_B
+        return (round_ + 1, jnp.where(ok_B, cand_Bx1[:, 0], choice_B), done_B | ok_B,
+                jnp.where(done_B | ok_B, floor_B, p_Bx1[:, 0]))
 
-    return jax.lax.cond(fits, within_top_k, over_vocabulary).astype(jnp.int32)
+    state = (jnp.zeros((), jnp.int32), choice_B, done_B, floor_B)
+    return jax.lax.while_loop(cond, body, state)[1]
 
 
 # --- the loop -----------------------------------------------------------------------------------------

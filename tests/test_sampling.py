@@ -354,19 +354,19 @@ def test_select_tokens_without_sort_keeps_k_and_p(draw):
 
 
 def test_select_tokens_traces_no_sort():
-    """Without top-k the top-p path must not sort the vocabulary (the point of the threshold search; its
-    fast path uses a top-64 selection, not a sort)."""
+    """Without top-k the top-p path must not sort the vocabulary nor select its top k: it draws by rejection
+    from supersets of the nucleus."""
     cfg = SamplingConfig(temperature=0.8, top_p=0.9)
     jaxpr = str(jax.make_jaxpr(lambda x, k: select_tokens(x, k, cfg))(jnp.zeros((2, 1024)), jax.random.key(0)))
     assert "sort[" not in jaxpr and "sort " not in jaxpr  # no `sort` primitive (argsort is one too)
-    assert "top_k[" in jaxpr and "cond[" in jaxpr  # the fast path and its exact fallback
+    assert "top_k[" not in jaxpr and "while[" in jaxpr  # the rejection rounds
 
 
 @pytest.mark.parametrize("p", [0.85, 0.99])
 def test_top_p_fast_path_and_fallback_are_exact(draw, p):
-    """V = 300 > the 64 prefilter candidates: p = 0.85 keeps {0, 1, 2} of a heavy head (the top-k fast
-    path); p = 0.99 needs the head plus 200 equal tail tokens, which do not fit in 64 (the bisection over
-    V). Both must give exactly the renormalized nucleus."""
+    """V = 300: p = 0.85 keeps {0, 1, 2} of a heavy head; p = 0.99 needs the head plus 200 equal tail
+    tokens (all kept: the threshold form keeps every token tied at τ*). Both must give exactly the
+    renormalized nucleus."""
     head = np.array([0.5, 0.3, 0.15, 0.0])
     tail = np.full(296, 0.05 / 296)
     probs = np.concatenate([head[:3], tail])
@@ -383,6 +383,20 @@ def test_top_p_fast_path_and_fallback_are_exact(draw, p):
     assert np.all(freq[expected == 0] == 0)
     se = np.sqrt(expected * (1 - expected) / n)
     assert np.all(np.abs(freq - expected) <= 5 * se + 1e-12), (freq[:5], expected[:5])
+
+
+def test_top_p_rejection_rounds_are_exact(draw):
+    """A nucleus of low mass (0.10 at p = 0.09) above two tiers of less likely tokens: most first proposals
+    miss, so rows go on to the rounds, whose floor rises past the low tier first and still leaves the middle
+    tier to reject; the draws must be exactly the renormalized nucleus {0, 1, 2} (tokens 1 and 2 tie)."""
+    probs = np.concatenate([[0.04, 0.03, 0.03], np.full(10, 0.02), np.full(700, 0.7 / 700)])
+    n = 6000
+    freq = _frequencies(draw, probs, SamplingConfig(top_p=0.09), n=n)
+    expected = np.zeros_like(probs)
+    expected[:3] = [0.4, 0.3, 0.3]
+    assert np.all(freq[expected == 0] == 0)
+    se = np.sqrt(expected * (1 - expected) / n)
+    assert np.all(np.abs(freq - expected) <= 5 * se + 1e-12), (freq[:4], expected[:4])
 
 
 def test_top_p_rows_of_mixed_width_stay_in_nucleus(draw):
