@@ -22,6 +22,7 @@ details (per-step batch-mean baseline), optimizers and learning rates, transitio
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -30,6 +31,7 @@ import jax.numpy as jnp
 import optax
 
 from opd.cli import require
+from synthetic.estimators import discounted_coefficients, token_costs
 
 Params = dict[str, jax.Array]
 LEFT, RIGHT = 0, 1
@@ -54,9 +56,13 @@ class ToyControlConfig:
     # Policy network (student and teachers share the architecture). [paper] 3-layer MLP, ~4K params.
     hidden: int = 64  # [ours] 3→64→64→2 with tanh: 4,546 parameters
     position_scale: float = 5.0  # [ours] the position input is s / position_scale
-    mean_max: float = 2.0  # [ours] µ = mean_max·tanh(raw / mean_max): a bounded step
+    # [ours] µ = mean_max·tanh(raw / mean_max): a bounded step. None: µ = raw, unbounded (an ablation).
+    mean_max: float | None = 2.0
     sigma_min: float = 0.1  # [ours] σ = exp(interp(sigmoid(raw), log σ_min, log σ_max)):
     sigma_max: float = 2.0  #        bounded, so the log-density ratio stays finite
+    # [ours] the teachers' σ floor; None: the student's sigma_min. A smaller floor (an ablation) lets
+    # REINFORCE sharpen a teacher, and r = (a − µ_q)²/2σ_q² + ... grows as 1/σ_q².
+    teacher_sigma_min: float | None = None
     # Teachers: one per task, REINFORCE on reward −|s_{t+1} − target| per step, undiscounted
     # return-to-go minus the per-step batch mean (a baseline). [paper] "first trained with REINFORCE".
     teacher_iterations: int = 500  # [ours]
@@ -97,7 +103,10 @@ def validate(cfg: Any) -> None:
     require(
         0.0 < cfg.sigma_min < cfg.sigma_max, "sigma_min", f"0 < sigma_min < sigma_max={cfg.sigma_max}", cfg.sigma_min
     )
-    require(cfg.mean_max > 0, "mean_max", "a positive number", cfg.mean_max)
+    require(cfg.mean_max is None or cfg.mean_max > 0, "mean_max", "a positive number or null (unbounded)",
+            cfg.mean_max)
+    require(cfg.teacher_sigma_min is None or 0.0 < cfg.teacher_sigma_min < cfg.sigma_max, "teacher_sigma_min",
+            f"null or 0 < teacher_sigma_min < sigma_max={cfg.sigma_max}", cfg.teacher_sigma_min)
     require(cfg.position_scale > 0, "position_scale", "a positive number", cfg.position_scale)
     require(cfg.env_noise >= 0, "env_noise", "a number >= 0", cfg.env_noise)
     require(cfg.student_optimizer in ("adam", "sgd"), "student_optimizer", "one of adam, sgd", cfg.student_optimizer)
@@ -141,16 +150,19 @@ def task_id(task: jax.Array) -> jax.Array:
 
 
 def policy(
-    params: Params, task: jax.Array, s: jax.Array, t: jax.Array, cfg: ToyControlConfig
+    params: Params, task: jax.Array, s: jax.Array, t: jax.Array, cfg: ToyControlConfig, *,
+    teacher: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
-    """Mean and log σ of the action at position `s`, step `t` (any matching shapes; broadcast)."""
+    """Mean and log σ of the action at position `s`, step `t` (any matching shapes; broadcast).
+    `teacher=True` applies the teachers' σ floor (`teacher_sigma_min`)."""
     task, s, t = jnp.broadcast_arrays(task_id(task), s, jnp.asarray(t, jnp.float32))
     x_x3 = jnp.stack([task, s / cfg.position_scale, t / cfg.horizon], axis=-1)
     h = jnp.tanh(x_x3 @ params["w1"] + params["b1"])
     h = jnp.tanh(h @ params["w2"] + params["b2"])
     out = h @ params["w3"] + params["b3"]
-    mean = cfg.mean_max * jnp.tanh(out[..., 0] / cfg.mean_max)
-    lo, hi = jnp.log(cfg.sigma_min), jnp.log(cfg.sigma_max)
+    mean = out[..., 0] if cfg.mean_max is None else cfg.mean_max * jnp.tanh(out[..., 0] / cfg.mean_max)
+    floor = cfg.teacher_sigma_min if teacher and cfg.teacher_sigma_min is not None else cfg.sigma_min
+    lo, hi = jnp.log(floor), jnp.log(cfg.sigma_max)
     log_std = lo + (hi - lo) * jax.nn.sigmoid(out[..., 1])
     return mean, log_std
 
@@ -164,7 +176,7 @@ def gaussian_log_ratio(
     a: jax.Array, mean_p: jax.Array, log_std_p: jax.Array, mean_q: jax.Array, log_std_q: jax.Array
 ) -> jax.Array:
     """OPD per-step cost r = log π(a) − log q(a) for Gaussian student π and teacher q (paper.md §1)."""
-    return gaussian_logpdf(a, mean_p, log_std_p) - gaussian_logpdf(a, mean_q, log_std_q)
+    return token_costs(gaussian_logpdf(a, mean_p, log_std_p), gaussian_logpdf(a, mean_q, log_std_q))
 
 
 def gaussian_kl(mean_p: jax.Array, log_std_p: jax.Array, mean_q: jax.Array, log_std_q: jax.Array) -> jax.Array:
@@ -187,7 +199,9 @@ class Trajectory(NamedTuple):
     positions_NxT1: jax.Array  # s_0 .. s_T (for visitation heatmaps and the final distance)
 
 
-def rollout(params: Params, task: jax.Array, rng: jax.Array, n: int, cfg: ToyControlConfig) -> Trajectory:
+def rollout(
+    params: Params, task: jax.Array, rng: jax.Array, n: int, cfg: ToyControlConfig, *, teacher: bool = False
+) -> Trajectory:
     """n trajectories of the policy on `task`, sampled step by step (actions carry no gradient)."""
     s0, _ = task_start_target(task, cfg)
     s_N = jnp.full((n,), s0, jnp.float32)
@@ -196,7 +210,7 @@ def rollout(params: Params, task: jax.Array, rng: jax.Array, n: int, cfg: ToyCon
     def env_step(s_N, xs):
         t, key = xs
         k_a, k_env = jax.random.split(key)
-        mean, log_std = policy(params, task, s_N, t, cfg)
+        mean, log_std = policy(params, task, s_N, t, cfg, teacher=teacher)
         a_N = mean + jnp.exp(log_std) * jax.random.normal(k_a, s_N.shape)
         s_next = s_N + a_N + cfg.env_noise * jax.random.normal(k_env, s_N.shape)
         return s_next, (s_N, a_N)
@@ -212,35 +226,23 @@ def rollout(params: Params, task: jax.Array, rng: jax.Array, n: int, cfg: ToyCon
 # ---------------------------------------------------------------------------------------------------
 # ESTIMATOR: the discounted OPD family ĝ_γ (paper Eq. 3) and the paper's variance proxy
 # ---------------------------------------------------------------------------------------------------
-def discounted_returns(r_T: jax.Array, gamma: jax.Array) -> jax.Array:
-    """G_t = Σ_{t'≥t} γ^{t'−t} r_{t'} for one trajectory (rank 1). γ = 0 → r_t (token-level OPD);
-    γ = 1 → the causal return-to-go (sequence-level OPD)."""
-    assert r_T.ndim == 1, r_T.shape
-
-    # SCAN BODY: reverse accumulation G_t = r_t + γ G_{t+1}.
-    def back(carry, r):
-        g = r + gamma * carry
-        return g, g
-
-    _, G_T = jax.lax.scan(back, jnp.zeros((), r_T.dtype), r_T, reverse=True)
-    return G_T
-
-
 def opd_surrogate(
     params: Params, student_fn, traj_NxT: Trajectory, logq_NxT: jax.Array, task: jax.Array, gamma: jax.Array
 ) -> jax.Array:
     """Surrogate whose gradient is the batch mean of ĝ_γ = Σ_t (Σ_{t'≥t} γ^{t'−t} r_{t'}) ∇log π(a_t|s_t),
     r_t = log π(a_t|s_t) − log q(a_t|s_t) held constant (stop_gradient), as the paper's REINFORCE form.
 
-    Statistics (paper App. B): unbiased for ∇ of the sequence-level reverse KL only at γ = 1; γ < 1 drops
-    future-reward coupling terms and is biased (γ = 0 is token-level OPD). Variance grows with γ: worst
-    case O(T²) at γ = 0 and O(T⁴) at γ = 1 (upper bounds only). Minimising it descends the reverse KL.
+    Statistics (paper App. B; synthetic/bounds.py): unbiased for ∇ of the sequence-level reverse KL only at
+    γ = 1; γ < 1 drops future-reward coupling terms and is biased (γ = 0 is token-level OPD). Variance grows
+    with γ: with bounded r_t and actions drawn from the student itself, the worst case is O(T²) at γ = 0
+    and O(T³) at γ = 1 (the paper's T⁴ bound is not reached on-policy); with stale or truncated rollouts
+    (off-policy) O(T⁴) is reachable. Minimising it descends the reverse KL.
     """
     t_T = jnp.arange(traj_NxT.states_NxT.shape[1])
     mean, log_std = student_fn(params, task, traj_NxT.states_NxT, t_T[None, :])
     logp_NxT = gaussian_logpdf(traj_NxT.actions_NxT, mean, log_std)
-    r_NxT = jax.lax.stop_gradient(logp_NxT - logq_NxT)
-    G_NxT = jax.vmap(discounted_returns, in_axes=(0, None))(r_NxT, gamma)
+    r_NxT = jax.lax.stop_gradient(token_costs(logp_NxT, logq_NxT))
+    G_NxT = jax.vmap(discounted_coefficients, in_axes=(0, None))(r_NxT, gamma)
     return jnp.mean(jnp.sum(jax.lax.stop_gradient(G_NxT) * logp_NxT, axis=1))
 
 
@@ -287,6 +289,9 @@ def make_study(cfg: ToyControlConfig):
     def student_fn(params, task, s, t):
         return policy(params, task, s, t, cfg)
 
+    def teacher_fn(params, task, s, t):
+        return policy(params, task, s, t, cfg, teacher=True)
+
     def pick(stacked: Params, task: jax.Array) -> Params:
         return jax.tree.map(lambda x: x[task], stacked)
 
@@ -302,14 +307,14 @@ def make_study(cfg: ToyControlConfig):
             reward_NxT = -jnp.abs(traj.positions_NxT1[:, 1:] - target)
             rtg_NxT = jnp.flip(jnp.cumsum(jnp.flip(reward_NxT, 1), 1), 1)
             adv_NxT = rtg_NxT - rtg_NxT.mean(axis=0, keepdims=True)
-            mean, log_std = student_fn(p, task, traj.states_NxT, jnp.arange(T)[None, :])
+            mean, log_std = teacher_fn(p, task, traj.states_NxT, jnp.arange(T)[None, :])
             logp = gaussian_logpdf(traj.actions_NxT, mean, log_std)
             return -jnp.mean(jnp.sum(adv_NxT * logp, axis=1)), reward_NxT.sum(1).mean()
 
         # SCAN BODY: one teacher REINFORCE iteration.
         def teacher_step(carry, key):
             p, opt_state = carry
-            traj = rollout(p, task, key, cfg.teacher_batch, cfg)
+            traj = rollout(p, task, key, cfg.teacher_batch, cfg, teacher=True)
             (_, ret), g = jax.value_and_grad(loss_fn, has_aux=True)(p, traj)
             upd, opt_state = teacher_opt.update(g, opt_state, p)
             return (optax.apply_updates(p, upd), opt_state), ret
@@ -324,13 +329,13 @@ def make_study(cfg: ToyControlConfig):
 
     def teacher_logq(teachers: Params, task: jax.Array, traj: Trajectory) -> jax.Array:
         q = pick(teachers, task)
-        mean, log_std = student_fn(q, task, traj.states_NxT, jnp.arange(T)[None, :])
+        mean, log_std = teacher_fn(q, task, traj.states_NxT, jnp.arange(T)[None, :])
         return gaussian_logpdf(traj.actions_NxT, mean, log_std)
 
-    def traj_reverse_kl(params, teacher, task, traj) -> jax.Array:
+    def traj_reverse_kl(params, teacher, task, traj, params_are_teacher=False) -> jax.Array:
         t = jnp.arange(T)[None, :]
-        mp, lp = student_fn(params, task, traj.states_NxT, t)
-        mq, lq = student_fn(teacher, task, traj.states_NxT, t)
+        mp, lp = (teacher_fn if params_are_teacher else student_fn)(params, task, traj.states_NxT, t)
+        mq, lq = teacher_fn(teacher, task, traj.states_NxT, t)
         return jnp.mean(jnp.sum(gaussian_kl(mp, lp, mq, lq), axis=1))
 
     # DISTILLATION: alternating-task OPD with ĝ_γ; left on odd iterations, right on even (1-indexed).
@@ -369,8 +374,8 @@ def make_study(cfg: ToyControlConfig):
         return params, trace
 
     # EVALUATION: visitation heatmaps and end-of-training metrics, per task.
-    def evaluate_task(params: Params, teacher: Params, task: jax.Array, rng: jax.Array):
-        traj = rollout(params, task, rng, cfg.eval_rollouts, cfg)
+    def evaluate_task(params: Params, teacher: Params, task: jax.Array, rng: jax.Array, is_teacher: bool):
+        traj = rollout(params, task, rng, cfg.eval_rollouts, cfg, teacher=is_teacher)
         _, target = task_start_target(task, cfg)
         pos = traj.positions_NxT1
         X, R = cfg.heatmap_bins, cfg.heatmap_range
@@ -381,7 +386,7 @@ def make_study(cfg: ToyControlConfig):
             counts,
             dist.mean(),
             jnp.mean(dist < 1.0),
-            traj_reverse_kl(params, teacher, task, traj),
+            traj_reverse_kl(params, teacher, task, traj, is_teacher),
             jnp.mean(jnp.abs(pos) > R),
         )
 
@@ -389,7 +394,8 @@ def make_study(cfg: ToyControlConfig):
         """params_K: one policy for both tasks (shared=True, the student) or one per task (teachers)."""
         keys = jax.random.split(rng, 2)
         in_axes = (None if shared else 0, 0, 0, 0)
-        return Evaluation(*jax.vmap(evaluate_task, in_axes=in_axes)(params_K, teachers, jnp.arange(2), keys))
+        one_task = functools.partial(evaluate_task, is_teacher=not shared)
+        return Evaluation(*jax.vmap(one_task, in_axes=in_axes)(params_K, teachers, jnp.arange(2), keys))
 
     def run_seed(key: jax.Array, gammas_G: jax.Array):
         k_teach, k_init, k_loop, k_eval = jax.random.split(key, 4)
@@ -408,8 +414,9 @@ def make_study(cfg: ToyControlConfig):
         "train_teachers": train_teachers,
         "distill": distill,
         "evaluate": evaluate,
-        "rollout": lambda p, task, rng, n: rollout(p, task, rng, n, cfg),
+        "rollout": lambda p, task, rng, n, teacher=False: rollout(p, task, rng, n, cfg, teacher=teacher),
         "student_fn": student_fn,
+        "teacher_fn": teacher_fn,
     }
     return study, parts
 

@@ -98,8 +98,6 @@ def test_estimator_equals_explicit_double_sum(gamma):
     T = cfg.horizon
     coeff = np.array([sum(gamma ** (u - t) * r_T[u] for u in range(t, T)) for t in range(T)])
     want = (coeff[:, None] * g_TxP).sum(0)
-    if gamma == 0.0:
-        np.testing.assert_allclose(want, (r_T[:, None] * g_TxP).sum(0))
     grads = jax.grad(tc.opd_surrogate)(
         params, lambda p, k, s, t: tc.policy(p, k, s, t, cfg), traj, logq, 0, jnp.float32(gamma)
     )
@@ -111,11 +109,65 @@ def test_estimator_equals_explicit_double_sum(gamma):
         assert np.abs(tok - want).max() > 1e-3 * np.abs(want).max()
 
 
-def test_discounted_returns_reverse_recursion():
-    r = jnp.array([1.0, -2.0, 0.5, 3.0])
-    np.testing.assert_allclose(
-        tc.discounted_returns(r, 0.5), [1 - 1 + 0.125 + 0.375, -2 + 0.25 + 0.75, 0.5 + 1.5, 3.0], rtol=1e-6
-    )
+def test_token_level_estimator_is_unbiased_for_the_per_state_kl_gradient():
+    """Score-function identity at fixed states: E_{a~π(·|s)}[r(a) ∇log π(a|s)] = ∇_θ KL(π_θ(·|s) ‖ q(·|s)).
+    Left: the surrogate's γ = 0 gradient averaged over sampled actions (gaussian_logpdf, the shared
+    r_t, the REINFORCE form). Right: jax.grad of the closed-form gaussian_kl. Independent arithmetic, so a
+    wrong sign of r, a wrong density or a wrong KL fails; tolerance 5 Monte Carlo standard errors.
+    (The batch gradient is the mean of these per-sample ones: test_micro_batch_gradients_... .)"""
+    cfg = _small_cfg(horizon=3, hidden=4)
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(11), 3)
+    student, teacher = tc.init_mlp(k1, cfg.hidden), tc.init_mlp(k2, cfg.hidden)
+    states_T = jnp.array([0.5, -1.0, 2.0])
+    t_T = jnp.arange(cfg.horizon)
+    n = 4_000
+
+    def fn(p, k, s, t):
+        return tc.policy(p, k, s, t, cfg)
+
+    @jax.jit
+    def sample_grads_and_exact(key):
+        mp, lp = fn(student, 0, states_T, t_T)
+        actions_NxT = mp + jnp.exp(lp) * jax.random.normal(key, (n, cfg.horizon))
+        mq, lq = fn(teacher, 0, states_T, t_T)
+        logq_NxT = tc.gaussian_logpdf(actions_NxT, mq, lq)
+
+        def one(a_T, lq_T):
+            t1 = tc.Trajectory(states_T[None], a_T[None], jnp.zeros((1, cfg.horizon + 1)))
+            g = jax.grad(tc.opd_surrogate)(student, fn, t1, lq_T[None], 0, jnp.float32(0.0))
+            return jax.flatten_util.ravel_pytree(g)[0]
+
+        def kl_sum(p):
+            m, ls = fn(p, 0, states_T, t_T)
+            return jnp.sum(tc.gaussian_kl(m, ls, mq, lq))
+
+        exact_P = jax.flatten_util.ravel_pytree(jax.grad(kl_sum)(student))[0]
+        return jax.vmap(one)(actions_NxT, logq_NxT), exact_P
+
+    per_sample_NxP, exact_grad = (np.asarray(x, np.float64) for x in sample_grads_and_exact(k3))
+    mc = per_sample_NxP.mean(0)
+    se = per_sample_NxP.std(0) / np.sqrt(n)
+    assert np.linalg.norm(exact_grad) > 10 * np.linalg.norm(se)  # the check has power
+    assert np.all(np.abs(mc - exact_grad) <= 5 * se + 1e-6 * np.abs(exact_grad).max())
+
+
+def test_teacher_sigma_floor_and_unbounded_mean_are_config_values():
+    """Ablation switches: `teacher_sigma_min` moves only the teachers' σ floor; `mean_max=None` removes the
+    tanh bound on the action mean."""
+    params = tc.init_mlp(jax.random.PRNGKey(0), 8)
+    params = {**params, "b3": jnp.array([50.0, -50.0])}  # saturate: huge mean, σ at its floor
+    base = _small_cfg(hidden=8)
+    ablated = _small_cfg(hidden=8, teacher_sigma_min=1e-4, mean_max=None)
+    s, t = jnp.array([0.3]), jnp.array([1])
+    mean_b, ls_student = tc.policy(params, 0, s, t, base)
+    _, ls_teacher = tc.policy(params, 0, s, t, base, teacher=True)
+    mean_a, ls_teacher_a = tc.policy(params, 0, s, t, ablated, teacher=True)
+    _, ls_student_a = tc.policy(params, 0, s, t, ablated)
+    np.testing.assert_allclose(np.exp(ls_student), 0.1, rtol=1e-5)
+    np.testing.assert_allclose(np.exp(ls_teacher), 0.1, rtol=1e-5)  # default: the student's floor
+    np.testing.assert_allclose(np.exp(ls_teacher_a), 1e-4, rtol=1e-4)
+    np.testing.assert_allclose(np.exp(ls_student_a), 0.1, rtol=1e-5)  # the student keeps its floor
+    assert abs(float(mean_b[0])) <= base.mean_max and abs(float(mean_a[0])) > 40.0
 
 
 # ---------------------------------------------------------------- the paper's micro-batch variance proxy
@@ -186,6 +238,9 @@ def test_short_teacher_training_moves_toward_target():
         (dict(heatmap_gammas=[0.3]), "heatmap_gammas"),
         (dict(seeds=[]), "seeds"),
         (dict(student_optimizer="rmsprop"), "student_optimizer"),
+        (dict(mean_max=-1.0), "mean_max"),
+        (dict(teacher_sigma_min=0.0), "teacher_sigma_min"),
+        (dict(teacher_sigma_min=5.0), "teacher_sigma_min"),
     ],
 )
 def test_bad_config_raises_config_error_naming_the_key(override, key):
