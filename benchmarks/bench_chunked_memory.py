@@ -35,7 +35,7 @@ def make_loss(objective: str, chunk_size: int | None):
     else:
 
         def loss(h, w, ids, lq, tokens, mask):
-            values = chunked.chunked_topk_objective(h, w, ids, lq, objective=objective, chunk_size=chunk_size)
+            values = chunked.chunked_map(getattr(losses, objective), h, w, ids, lq, chunk_size=chunk_size)
             return losses.aggregate(values, mask, "token_mean")
 
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))

@@ -1,20 +1,25 @@
-"""Large-vocabulary objectives computed in chunks over positions.
+"""Large-vocabulary objectives computed in chunks of positions, with the LM head recomputed per chunk.
 
 With a 151,936-token vocabulary, the student's logits for one batch of 8,192 positions are 5 GB in
-float32, and the backward pass of a naive objective keeps at least two such arrays alive. Here the
-LM-head projection and the per-position objective run chunk by chunk (`lax.map`), each chunk under
-`jax.checkpoint`, so the forward pass keeps only the per-position values and the backward pass recomputes
-one chunk's [C, V] logits at a time. Peak temporary memory is O(C·V) instead of O(N·V)
-(`benchmarks/bench_chunked_memory.py` measures it).
+float32, and the backward pass of a naive objective keeps at least two such arrays alive. `chunked_map`
+runs the LM-head projection and any per-position function chunk by chunk (`lax.map`), each chunk under
+`jax.checkpoint`, so the forward pass keeps only the per-position outputs and the backward pass recomputes
+one chunk's logits at a time: peak temporary memory is O(chunk·V) instead of O(N·V)
+(`benchmarks/bench_chunked_memory.py` measures it; tests/test_train.py checks the trainer's update).
 
-The per-chunk objective is the function from `opd.losses`, called on the chunk's logits: there is one
-implementation of each objective, and chunking changes only where it runs. Inputs may have any leading
-axes ([B, T, D] or [N, D]); outputs keep them. When the number of positions is not a multiple of the
-chunk size, the last chunk is padded by repeating the last real position (so padded rows are as finite as
-real ones) and the padded values are dropped; their gradient contribution is exactly zero.
+Chunks run along the *last* leading axis (the sequence positions of [B, L, D] hidden states); the axes
+before it (the batch) stay whole in every chunk. A batch sharded over devices therefore stays sharded: each
+device computes [B / devices, chunk, V] logits per chunk and no chunk lives on one device only. Flat
+[N, D] inputs are chunked along N.
 
-`chunk_size=None` runs the same objective without chunking (one [N, V] block), the reference the tests
-and the benchmark compare against.
+The per-chunk function is whatever the caller passes (an objective of the registry in opd/objectives.py,
+teacher top-K scoring in opd/teacher.py, token log-probs): there is one implementation of each objective,
+and chunking changes only where it runs. When the chunked axis is not a multiple of the chunk size, the
+last chunk is padded by repeating the last real position (so padded rows are as finite as real ones) and
+the padded outputs are dropped; their gradient contribution is exactly zero.
+
+`chunk_size=None` runs the same function without chunking (one block), the reference the tests and the
+benchmark compare against.
 """
 
 from __future__ import annotations
@@ -28,46 +33,60 @@ from jaxtyping import Array, ArrayLike, Float, Int
 
 from opd import losses
 
-DEFAULT_CHUNK_SIZE = 1024
+DEFAULT_CHUNK_SIZE = 128
+"""Sequence positions per chunk when chunking is on by default. Per device, one chunk's logits are
+[B / (data·fsdp), 128, V] float32: 0.6 GB at 8 local rows and V = 151,936, against 20 GB for a 4,096-token
+sequence unchunked; each chunk's [B·128, D] x [D, V] head matmul is still large enough to keep an
+accelerator busy."""
 
-# Objectives over the teacher's top-K support: f(student_logits_xV, topk_ids_xK, teacher_topk_logprobs_xK).
-TOPK_OBJECTIVES: dict[str, Callable[..., Array]] = {
-    "topk_reverse_kl": losses.topk_reverse_kl,
-    "topk_forward_kl": losses.topk_forward_kl,
-    "topk_reverse_kl_with_tail": losses.topk_reverse_kl_with_tail,
-}
-# Full-vocabulary objectives: f(student_logits_xV, teacher_logits_xV).
-FULL_OBJECTIVES: dict[str, Callable[..., Array]] = {
-    "full_reverse_kl": losses.full_reverse_kl,
-    "generalized_jsd": losses.generalized_jsd,
-}
+CHUNK_ABOVE_VOCAB = 32_768
+"""Default policy of `resolve_chunk_size`: chunk when the vocabulary is larger than this. The float32
+logits, their log-softmax and their gradient cost about 12·V bytes per position: ≤ 0.4 MB at V ≤ 32,768
+(Llama-2, Mistral and every task vocabulary here, which keep the one-block path and its single fused
+kernel), 1.5–3 MB at the 128K–256K vocabularies of Llama-3, Qwen2/3 and Gemma, as much as all the layer
+activations of a 7B model keep per position. The cost of chunking is one extra LM-head matmul in the
+backward pass (the recompute)."""
+
+
+def resolve_chunk_size(requested: int | None, vocab_size: int) -> int | None:
+    """The chunk size the update and teacher scoring use.
+
+    `requested`: None → the default policy (DEFAULT_CHUNK_SIZE when vocab_size > CHUNK_ABOVE_VOCAB, else
+    unchunked); 0 → unchunked; a positive int → that many sequence positions per chunk.
+    Returns a positive int or None (unchunked).
+    """
+    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < 1:
+        raise ValueError(f"vocab_size: expected a positive integer, got {vocab_size!r}")
+    if requested is None:
+        return DEFAULT_CHUNK_SIZE if vocab_size > CHUNK_ABOVE_VOCAB else None
+    if not isinstance(requested, int) or isinstance(requested, bool) or requested < 0:
+        raise ValueError(f"chunk_size: expected null (auto), 0 (off) or a positive integer, got {requested!r}")
+    return requested or None
 
 
 def lm_head_logits(h_xD: Float[ArrayLike, "*N D"], w_DxV: Float[ArrayLike, "D V"]) -> Float[Array, "*N V"]:
-    """LM-head projection with float32 accumulation and a float32 result whatever the input dtype."""
-    h_xD, w_DxV = jnp.asarray(h_xD), jnp.asarray(w_DxV)
+    """LM-head projection as the model computes it (`Transformer.logits`): the weight in the activation
+    dtype, float32 accumulation, float32 result, so chunked logits equal the sampler's."""
+    h_xD = jnp.asarray(h_xD)
+    w_DxV = jnp.asarray(w_DxV).astype(h_xD.dtype)
     logits = jnp.einsum("...d,dv->...v", h_xD, w_DxV, preferred_element_type=jnp.float32)
     return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
 
 
 def _check_head(name_h: str, h: Array, name_w: str, w: Array) -> None:
-    if h.ndim < 1:
-        raise ValueError(f"{name_h} must have a hidden axis [..., D], got a scalar")
+    if h.ndim < 2:
+        raise ValueError(f"{name_h} must be [..., N, D] with at least one position axis, got shape {h.shape}")
     if w.ndim != 2:
         raise ValueError(f"{name_w} must be [D, V], got shape {w.shape}")
     if h.shape[-1] != w.shape[0]:
         raise ValueError(f"{name_h} hidden size {h.shape[-1]} must equal {name_w} rows {w.shape[0]}")
 
 
-def _check_chunk_size(chunk_size: int | None) -> None:
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-
-
-def _objective(table: dict[str, Callable[..., Array]], objective: str) -> Callable[..., Array]:
-    if objective not in table:
-        raise ValueError(f"objective must be one of {tuple(table)}, got {objective!r}")
-    return table[objective]
+def check_chunk_size(chunk_size: int | None) -> None:
+    """ValueError (one line) unless `chunk_size` is None or a positive int."""
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size: expected null or a positive integer, got {chunk_size!r}")
 
 
 def chunked_map(
@@ -78,20 +97,20 @@ def chunked_map(
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     extra_heads: tuple[tuple[ArrayLike, ArrayLike], ...] = (),
 ) -> Any:
-    """Apply `fn(logits_CxV, *extra_logits_CxV, *payload_chunk)` over chunks of positions.
+    """Apply `fn(logits_xV, *extra_logits_xV, *payload_chunk)` over chunks of positions.
 
     Args:
-        fn: per-chunk function returning a pytree of per-position arrays (leading axis C).
-        h_xD: final hidden states [..., D] (the model's `hidden_states` output).
+        fn: per-chunk function returning a pytree of per-position arrays (the chunk's leading axes first).
+        h_xD: final hidden states [..., N, D] (the model's `hidden_states` output); chunks run along N.
         w_DxV: LM-head weight [D, V] (the model's `lm_head_weight()`).
-        payload: per-position arrays with the same leading axes as `h_xD` (e.g. top-K ids [..., K]).
-        extra_heads: further (hidden [..., D'], weight [D', V']) pairs whose logits are computed per chunk
+        payload: per-position arrays with the same leading axes as `h_xD` (e.g. top-K ids [..., N, K]).
+        extra_heads: further (hidden [..., N, D'], weight [D', V']) pairs whose logits are computed per chunk
             too and passed after the first (a teacher's, for full-vocabulary objectives).
-        chunk_size: positions per chunk; None computes everything at once (the unchunked reference).
+        chunk_size: positions of N per chunk; None computes everything at once (the unchunked reference).
     Returns:
         `fn`'s pytree with the leading axes of `h_xD` restored.
     """
-    _check_chunk_size(chunk_size)
+    check_chunk_size(chunk_size)
     h_xD, w_DxV = jnp.asarray(h_xD), jnp.asarray(w_DxV)
     _check_head("h_xD", h_xD, "w_DxV", w_DxV)
     lead = h_xD.shape[:-1]
@@ -105,91 +124,33 @@ def chunked_map(
         if p.shape[: len(lead)] != lead:
             raise ValueError(f"payload[{i}] leading axes {p.shape[: len(lead)]} must equal {lead}")
 
-    n = 1
-    for d in lead:
-        n *= d
-    flat_hs = [h.reshape(n, h.shape[-1]) for h, _ in heads]
-    weights = [w for _, w in heads]
-    flat_payload = [p.reshape((n, *p.shape[len(lead) :])) for p in payload]
+    hs, weights = [h for h, _ in heads], [w for _, w in heads]
 
-    def per_chunk(hs: list[Array], ws: list[Array], pl: list[Array]) -> Any:
-        logits = [lm_head_logits(h, w) for h, w in zip(hs, ws)]
-        return fn(*logits, *pl)
+    def per_chunk(hs: list[Array], pl: list[Array]) -> Any:
+        return fn(*[lm_head_logits(h, w) for h, w in zip(hs, weights)], *pl)
 
+    axis, n = len(lead) - 1, lead[-1]  # the chunked (position) axis and its length
     if chunk_size is None or n <= chunk_size:
         # Unchunked reference, or a single chunk (checkpointed: the backward pass recomputes its logits).
-        f = per_chunk if chunk_size is None else jax.checkpoint(per_chunk)
-        out = f(flat_hs, weights, flat_payload)
-        return jax.tree.map(lambda x: x.reshape(lead + x.shape[1:]), out)
+        return (per_chunk if chunk_size is None else jax.checkpoint(per_chunk))(hs, list(payload))
 
     num_chunks = -(-n // chunk_size)
     pad = num_chunks * chunk_size - n
 
-    def to_chunks(x: Array) -> Array:
+    def to_chunks(x: Array) -> Array:  # [..., N, ...] -> [num_chunks, ..., chunk, ...]
         if pad:  # repeat the last real position: padded rows are exactly as finite as real ones
-            x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), mode="edge")
-        return x.reshape((num_chunks, chunk_size, *x.shape[1:]))
+            x = jnp.pad(x, [(0, pad) if d == axis else (0, 0) for d in range(x.ndim)], mode="edge")
+        x = x.reshape((*x.shape[:axis], num_chunks, chunk_size, *x.shape[axis + 1:]))
+        return jnp.moveaxis(x, axis, 0)
 
-    body = jax.checkpoint(lambda xs: per_chunk(xs[0], weights, xs[1]))
-    out = jax.lax.map(body, ([to_chunks(h) for h in flat_hs], [to_chunks(p) for p in flat_payload]))
-    return jax.tree.map(
-        lambda x: x.reshape((num_chunks * chunk_size, *x.shape[2:]))[:n].reshape(lead + x.shape[2:]), out
-    )
+    def from_chunks(x: Array) -> Array:  # [num_chunks, ..., chunk, ...] -> [..., N, ...]
+        x = jnp.moveaxis(x, 0, axis)
+        x = x.reshape((*x.shape[:axis], num_chunks * chunk_size, *x.shape[axis + 2:]))
+        return jax.lax.slice_in_dim(x, 0, n, axis=axis)
 
-
-def chunked_topk_objective(
-    h_xD: Float[ArrayLike, "*N D"],
-    w_DxV: Float[ArrayLike, "D V"],
-    topk_ids_xK: Int[ArrayLike, "*N K"],
-    teacher_topk_logprobs_xK: Float[ArrayLike, "*N K"],
-    *,
-    objective: str = "topk_reverse_kl",
-    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
-    **objective_kwargs: Any,
-) -> Float[Array, "*N"]:
-    """Per-position top-K objective (`opd.losses.<objective>`) of the logits h @ W, in chunks.
-
-    `objective` is one of TOPK_OBJECTIVES; `objective_kwargs` go to it (e.g. renormalize=False).
-    Equal to `losses.<objective>(h @ W, topk_ids, teacher_topk_logprobs)` up to float rounding.
-    """
-    f = _objective(TOPK_OBJECTIVES, objective)
-    topk_ids_xK = jnp.asarray(topk_ids_xK)
-    losses._require_ids_in_range("topk_ids", topk_ids_xK, jnp.shape(w_DxV)[-1])  # eager check if concrete
-    return chunked_map(
-        lambda logits, ids, lq: f(logits, ids, lq, **objective_kwargs),
-        h_xD,
-        w_DxV,
-        topk_ids_xK,
-        teacher_topk_logprobs_xK,
-        chunk_size=chunk_size,
-    )
-
-
-def chunked_full_objective(
-    h_xD: Float[ArrayLike, "*N D"],
-    w_DxV: Float[ArrayLike, "D V"],
-    teacher_h_xD: Float[ArrayLike, "*N Dt"],
-    teacher_w_DxV: Float[ArrayLike, "Dt V"],
-    *,
-    objective: str = "full_reverse_kl",
-    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
-    **objective_kwargs: Any,
-) -> Float[Array, "*N"]:
-    """Per-position full-vocabulary objective with both student and teacher logits built per chunk.
-
-    The teacher side is wrapped in `stop_gradient` (the teacher never trains). `objective` is one of
-    FULL_OBJECTIVES (`objective_kwargs`, e.g. beta=0.3, go to it).
-    """
-    f = _objective(FULL_OBJECTIVES, objective)
-    if jnp.shape(teacher_w_DxV)[-1] != jnp.shape(w_DxV)[-1]:
-        raise ValueError(
-            f"teacher vocabulary {jnp.shape(teacher_w_DxV)[-1]} must equal student vocabulary "
-            f"{jnp.shape(w_DxV)[-1]}"
-        )
-    th, tw = jax.lax.stop_gradient(jnp.asarray(teacher_h_xD)), jax.lax.stop_gradient(jnp.asarray(teacher_w_DxV))
-    return chunked_map(
-        lambda s, t: f(s, t, **objective_kwargs), h_xD, w_DxV, chunk_size=chunk_size, extra_heads=((th, tw),)
-    )
+    body = jax.checkpoint(lambda xs: per_chunk(*xs))
+    out = jax.lax.map(body, ([to_chunks(h) for h in hs], [to_chunks(p) for p in payload]))
+    return jax.tree.map(from_chunks, out)
 
 
 def token_logprobs_and_entropy(

@@ -145,6 +145,26 @@ def shard_module(module: nnx.Module, mesh: Mesh, rules: Sequence[tuple[str, P]] 
     return module
 
 
+def batch_size_divisor(mesh: Mesh) -> int:
+    """data·fsdp: the number of shards of the batch axis."""
+    return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
+def check_batch_divisible(batch_size: int, mesh: Mesh, name: str, parts: int = 1) -> None:
+    """ValueError (one line naming `name`) unless `batch_size` splits into `parts` equal slices that each
+    divide over the mesh's batch axes (so no row is dropped and no shard is uneven)."""
+    n = parts * batch_size_divisor(mesh)
+    if batch_size % n:
+        what = f"{parts} minibatches x data*fsdp={n // parts}" if parts > 1 else f"data*fsdp={n}"
+        raise ValueError(f"{name}: {batch_size} rows must be divisible by {what}")
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Axis 0 over ("data", "fsdp"), the rest replicated: one sharding for every leaf of a divisible batch
+    (check_batch_divisible), usable as a jit in/out sharding prefix for a whole batch pytree."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
 def batch_spec(shape: Sequence[int], mesh: Mesh) -> P:
     """Leading (batch) axis over ("data", "fsdp"); the rest replicated. Scalars are replicated."""
     return fit_spec(P(BATCH_AXES), shape, mesh) if len(shape) else P()

@@ -2,8 +2,13 @@
 
 The teacher is frozen on purpose (style.md E5): its parameters enter a jitted function under
 `stop_gradient`, it is never handed to an optimizer, and only the [B, L, K] payload leaves the function —
-never the [B, L, V] distribution. With `chunk_size` the log-softmax over the vocabulary is computed for
-`chunk_size` positions at a time (lax.map), so even the on-device temporary is [B, chunk, V].
+never the [B, L, V] distribution. With `chunk_size` the LM head and the log-softmax over the vocabulary run
+`chunk_size` sequence positions at a time through `opd.chunked.chunked_map` (the helper the update uses),
+so even the on-device temporary is [B, chunk, V].
+
+`mesh` places the batch with its batch axis over ("data", "fsdp") and the teacher's parameters by the
+rules of opd/sharding.py, as the update does; None is a one-device mesh (the same code path). Placing the
+teacher once beforehand (`sharding.shard_module(teacher, mesh)`) makes the per-call placement free.
 """
 
 from __future__ import annotations
@@ -13,6 +18,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
+
+from opd import chunked, sharding
 
 
 class TeacherPayload(NamedTuple):
@@ -24,29 +32,17 @@ class TeacherPayload(NamedTuple):
 def _score_impl(graphdef, params, tokens_BxL, attention_mask_BxL, k: int, chunk_size: int | None):
     params = jax.lax.stop_gradient(params)  # frozen: no gradient ever flows into the teacher
     teacher = nnx.merge(graphdef, params)
-    B, L = tokens_BxL.shape
     h_BxTxD = teacher.hidden_states(tokens_BxL, attention_mask_BxT=attention_mask_BxL)[:, :-1]
     target_BxT = tokens_BxL[:, 1:]  # position t of h predicts token t + 1
-    T = L - 1
 
-    def score_chunk(h_BxCxD, target_BxC):
-        logp_BxCxV = jax.nn.log_softmax(teacher.logits(h_BxCxD), axis=-1)
+    def score_chunk(logits_BxCxV, target_BxC):
+        logp_BxCxV = jax.nn.log_softmax(logits_BxCxV, axis=-1)
         topk_lp_BxCxK, topk_ids_BxCxK = jax.lax.top_k(logp_BxCxV, k)
         sampled_BxC = jnp.take_along_axis(logp_BxCxV, target_BxC[..., None], axis=-1)[..., 0]
         return topk_ids_BxCxK.astype(jnp.int32), topk_lp_BxCxK, sampled_BxC
 
-    if chunk_size is None or chunk_size >= T:
-        ids_BxTxK, lp_BxTxK, sampled_BxT = score_chunk(h_BxTxD, target_BxT)
-    else:
-        n = -(-T // chunk_size)
-        pad = n * chunk_size - T
-        h_NxBxCxD = jnp.pad(h_BxTxD, ((0, 0), (0, pad), (0, 0))).reshape(B, n, chunk_size, -1).swapaxes(0, 1)
-        tgt_NxBxC = jnp.pad(target_BxT, ((0, 0), (0, pad))).reshape(B, n, chunk_size).swapaxes(0, 1)
-        ids, lp, sampled = jax.lax.map(lambda a: score_chunk(*a), (h_NxBxCxD, tgt_NxBxC))
-        ids_BxTxK = ids.swapaxes(0, 1).reshape(B, n * chunk_size, k)[:, :T]
-        lp_BxTxK = lp.swapaxes(0, 1).reshape(B, n * chunk_size, k)[:, :T]
-        sampled_BxT = sampled.swapaxes(0, 1).reshape(B, n * chunk_size)[:, :T]
-
+    ids_BxTxK, lp_BxTxK, sampled_BxT = chunked.chunked_map(
+        score_chunk, h_BxTxD, teacher.lm_head_weight(), target_BxT, chunk_size=chunk_size)
     sampled_BxT = jnp.where(attention_mask_BxL[:, 1:].astype(jnp.bool_), sampled_BxT, 0.0)
     # Target alignment: position 0 has no context -> ids 0, log-probs 0.
     return TeacherPayload(
@@ -56,24 +52,29 @@ def _score_impl(graphdef, params, tokens_BxL, attention_mask_BxL, k: int, chunk_
     )
 
 
+# Computation follows the placed inputs (parameters by the sharding rules, batch over the batch axes).
 _score_jit = jax.jit(_score_impl, static_argnames=("graphdef", "k", "chunk_size"))
 
 
 def score(teacher: Any, tokens_BxL: Any, attention_mask_BxL: Any, k: int, *,
-          chunk_size: int | None = None) -> TeacherPayload:
+          chunk_size: int | None = None, mesh: Mesh | None = None) -> TeacherPayload:
     """Teacher top-`k` ids and log-probs, and the log-prob of each token in `tokens_BxL`, target-aligned
     (`payload[b, t]` scores `tokens[b, t]` given `tokens[b, :t]`; position 0 is all zeros).
 
-    `chunk_size` (optional, an addition to the contract): positions per vocabulary chunk; None = all.
+    `chunk_size` (optional, an addition to the contract): sequence positions per vocabulary chunk; None = all.
+    `mesh`: where to run (see the module docstring); B must be divisible by its data·fsdp size.
     """
     V = teacher.cfg.vocab_size
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= V:
         raise ValueError(f"k: expected an integer in [1, vocab_size={V}], got {k!r}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size: expected null or a positive integer, got {chunk_size!r}")
+    chunked.check_chunk_size(chunk_size)
     if tokens_BxL.shape != attention_mask_BxL.shape or len(tokens_BxL.shape) != 2:
         raise ValueError(f"tokens_BxL / attention_mask_BxL: expected equal [B, L] shapes, got "
                          f"{tokens_BxL.shape} and {attention_mask_BxL.shape}")
+    mesh = sharding.make_mesh(1, 1, 1) if mesh is None else mesh
+    sharding.check_batch_divisible(tokens_BxL.shape[0], mesh, "tokens_BxL batch")
     graphdef, params = nnx.split(teacher)
-    return _score_jit(graphdef, params, jnp.asarray(tokens_BxL, jnp.int32), jnp.asarray(attention_mask_BxL),
-                      k, chunk_size)
+    params = sharding.shard_state(params, mesh)
+    tokens_BxL, attention_mask_BxL = sharding.shard_batch(
+        (jnp.asarray(tokens_BxL, jnp.int32), jnp.asarray(attention_mask_BxL)), mesh)
+    return _score_jit(graphdef, params, tokens_BxL, attention_mask_BxL, k, chunk_size)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,30 +43,33 @@ def _value_and_grads(f, h, w):
     return l, values, grads
 
 
+def _topk(fn):
+    """A top-K objective of opd.losses, chunked over the hidden states (ids and log-probs as payload)."""
+    return lambda h, w, ids, lq, chunk_size: chunked.chunked_map(fn, h, w, ids, lq, chunk_size=chunk_size)
+
+
 @pytest.mark.parametrize(
-    "objective,kwargs,chunk_size",
+    "fn,chunk_size",
     [
-        ("topk_reverse_kl", {}, 1),
-        ("topk_reverse_kl", {}, 7),  # 30 = 4 * 7 + 2: padded last chunk
-        ("topk_reverse_kl", {}, 30),  # exactly one chunk
-        ("topk_reverse_kl", {}, 64),  # chunk larger than N
-        ("topk_reverse_kl", {"renormalize": False}, 7),
-        ("topk_forward_kl", {}, 7),
-        ("topk_forward_kl", {}, 16),
-        ("topk_reverse_kl_with_tail", {}, 7),
-        ("topk_reverse_kl_with_tail", {}, 16),
+        (losses.topk_reverse_kl, 1),
+        (losses.topk_reverse_kl, 7),  # 10 = 7 + 3: padded last chunk
+        (losses.topk_reverse_kl, 10),  # exactly one chunk
+        (losses.topk_reverse_kl, 64),  # chunk larger than the position axis
+        (functools.partial(losses.topk_reverse_kl, renormalize=False), 7),
+        (losses.topk_forward_kl, 3),
+        (losses.topk_forward_kl, 4),
+        (losses.topk_reverse_kl_with_tail, 3),
+        (losses.topk_reverse_kl_with_tail, 4),
     ],
 )
-def test_topk_chunked_matches_unchunked(objective, kwargs, chunk_size):
+def test_topk_chunked_matches_unchunked(fn, chunk_size):
     h, w, ids, lq = _inputs()
 
     def ref(h, w):  # the objective from opd.losses on the full logits, no chunking anywhere
-        return getattr(losses, objective)(h @ w, ids, lq, **kwargs)
+        return fn(h @ w, ids, lq)
 
     def chk(h, w):
-        return chunked.chunked_topk_objective(
-            h, w, ids, lq, objective=objective, chunk_size=chunk_size, **kwargs
-        )
+        return _topk(fn)(h, w, ids, lq, chunk_size)
 
     l0, v0, g0 = _value_and_grads(ref, h, w)
     l1, v1, g1 = jax.jit(lambda h, w: _value_and_grads(chk, h, w))(h, w)
@@ -77,28 +82,41 @@ def test_topk_chunked_matches_unchunked(objective, kwargs, chunk_size):
         np.testing.assert_allclose(a, b, **TOL)
 
 
-@pytest.mark.parametrize("objective,kwargs", [("full_reverse_kl", {}), ("generalized_jsd", {"beta": 0.3})])
-def test_full_vocab_chunked_matches_unchunked(objective, kwargs):
+@pytest.mark.parametrize("fn", [losses.full_reverse_kl, functools.partial(losses.generalized_jsd, beta=0.3)])
+def test_full_vocab_chunked_matches_unchunked(fn):
     h, w, _, _ = _inputs()
     rng = np.random.default_rng(5)
     th = jnp.asarray(rng.normal(size=(*LEAD, 12)), jnp.float32)
     tw = jnp.asarray(rng.normal(size=(12, V)), jnp.float32)
 
-    def ref(h, w):
-        return getattr(losses, objective)(h @ w, th @ tw, **kwargs)
+    def chk(h, w, th=th, chunk_size=4):
+        return chunked.chunked_map(fn, h, w, chunk_size=chunk_size, extra_heads=((th, tw),))
 
-    def chk(h, w):
-        return chunked.chunked_full_objective(h, w, th, tw, objective=objective, chunk_size=8, **kwargs)
-
-    l0, v0, g0 = _value_and_grads(ref, h, w)
+    l0, v0, g0 = _value_and_grads(lambda h, w: fn(h @ w, th @ tw), h, w)
     l1, v1, g1 = _value_and_grads(chk, h, w)
     np.testing.assert_allclose(v1, v0, **TOL)
     np.testing.assert_allclose(l1, l0, **TOL)
     for a, b in zip(g1, g0):
         np.testing.assert_allclose(a, b, **TOL)
-    # The teacher never receives a gradient.
-    gt = jax.grad(lambda th: chunked.chunked_full_objective(h, w, th, tw, chunk_size=8).sum())(th)
-    assert float(jnp.abs(gt).max()) == 0.0
+    # The teacher head's logits are recomputed per chunk too, and differentiable like the student's: the
+    # trainer stops the teacher's gradient itself (opd/objectives.py), not the chunking.
+    gt = jax.grad(lambda th: chk(h, w, th).sum())(th)
+    gt_ref = jax.grad(lambda th: fn(h @ w, th @ tw).sum())(th)
+    np.testing.assert_allclose(gt, gt_ref, **TOL)
+
+
+def test_batch_axes_stay_whole_in_every_chunk():
+    """Chunks run along the last leading axis; each chunk's logits span the whole batch axis."""
+    h, w, _, _ = _inputs()
+    shapes = []
+
+    def fn(logits):
+        shapes.append(logits.shape)
+        return logits.sum(-1)
+
+    out = chunked.chunked_map(fn, h, w, chunk_size=4)
+    assert shapes == [(LEAD[0], 4, V)] and out.shape == LEAD
+    np.testing.assert_allclose(out, (h @ w).sum(-1), **TOL)
 
 
 def test_token_logprobs_and_entropy_chunked():
@@ -125,36 +143,49 @@ def test_token_logprobs_and_entropy_chunked():
 
 def test_bf16_inputs_give_float32_values():
     h, w, ids, lq = _inputs()
-    v = chunked.chunked_topk_objective(h.astype(jnp.bfloat16), w.astype(jnp.bfloat16), ids, lq, chunk_size=8)
+    v = _topk(losses.topk_reverse_kl)(h.astype(jnp.bfloat16), w.astype(jnp.bfloat16), ids, lq, 8)
     assert v.dtype == jnp.float32 and np.all(np.isfinite(np.asarray(v)))
 
 
 def test_flat_and_batched_layouts_agree():
     h, w, ids, lq = _inputs()
-    v = chunked.chunked_topk_objective(h, w, ids, lq, chunk_size=4)
-    vf = chunked.chunked_topk_objective(h.reshape(-1, D), w, ids.reshape(-1, K), lq.reshape(-1, K), chunk_size=4)
+    v = _topk(losses.topk_reverse_kl)(h, w, ids, lq, 4)
+    vf = _topk(losses.topk_reverse_kl)(h.reshape(-1, D), w, ids.reshape(-1, K), lq.reshape(-1, K), 4)
     np.testing.assert_array_equal(np.asarray(v).reshape(-1), np.asarray(vf))
 
 
 def test_bad_arguments_raise_one_clear_error():
     h, w, ids, lq = _inputs()
-    with pytest.raises(ValueError, match="chunk_size"):
-        chunked.chunked_topk_objective(h, w, ids, lq, chunk_size=0)
-    with pytest.raises(ValueError, match="objective must be one of"):
-        chunked.chunked_topk_objective(h, w, ids, lq, objective="nope")
+    f = losses.topk_reverse_kl
+    for bad in (0, -3, 2.0, True):
+        with pytest.raises(ValueError, match="chunk_size: expected null or a positive integer"):
+            chunked.chunked_map(f, h, w, ids, lq, chunk_size=bad)
     with pytest.raises(ValueError, match="hidden size"):
-        chunked.chunked_topk_objective(h[..., :5], w, ids, lq)
-    with pytest.raises(ValueError, match="topk_ids must lie in"):
-        chunked.chunked_topk_objective(h, w, ids + V, lq)
-    with pytest.raises(ValueError, match="leading axes"):
-        chunked.chunked_topk_objective(h, w, ids[:2], lq[:2])
-    with pytest.raises(ValueError, match="teacher vocabulary"):
-        chunked.chunked_full_objective(h, w, h, w[:, :10])
+        chunked.chunked_map(f, h[..., :5], w, ids, lq)
+    with pytest.raises(ValueError, match="at least one position axis"):
+        chunked.chunked_map(f, h[0, 0], w, ids, lq)
+    with pytest.raises(ValueError, match=r"payload.*leading axes"):
+        chunked.chunked_map(f, h, w, ids[:2], lq[:2])
+    with pytest.raises(ValueError, match=r"extra_heads.*leading axes"):
+        chunked.chunked_map(losses.full_reverse_kl, h, w, extra_heads=((h[:2], w),))
+
+
+def test_resolve_chunk_size_policy():
+    big, small = chunked.CHUNK_ABOVE_VOCAB + 1, chunked.CHUNK_ABOVE_VOCAB
+    assert chunked.resolve_chunk_size(None, big) == chunked.DEFAULT_CHUNK_SIZE
+    assert chunked.resolve_chunk_size(None, small) is None
+    assert chunked.resolve_chunk_size(0, big) is None  # explicitly off
+    assert chunked.resolve_chunk_size(64, small) == 64  # explicitly on, whatever the vocabulary
+    for bad in (-1, 1.5, "64", True):
+        with pytest.raises(ValueError, match="chunk_size: expected null"):
+            chunked.resolve_chunk_size(bad, big)
+    with pytest.raises(ValueError, match="vocab_size"):
+        chunked.resolve_chunk_size(None, 0)
 
 
 def _temp_bytes(chunk_size, n=2048, d=64, v=4096, k=8):
     def loss(h, w, ids, lq):
-        return chunked.chunked_topk_objective(h, w, ids, lq, chunk_size=chunk_size).mean()
+        return _topk(losses.topk_reverse_kl)(h, w, ids, lq, chunk_size).mean()
 
     args = (
         jax.ShapeDtypeStruct((n, d), jnp.float32),
