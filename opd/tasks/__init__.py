@@ -29,7 +29,13 @@ def _textworld(**kwargs):
     return TextWorldTask(**kwargs)
 
 
-TASKS = {"arithmetic": _arithmetic, "textworld": _textworld}
+def _longsum(**kwargs):
+    from opd.tasks.longsum import LongSumTask
+
+    return LongSumTask(**kwargs)
+
+
+TASKS = {"arithmetic": _arithmetic, "textworld": _textworld, "longsum": _longsum}
 
 
 def make_task(name: str, **kwargs):

@@ -169,6 +169,42 @@ class Tokenizer:
             specials["eot"] = eot_token
         return cls(pieces, specials, specials_first=["pad", "bos"], name=name)
 
+    @classmethod
+    def shared_conventions(cls, base: Tokenizer | None = None, *, eos_token: str = "<eot>",
+                           think_as_pieces: bool = True, name: str = "teacher-conventions") -> Tokenizer:
+        """The same vocabulary as `base` (default `Tokenizer()`; same ids, `same_vocabulary` is True) read with
+        other special-token conventions: a teacher that shares the student's ids but was trained otherwise.
+
+        eos_token: an existing token of `base` that ends this side's text (default "<eot>", not "<eos>");
+            its other role (end of turn) is dropped, so EOS is the only role it holds.
+        think_as_pieces: "<think>" / "</think>" encode as ordinary pieces (`<`, `t`, ... `>`) and are no
+            longer special; their ids stay in the vocabulary (decoding them still gives the same text).
+        Why: the paper's failure mode 3 with one shared vocabulary (issue 12 R7) -- every objective, LSM
+        included, applies, while the teacher never saw the student's think or EOS ids as targets."""
+        import copy
+
+        base = cls() if base is None else base
+        if eos_token not in base._token_to_id:
+            raise ValueError(f"eos_token: expected a token of {base.name!r}, got {eos_token!r}")
+        view = copy.copy(base)
+        roles = {r: s for r, s in base.roles.items() if s != eos_token or r == "eos"}
+        roles["eos"] = eos_token
+        hidden = set()
+        if think_as_pieces:
+            hidden = {roles.pop(r) for r in ("think_open", "think_close") if r in roles}
+        view.name = name
+        view.roles = roles
+        view._token_to_id = {t: i for t, i in base._token_to_id.items() if t not in hidden}
+        view.special_ids = {r: base._token_to_id[s] for r, s in roles.items()}
+        view.special_tokens = {s: base._token_to_id[s] for s in roles.values()}
+        view._stop_ids = {view.special_ids["eos"], PAD_ID}
+        view.eos_id = view.special_ids["eos"]
+        view.think_open_id = view.special_ids.get("think_open")
+        view.think_close_id = view.special_ids.get("think_close")
+        view.eot_id = view.special_ids.get("eot")
+        view.obs_id = view.special_ids.get("obs")
+        return view
+
     # -- encode / decode ------------------------------------------------------------------------------
 
     def encode(self, text: str) -> list[int]:

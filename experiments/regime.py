@@ -1,0 +1,281 @@
+"""The regime report (issue 12): does a configuration hold the paper's shape and failure modes? R1-R7, measured.
+
+    python -m experiments.regime                         # the regime (conf/experiment/regime.yaml)
+    python -m experiments.regime experiment=single_task  # any other OPD configuration, any overrides
+
+Composes conf/opd.yaml like experiments.opd (with `experiment=regime` unless an experiment is given),
+validates it, prepares or reuses the cached SFT models of its first route -- the teacher (on the task's
+`teacher_view()` when it has one: the teacher's style and conventions), the student, and the capacity check
+(the student's architecture on the teacher's demonstrations with the teacher's SFT recipe) -- and measures,
+with the trainer's own stages (`sample_stage` at the objective's rollout top-p, `score_stage`,
+`build_batch` unmasked) and `opd.failure_modes`:
+
+    R1 gap            teacher_accuracy >= 0.85 and 0.15 <= student_accuracy <= 0.50 (sampled pass@1, top-p 0.9)
+    R2 learnability   capacity_accuracy >= 0.80
+    R3 multimodal     0.5 <= teacher_top1_mass <= 0.9 (teacher's mean top-1 probability on its own rollouts,
+                      sampled at T = 1, top-p 1)
+    R4 long horizon   teacher_median_response_len >= 256, response budget >= 2x it, and gap_iqr_ratio >= 2
+                      (IQR of log q - log pi on step-1 student tokens in the last quarter of positions over the
+                      first; quarters of the student rollouts' median length)
+    R5 failure mode 1 neg_reward_frac_step1 >= 0.5
+    R6 failure mode 2 endorsed_loop_frac >= 0.01: step-1 student rollouts holding a repetition loop (a block
+                      repeated >= 3 times back to back, >= LOOP_MIN_TOKENS tokens) on whose tokens the teacher's
+                      mean probability is >= 0.5
+    R7 failure mode 3 one shared vocabulary, the teacher's special-token conventions differ, and the teacher's
+                      log-prob of the student's EOS at its first occurrence (unmasked) is <= -20 nats
+                      (eos_logprob_mapped; null when the student's EOS is the teacher's)
+
+The last line printed is one JSON object: those keys plus "passes" (the names of R1-R7 that hold). It exits
+0 whether or not they hold; a bad configuration is one `error:` line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import hydra
+import jax
+import numpy as np
+from omegaconf import DictConfig
+
+from opd import failure_modes as fm
+from opd.cli import entry_point, progress, run_main
+from opd.train.config import register_configs, to_container, validate
+
+register_configs()
+
+KEYS = ("teacher_accuracy", "student_accuracy", "capacity_accuracy", "teacher_top1_mass",
+        "teacher_median_response_len", "gap_iqr_ratio", "neg_reward_frac_step1", "endorsed_loop_frac",
+        "eos_logprob_mapped")
+LOOP_MIN_TOKENS = 8  # shorter "loops" are digit runs such as "000", not repetition
+ENDORSED_PROB = 0.5
+EOS_NATS = -20.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Measurements on arrays (pure; tested on constructed inputs)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def top1_mass(topk_logprobs_BxLxK, mask_BxL) -> float:
+    """Mean over response tokens of the teacher's top-1 probability."""
+    m = np.asarray(mask_BxL) > 0
+    top1 = np.exp(np.asarray(topk_logprobs_BxLxK, np.float64).max(axis=-1))
+    return float(top1[m].mean()) if m.any() else float("nan")
+
+
+def gap_iqr_ratio(teacher_sampled_BxL, student_sampled_BxL, mask_BxL, response_len_B) -> float | None:
+    """IQR of the sampled-token gap in the last quarter of positions / IQR in the first quarter.
+
+    Quarters of the rollouts' median response length (positions [0, m/4) and [3m/4, m)), through
+    `fm.gap_quantiles_by_bucket` with bucket_size ceil(m/4). None when a quarter is empty; inf when the
+    first quarter's IQR is 0 and the last's is not."""
+    median = float(np.median(np.asarray(response_len_B)))
+    if median < 4:
+        return None
+    size = math.ceil(median / 4)
+    out = fm.gap_quantiles_by_bucket(teacher_sampled_BxL, student_sampled_BxL, mask_BxL, bucket_size=size,
+                                     quantiles=(0.25, 0.75))
+    if len(out["count"]) < 4 or not out["count"][0] or not out["count"][3]:
+        return None
+    first, last = (out["quantiles"][j][1] - out["quantiles"][j][0] for j in (0, 3))
+    if first == 0:
+        return math.inf if last > 0 else None
+    return float(last / first)
+
+
+def endorsed_loop_frac(tokens_BxL, mask_BxL, student_sampled_BxL, teacher_sampled_BxL, *,
+                       min_tokens: int = LOOP_MIN_TOKENS, min_teacher_prob: float = ENDORSED_PROB) -> float:
+    """Fraction of rows holding a repetition loop of >= `min_tokens` tokens whose teacher probability, averaged
+    over the loop's tokens, is >= `min_teacher_prob` (the paper's Fig 3: the teacher keeps rewarding it)."""
+    rows = np.shape(tokens_BxL)[0]
+    out = fm.loop_probabilities(tokens_BxL, mask_BxL, student_sampled_BxL, teacher_sampled_BxL,
+                                max_loops=10**9)
+    hit = {lp["row"] for lp in out["loops"]
+           if lp["length"] >= min_tokens and float(np.mean(lp["teacher_prob"])) >= min_teacher_prob}
+    return len(hit) / rows if rows else 0.0
+
+
+def passes(r: dict[str, Any], *, budget: int, shared_vocabulary: bool, conventions_differ: bool) -> list[str]:
+    """The names of R1-R7 that hold for the measurements `r` (None never passes)."""
+
+    def at_least(key: str, bound: float) -> bool:
+        return r.get(key) is not None and r[key] >= bound
+
+    def within(key: str, lo: float, hi: float) -> bool:
+        return r.get(key) is not None and lo <= r[key] <= hi
+
+    med = r.get("teacher_median_response_len")
+    held = {
+        "R1": at_least("teacher_accuracy", 0.85) and within("student_accuracy", 0.15, 0.50),
+        "R2": at_least("capacity_accuracy", 0.80),
+        "R3": within("teacher_top1_mass", 0.5, 0.9),
+        "R4": med is not None and med >= 256 and budget >= 2 * med and at_least("gap_iqr_ratio", 2.0),
+        "R5": at_least("neg_reward_frac_step1", 0.5),
+        "R6": at_least("endorsed_loop_frac", 0.01),
+        "R7": shared_vocabulary and conventions_differ and r.get("eos_logprob_mapped") is not None
+        and r["eos_logprob_mapped"] <= EOS_NATS,
+    }
+    return [name for name, ok in held.items() if ok]
+
+
+def report_line(r: dict[str, Any], passed: list[str]) -> str:
+    """The report's last line: exactly KEYS (numbers or null) plus "passes"."""
+
+    def clean(v):
+        return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else float(v)
+
+    return json.dumps({**{k: clean(r.get(k)) for k in KEYS}, "passes": list(passed)})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The report
+# ---------------------------------------------------------------------------------------------------------
+
+
+def teacher_task_of(task):
+    """The teacher's side of a task: `task.teacher_view()` when the task has one, else the task itself."""
+    return task.teacher_view() if hasattr(task, "teacher_view") else task
+
+
+def step1(cfg: Any, student, route, *, log: Callable[[str], None] = progress) -> dict[str, Any]:
+    """Step 1 of the configured OPD run, measured: the trainer's sample, score and (unmasked) batch stages on
+    one batch of training prompts, then R4-R7's statistics of it."""
+    from opd.train.batch import build_batch
+    from opd.train.loop import rollout_top_p, sample_stage, score_stage
+
+    n, group = int(cfg.rollout.prompts_per_step), int(cfg.rollout.group_size)
+    pick = np.random.default_rng(int(cfg.seed))
+    items = [route.train_items[i] for i in pick.integers(0, len(route.train_items), n) for _ in range(group)]
+    key = jax.random.split(jax.random.key(int(cfg.seed)))[1]  # the loop's first rollout key
+    rollouts = sample_stage(student, route, items, key, cfg)
+    payload = score_stage(route, rollouts, int(cfg.loss.k))
+    batch = build_batch(rollouts, payload, special_ids=list(route.task.special_ids().values()),
+                        mask_special_tokens=False)
+    q, p = np.asarray(batch.teacher_sampled_BxL), np.asarray(batch.old_logprobs_BxL)
+    mask = np.asarray(batch.response_mask_BxL)
+    special = fm.special_token_logprobs(rollouts.tokens, mask, p, q, route.task.special_ids())
+    log(f"[regime] step 1: {len(items)} student rollouts at top-p {rollout_top_p(cfg)}, median length "
+        f"{np.median(rollouts.response_len):.0f}, train score {np.mean(rollouts.score):.3f}")
+    return {
+        "neg_reward_frac_step1": fm.neg_reward_frac(q, p, mask),
+        "gap_iqr_ratio": gap_iqr_ratio(q, p, mask, rollouts.response_len),
+        "endorsed_loop_frac": endorsed_loop_frac(rollouts.tokens, mask, p, q),
+        "eos_teacher_logprob": special.get("eos", {}).get("teacher_mean"),
+        "special_tokens": {k: {"student_mean": v["student_mean"], "teacher_mean": v["teacher_mean"]}
+                           for k, v in special.items()},
+    }
+
+
+def teacher_rollout_stats(cfg: Any, teacher, teacher_task, items: list) -> dict[str, Any]:
+    """The teacher on its own rollouts (T = 1, top-p 1): mean top-1 probability and median response length."""
+    from opd.teacher import score
+
+    rollouts = teacher_task.rollout(teacher, items, jax.random.key(int(cfg.eval_seed) + 1), temperature=1.0,
+                                    top_p=1.0)
+    payload = score(teacher, rollouts.tokens, rollouts.attention_mask, int(cfg.loss.k))
+    return {"teacher_top1_mass": top1_mass(payload.topk_logprobs_BxLxK, rollouts.response_mask),
+            "teacher_median_response_len": float(np.median(rollouts.response_len)),
+            "teacher_truncated_frac": float(np.mean(rollouts.truncated))}
+
+
+def measure(cfg: Any, built: dict[str, Any], *, log: Callable[[str], None] = progress) -> dict[str, Any]:
+    """Every R1-R7 number of the configuration's first route, plus what `passes` needs."""
+    from opd.train import evaluate as ev
+    from opd.train.loop import Route
+    from opd.train.sft import prepare
+
+    t0 = time.time()
+    resolved = to_container(cfg)
+    name, r = next(iter(built["routes"].items()))
+    rc = cfg.tasks[name]
+    task = r["task"]
+    teacher_task = teacher_task_of(r["teacher_task"])
+    n_eval = int(cfg.eval_problems)
+    eval_key = jax.random.key(int(cfg.eval_seed))
+
+    def held_out(label: str, model, meta: dict, view) -> float:
+        """Sampled pass@1 (top-p 0.9) on the first n_eval eval items; reused from the checkpoint's meta when
+        measured the same way."""
+        spec = {"items": n_eval, "eval_seed": int(cfg.eval_seed), "samples": int(cfg.eval_samples),
+                "task": repr(view)}
+        if meta.get("sft_eval_spec") == spec and meta.get("sft_eval"):
+            return float(meta["sft_eval"]["accuracy"])
+        metrics, _ = ev.evaluate(model, view, view.items("eval", n_eval, int(cfg.eval_seed)), eval_key,
+                                 samples=int(cfg.eval_samples), batch_size=min(int(cfg.eval_batch_size), n_eval),
+                                 prefix="")
+        log(f"[regime] {label}: held-out {view.metric} {metrics[view.metric]:.3f} (greedy "
+            f"{metrics['greedy_' + view.metric]:.3f})")
+        return float(metrics[view.metric])
+
+    def eval_fn_for(view):
+        def eval_fn(model):
+            metrics, items = ev.evaluate(model, view, view.items("eval", n_eval, int(cfg.eval_seed)), eval_key,
+                                         samples=int(cfg.eval_samples),
+                                         batch_size=min(int(cfg.eval_batch_size), n_eval), prefix="")
+            return {"accuracy": metrics[view.metric], "greedy": metrics["greedy_" + view.metric]}, {name: items}
+        spec = {"items": n_eval, "eval_seed": int(cfg.eval_seed), "samples": int(cfg.eval_samples),
+                "task": repr(view)}
+        return eval_fn, spec
+
+    task_section = resolved["tasks"][name]["task"]
+    # Sections as experiments.opd keys them, so the teacher and student caches are shared with OPD runs.
+    t_sections = {"model": r["teacher"].to_dict(), "task": task_section,
+                  "tokenizer": [cfg.tokenizer, rc.teacher_tokenizer], "sft": resolved["tasks"][name]["sft"]}
+    s_sections = {"model": built["student"].to_dict(), "tokenizer": cfg.tokenizer, "tasks": {name: task_section},
+                  "sft": resolved["sft_student"]}
+    c_sections = {**s_sections, "sft": resolved["tasks"][name]["sft"], "role": "capacity"}
+    root = cfg.checkpoint_root
+    models, acc = {}, {}
+    for label, model_cfg, view, sections, sft_cfg in (
+            ("teacher", r["teacher"], teacher_task, t_sections, rc.sft),
+            ("student", built["student"], task, s_sections, cfg.sft_student),
+            ("capacity", built["student"], teacher_task, c_sections, rc.sft)):
+        eval_fn, spec = eval_fn_for(view)
+        models[label], meta = prepare(f"{label}/{name}", model_cfg, [view], sections, sft_cfg, root=root,
+                                      eval_fn=eval_fn, eval_spec=spec, log=log)
+        acc[label] = held_out(label, models[label], meta, view)
+    out: dict[str, Any] = {"teacher_accuracy": acc["teacher"], "student_accuracy": acc["student"],
+                           "capacity_accuracy": acc["capacity"]}
+    n_stats = int(cfg.rollout.prompts_per_step) * int(cfg.rollout.group_size)
+    out.update(teacher_rollout_stats(cfg, models["teacher"], teacher_task,
+                                     teacher_task.items("eval", n_stats, int(cfg.eval_seed))))
+    route = Route(name=name, task=task, teacher=models["teacher"], mapping=r["mapping"],
+                  train_items=task.items("train", int(cfg.train_problems), int(cfg.train_seed)))
+    s1 = step1(cfg, models["student"], route, log=log)
+    out.update({k: s1[k] for k in ("neg_reward_frac_step1", "gap_iqr_ratio", "endorsed_loop_frac")})
+    shared = r["mapping"] is None
+    student_eos, teacher_eos = task.tokenizer.eos_id, teacher_task.tokenizer.eos_id
+    differ = shared and (student_eos != teacher_eos
+                         or task.tokenizer.think_open_id != teacher_task.tokenizer.think_open_id)
+    out["eos_logprob_mapped"] = s1["eos_teacher_logprob"] if differ else None
+    out["_context"] = {"budget": int(task.max_response_len), "shared_vocabulary": shared,
+                       "conventions_differ": differ, "special_tokens": s1["special_tokens"],
+                       "teacher_truncated_frac": out.pop("teacher_truncated_frac"),
+                       "seconds": round(time.time() - t0, 1)}
+    return out
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="opd")
+@entry_point
+def main(cfg: DictConfig) -> None:
+    built = validate(cfg)  # ConfigError -> one line on stderr, exit 2
+    r = measure(cfg, built)
+    ctx = r.pop("_context")
+    passed = passes(r, budget=ctx["budget"], shared_vocabulary=ctx["shared_vocabulary"],
+                    conventions_differ=ctx["conventions_differ"])
+    progress(f"[regime] context {json.dumps(ctx)}")
+    print(report_line(r, passed), flush=True)
+
+
+_GROUPS = {"loss": "loss", "rollout": "rollout", "optimizer": "optimizer", "experiment": "experiment"}
+
+if __name__ == "__main__":
+    if not any(a.split("=", 1)[0].lstrip("+~") == "experiment" for a in sys.argv[1:]):
+        sys.argv.append("experiment=regime")
+    run_main(main, _GROUPS, "opd")

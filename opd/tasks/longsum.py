@@ -1,0 +1,268 @@
+"""Long worked multi-operand addition: the testbed regime of issue 12, where the paper's failure modes exist.
+
+One problem space, two solution styles, one shared vocabulary (the default `Tokenizer()`):
+
+    prompt:   a7 b5 c9 d3 ... =          (min_terms..max_terms labelled one-digit operands)
+
+    worked    (the teacher's, long and free; ~16-22 tokens per operand, median ~300 tokens at 13-17 terms)
+              <think>take a is 000+7=007
+              put b on 5+007=012 it 012
+              ...
+              </think>153<eot>
+      every line adds one operand to the running sum, with genuine freedom: an opening word (one of six), a
+      linking word (one of four), the order of the two addends (`swap_prob`) and an optional check that
+      repeats the new sum (`check_prob`). The freedom is drawn per item from a hash of its prompt, so the
+      demonstration distribution is multimodal and the teacher's next-token distribution is too.
+
+    direct    (the student's, short: ~4 tokens per operand, ~70 tokens)
+              <think>a7 b12 c21 ...</think>153<eos>
+      running sums only, unpadded: each step is a lookup and an addition with nothing written down to check.
+
+`LongSumTask` is the student's side of a route (`style="direct"`, the student's conventions);
+`teacher_view()` is the same problem space as the teacher writes it (`teacher_style`, and with
+`teacher_conventions="paper"` the teacher's special-token conventions read from the SAME vocabulary through
+`Tokenizer.shared_conventions`: "<think>"/"</think>" spelled as ordinary pieces, "<eot>" ending the text,
+as OpenThinker3 relative to Qwen2.5-Instruct). The teacher therefore shares every id with the student (every
+objective, LSM included, applies) and never saw the student's think or EOS ids as targets: the mismatched
+special ids the paper masks are exactly the student's `special_ids()` (think_open, think_close, eos).
+
+The verifier is style-free (the integer after the one "</think>"), so a student that moves towards the
+teacher's style during OPD is scored the same way. The response budget is at least `budget_factor` x the
+median worked length, so a student can learn to sustain the teacher's length. Train and eval problems are a
+hash partition of the prompt strings: they never overlap.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from opd.tasks.arithmetic import LABELS, parse_answer
+from opd.tasks.common import (
+    Problem,
+    Rollouts,
+    check_split,
+    draw_distinct,
+    encode_demonstrations,
+    hash_bucket,
+    single_turn_rollout,
+    special_token_ids,
+    split_of_key,
+)
+from opd.tasks.tokenizer import Tokenizer
+
+STYLES = ("direct", "worked")
+CONVENTIONS = ("paper", "same")
+# Single-token pieces of the default vocabulary (the tests check that each encodes as one id).
+OPENERS = ("take", "put", "and", "go", "look", "open")
+LINKS = ("is", "at", "on", "in")
+MEDIAN_SAMPLE = 256  # problems whose worked length sets the response budget
+
+
+def worked_lines(numbers: list[int], width: int, choices: np.random.Generator, *, swap_prob: float,
+                 check_prob: float) -> str:
+    """The worked solution's lines (without the think markers): one line per operand, free choices from
+    `choices` (see the module docstring)."""
+    lines, total = [], 0
+    for label, x in zip(LABELS, numbers, strict=False):
+        new = total + x
+        opener = OPENERS[int(choices.integers(len(OPENERS)))]
+        link = LINKS[int(choices.integers(len(LINKS)))]
+        a, b = f"{total:0{width}d}", str(x)
+        if choices.random() < swap_prob:
+            a, b = b, a
+        check = f" it {new:0{width}d}" if choices.random() < check_prob else ""
+        lines.append(f"{opener} {label} {link} {a}+{b}={new:0{width}d}{check}\n")
+        total = new
+    return "".join(lines)
+
+
+def direct_lines(numbers: list[int]) -> str:
+    total, parts = 0, []
+    for label, x in zip(LABELS, numbers, strict=False):
+        total += x
+        parts.append(f"{label}{total}")
+    return " ".join(parts)
+
+
+class LongSumTask:
+    """Sums of `min_terms..max_terms` labelled one-digit operands in a short (student) or long worked
+    (teacher) style; see the module docstring."""
+
+    name = "longsum"
+    metric = "accuracy"
+
+    def __init__(
+        self,
+        min_terms: int = 13,
+        max_terms: int = 17,
+        style: str = "direct",
+        teacher_style: str = "worked",
+        teacher_conventions: str = "paper",
+        swap_prob: float = 0.5,
+        check_prob: float = 0.5,
+        budget_factor: float = 2.0,
+        eval_fraction: float = 0.1,
+        tokenizer: Tokenizer | None = None,
+    ):
+        for key, value, allowed in (("style", style, STYLES), ("teacher_style", teacher_style, STYLES),
+                                    ("teacher_conventions", teacher_conventions, CONVENTIONS)):
+            if value not in allowed:
+                raise ValueError(f"{key}: expected one of {list(allowed)}, got {value!r}")
+        if not 2 <= min_terms <= max_terms <= len(LABELS):
+            raise ValueError(f"min_terms/max_terms: expected 2 <= min_terms <= max_terms <= {len(LABELS)}, "
+                             f"got {min_terms}, {max_terms}")
+        for key, value in (("swap_prob", swap_prob), ("check_prob", check_prob)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{key}: expected a probability in [0, 1], got {value}")
+        if not budget_factor >= 1.0:
+            raise ValueError(f"budget_factor: expected a number >= 1, got {budget_factor}")
+        if not 0.0 < eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction: expected a value in (0, 1), got {eval_fraction}")
+        self.min_terms, self.max_terms = int(min_terms), int(max_terms)
+        self.style, self.teacher_style, self.teacher_conventions = style, teacher_style, teacher_conventions
+        self.swap_prob, self.check_prob = float(swap_prob), float(check_prob)
+        self.budget_factor, self.eval_fraction = float(budget_factor), float(eval_fraction)
+        self.width = len(str(9 * self.max_terms))
+        self.tokenizer = tokenizer if tokenizer is not None else Tokenizer()
+        self.max_prompt_len = 1 + len(self.tokenizer.encode(self.format_prompt([9] * self.max_terms)))
+        # Demonstrations are padded to this style's longest; rollouts get the whole budget.
+        self.demo_len = self._worst_len(self.style)
+        self.max_response_len = max(self.demo_len, self._worst_len(teacher_style),
+                                    math.ceil(self.budget_factor * self.median_teacher_len()))
+
+    def _kwargs(self) -> dict:
+        return {"min_terms": self.min_terms, "max_terms": self.max_terms, "swap_prob": self.swap_prob,
+                "check_prob": self.check_prob, "budget_factor": self.budget_factor,
+                "eval_fraction": self.eval_fraction, "teacher_style": self.teacher_style}
+
+    def teacher_view(self) -> LongSumTask:
+        """The same problems as the teacher writes them: `teacher_style`, and the teacher's special-token
+        conventions on the same vocabulary when teacher_conventions="paper"."""
+        tok = (Tokenizer.shared_conventions(self.tokenizer) if self.teacher_conventions == "paper"
+               else self.tokenizer)
+        view = LongSumTask(style=self.teacher_style, teacher_conventions="same", tokenizer=tok, **self._kwargs())
+        view.max_response_len = self.max_response_len  # one budget for both sides
+        return view
+
+    # -- problems -------------------------------------------------------------------------------------
+
+    def format_prompt(self, numbers: list[int]) -> str:
+        return " ".join(f"{label}{x}" for label, x in zip(LABELS, numbers, strict=False)) + "="
+
+    def operands(self, p: Problem) -> list[int]:
+        return [int(t[1:]) for t in p.prompt[:-1].split(" ")]
+
+    def solution_text(self, numbers: list[int], style: str) -> str:
+        """The full response text in the default conventions ("<think>...</think>ANSWER<eos>")."""
+        if style == "worked":
+            prompt = self.format_prompt(numbers)
+            choices = np.random.default_rng(hash_bucket("longsum:" + prompt, 2**63))
+            body = worked_lines(numbers, self.width, choices, swap_prob=self.swap_prob, check_prob=self.check_prob)
+        else:
+            body = direct_lines(numbers)
+        return "<think>" + body + "</think>" + str(sum(numbers)) + "<eos>"
+
+    def make_problem(self, numbers: list[int]) -> Problem:
+        if not self.min_terms <= len(numbers) <= self.max_terms:
+            raise ValueError(f"numbers: expected {self.min_terms}..{self.max_terms} terms, got {len(numbers)}")
+        if any(not 0 <= x <= 9 for x in numbers):
+            raise ValueError(f"numbers: each must be a digit 0..9, got {numbers}")
+        return Problem(self.format_prompt(numbers), str(sum(numbers)), self.solution_text(list(numbers), self.style))
+
+    def split_of(self, p: Problem | str) -> str:
+        return split_of_key(p if isinstance(p, str) else p.prompt, self.eval_fraction)
+
+    def problems(self, split: str, n: int, seed: int) -> list[Problem]:
+        """`n` distinct problems of `split`, deterministic given (split, n, seed), the same prompts in every
+        style and view."""
+        check_split(split)
+        if n < 0:
+            raise ValueError(f"n: expected a non-negative count, got {n}")
+        rng = np.random.default_rng([int(seed), 0 if split == "train" else 1])
+
+        def draw() -> list[int]:
+            k = int(rng.integers(self.min_terms, self.max_terms + 1))
+            return [int(x) for x in rng.integers(0, 10, size=k)]
+
+        numbers = draw_distinct(n, draw, self.format_prompt, lambda _, prompt: self.split_of(prompt) == split,
+                                error=f"problems: the {split} split has fewer than {n} distinct problems")
+        return [self.make_problem(x) for x in numbers]
+
+    # -- lengths --------------------------------------------------------------------------------------
+
+    def _encoded_len(self, text: str) -> int:
+        return len(self.tokenizer.encode(self._convert(text)))
+
+    def _worst_len(self, style: str) -> int:
+        """Longest response of `style` in this tokenizer: every operand 9, every check written."""
+        numbers = [9] * self.max_terms
+        if style == "direct":
+            return self._encoded_len(self.solution_text(numbers, "direct"))
+        lines = worked_lines(numbers, self.width, np.random.default_rng(0), swap_prob=0.0, check_prob=1.0)
+        longest = max(len(self.tokenizer.encode(w)) for w in OPENERS + LINKS)
+        extra = 2 * (longest - 1) * self.max_terms  # opener and link of one token each here; bound anyway
+        return self._encoded_len("<think>" + lines + "</think>" + str(sum(numbers)) + "<eos>") + extra
+
+    def median_teacher_len(self) -> float:
+        """Median token length of the teacher-style demonstration over a fixed sample of problems, in the
+        teacher's conventions (what the budget is a multiple of)."""
+        teacher_tok = (Tokenizer.shared_conventions(self.tokenizer) if self.teacher_conventions == "paper"
+                       and self.style != self.teacher_style else self.tokenizer)
+        rng = np.random.default_rng(12345)
+        lengths = []
+        for _ in range(MEDIAN_SAMPLE):
+            k = int(rng.integers(self.min_terms, self.max_terms + 1))
+            text = self.solution_text([int(x) for x in rng.integers(0, 10, size=k)], self.teacher_style)
+            lengths.append(len(teacher_tok.encode(text[: -len("<eos>")] + teacher_tok.roles["eos"])))
+        return float(np.median(lengths))
+
+    # -- targets and scoring --------------------------------------------------------------------------
+
+    def _convert(self, text: str) -> str:
+        """Default-convention text -> this tokenizer's: its EOS string replaces "<eos>" (think markers
+        encode as this tokenizer's own pieces or specials)."""
+        eos = self.tokenizer.roles["eos"]
+        return text if eos == "<eos>" else text[: -len("<eos>")] + eos
+
+    def demonstration(self, p: Problem) -> str:
+        return self._convert(p.solution)
+
+    def score(self, p: Problem, response_text: str) -> float:
+        """1.0 iff the response is "<think>...</think>" then exactly the right integer, whatever the style."""
+        got = parse_answer(response_text)
+        return 1.0 if got is not None and got == int(p.answer) else 0.0
+
+    # -- the trainer's Task protocol (opd.tasks.common.Task) -----------------------------------------
+
+    def items(self, split: str, n: int, seed: int) -> list[Problem]:
+        return self.problems(split, n, seed)
+
+    def prompt_of(self, p: Problem) -> str:
+        return p.prompt
+
+    def rollout(self, model, items, rng, *, temperature: float, top_p: float, top_k: int = 0,
+                sample_fn=None) -> Rollouts:
+        return single_turn_rollout(self, model, items, rng, temperature=temperature, top_p=top_p, top_k=top_k,
+                                   sample_fn=sample_fn)
+
+    def sequence_length(self) -> int:
+        return int(self.max_prompt_len + self.max_response_len)
+
+    def demonstrations(self, items) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(tokens_BxL, attention_mask_BxL, target_mask_BxL), the demonstration right-padded to this style's
+        longest (not the whole budget: SFT never pays for the budget's padding)."""
+        tokens, target, attn = encode_demonstrations(
+            self.tokenizer, [p.prompt for p in items], [self.demonstration(p) for p in items],
+            self.max_prompt_len, self.demo_len)
+        return tokens, attn, target
+
+    def special_ids(self) -> dict[str, int]:
+        """The special ids of this side's conventions; on the student's side, the ids the paper masks (at their
+        first occurrence) because the teacher's conventions differ on each of them."""
+        return special_token_ids(self.tokenizer)
+
+    def __repr__(self) -> str:
+        return (f"LongSumTask(style={self.style!r}, terms={self.min_terms}..{self.max_terms}, "
+                f"tokenizer={self.tokenizer.name!r})")

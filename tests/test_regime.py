@@ -1,0 +1,221 @@
+"""The issue-12 regime: the long-sum task (demonstrations, verifier, multimodality, budget), the teacher's
+special-token conventions on the shared vocabulary, and the regime report's measurements and JSON line."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+
+from experiments import regime
+from opd.tasks import Tokenizer, make_task
+from opd.tasks.longsum import LINKS, OPENERS, LongSumTask
+from opd.train.config import register_configs
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+register_configs()
+
+_LINE = re.compile(r"^(\w+) ([a-z]) (\w+) (\d+)\+(\d+)=(\d+)( it (\d+))?$")
+
+
+@pytest.fixture(scope="module")
+def task():
+    return LongSumTask()
+
+
+@pytest.fixture(scope="module")
+def teacher(task):
+    return task.teacher_view()
+
+
+# -- the shared vocabulary with the teacher's conventions --------------------------------------------------
+
+
+def test_shared_conventions_same_ids_other_specials():
+    base = Tokenizer()
+    view = Tokenizer.shared_conventions(base)
+    assert view.same_vocabulary(base) and view.vocab_size == base.vocab_size
+    assert (base.eos_id, base.think_open_id, base.think_close_id) == (2, 3, 4)  # the student's, unchanged
+    assert view.eos_id == base.token_to_id("<eot>") != base.eos_id
+    assert view.think_open_id is None and view.think_close_id is None
+    ids = view.encode("<think>7</think>7<eot>")
+    assert len(ids) > 5 and not {2, 3, 4} & set(ids) and ids[-1] == view.eos_id  # markers as ordinary pieces
+    assert view.decode(ids) == "<think>7</think>7" == base.decode(base.encode("<think>7</think>7<eos>"))
+    with pytest.raises(ValueError, match="eos_token"):
+        Tokenizer.shared_conventions(base, eos_token="<|endoftext|>")
+
+
+# -- demonstrations and verifier ------------------------------------------------------------------------
+
+
+def _check_worked(p, text):
+    assert text.startswith("<think>") and text.endswith("<eot>")
+    body, _, tail = text[len("<think>"):].partition("</think>")
+    numbers, total = [int(t[1:]) for t in p.prompt[:-1].split(" ")], 0
+    lines = body.rstrip("\n").split("\n")
+    assert len(lines) == len(numbers)
+    for label, x, line in zip("abcdefghijklmnopq", numbers, lines, strict=False):
+        m = _LINE.match(line)
+        assert m, line
+        opener, lab, link, a, b, new = m.group(1, 2, 3, 4, 5, 6)
+        assert opener in OPENERS and link in LINKS and lab == label
+        assert sorted([int(a), int(b)]) == sorted([total, x]) and int(new) == total + x
+        assert m.group(8) in (None, new)
+        total += x
+    assert tail == f"{total}<eot>" and int(p.answer) == total
+
+
+def test_demonstrations_are_correct_and_scored(task, teacher):
+    for p in teacher.items("train", 40, 0):
+        _check_worked(p, teacher.demonstration(p))
+        assert teacher.score(p, teacher.tokenizer.decode(teacher.tokenizer.encode(teacher.demonstration(p)))) == 1
+    for p in task.items("train", 40, 0):
+        text = task.tokenizer.decode(task.tokenizer.encode(task.demonstration(p)))
+        sums = [int(t[1:]) for t in text[len("<think>"):text.index("</think>")].split(" ")]
+        assert sums == list(np.cumsum(task.operands(p))) and task.score(p, text) == 1.0
+        assert task.score(p, text.replace(f"</think>{p.answer}", f"</think>{int(p.answer) + 1}")) == 0.0
+        assert task.score(p, text[len("<think>"):]) == 0.0  # malformed
+    # the same prompts on both sides; splits never overlap
+    assert [p.prompt for p in task.items("eval", 20, 3)] == [p.prompt for p in teacher.items("eval", 20, 3)]
+    assert not {p.prompt for p in task.items("train", 300, 0)} & {p.prompt for p in task.items("eval", 300, 0)}
+
+
+def test_encoded_layout_and_budget(task, teacher):
+    for w in OPENERS + LINKS:
+        assert len(task.tokenizer.encode(w)) == 1, w
+    tok, _attn, target = teacher.demonstrations(teacher.items("train", 64, 0))
+    lengths = target.sum(axis=1)
+    assert tok.shape[1] == teacher.max_prompt_len + teacher.demo_len and lengths.max() <= teacher.demo_len
+    assert np.median(lengths) >= 256  # R4's teacher length, in the teacher's own conventions
+    assert set(tok[target > 0].tolist()).isdisjoint({2, 3, 4})  # never the student's EOS or think ids
+    assert (tok[np.arange(64), teacher.max_prompt_len + lengths - 1] == teacher.tokenizer.eos_id).all()
+    s_tok, _, s_target = task.demonstrations(task.items("train", 64, 0))
+    assert s_target.sum(axis=1).max() < 100 and s_tok.shape[1] < tok.shape[1]  # the student's short style
+    assert task.max_response_len == teacher.max_response_len >= 2 * task.median_teacher_len() >= 512
+    assert task.special_ids() == {"think_open": 3, "think_close": 4, "eos": 2} and teacher.special_ids() == {"eos": 5}
+
+
+def test_demonstration_distribution_is_multimodal(teacher):
+    """Next-token frequencies of the demonstrations after the same context type are spread (the teacher's
+    target is multimodal): the line opener, the first addend and whether a check follows."""
+    openers, first_addend, check = Counter(), Counter(), Counter()
+    for p in teacher.items("train", 300, 1):
+        for line in teacher.demonstration(p).split("</think>")[0][len("<think>"):].rstrip("\n").split("\n"):
+            m = _LINE.match(line)
+            openers[m.group(1)] += 1
+            first_addend[len(m.group(4)) > 1] += 1
+            check[m.group(7) is not None] += 1
+    for counts, top in ((openers, 0.25), (first_addend, 0.6), (check, 0.6)):
+        assert max(counts.values()) / sum(counts.values()) < top, counts
+    assert set(openers) == set(OPENERS)
+    # deterministic per item: the same prompt always has the same paraphrase
+    p = teacher.items("train", 1, 5)[0]
+    assert teacher.demonstration(p) == teacher.teacher_view().demonstration(p)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"style": "long"}, "style"), ({"teacher_conventions": "qwen"}, "teacher_conventions"),
+    ({"min_terms": 9, "max_terms": 8}, "min_terms"), ({"check_prob": 1.5}, "check_prob"),
+    ({"budget_factor": 0.5}, "budget_factor"), ({"max_terms": 27}, "max_terms")])
+def test_bad_task_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make_task("longsum", **kwargs)
+
+
+def test_regime_config_composes():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="opd", overrides=["experiment=regime"])
+    assert cfg.tasks.arithmetic.task.name == "longsum" and cfg.loss.name == "sampled_token"
+    task = make_task("longsum", **{k: v for k, v in cfg.tasks.arithmetic.task.items() if k != "name"})
+    assert cfg.student.max_seq_len >= task.sequence_length() and cfg.tasks.arithmetic.teacher.max_seq_len >= (
+        task.sequence_length())
+
+
+# -- the report's measurements -------------------------------------------------------------------------
+
+
+def test_top1_mass_and_gap_iqr_ratio():
+    lp = np.log(np.array([[[0.6, 0.3], [0.9, 0.1], [0.2, 0.1]]]))
+    assert regime.top1_mass(lp, np.array([[1, 1, 0]])) == pytest.approx(0.75)
+    rng = np.random.default_rng(0)
+    b, length = 64, 40
+    mask = np.ones((b, length))
+    scale = np.where(np.arange(length) < 30, 0.5, 3.0)  # positions 30-39 = the last quarter spread 6x wider
+    gap = rng.normal(size=(b, length)) * scale
+    ratio = regime.gap_iqr_ratio(gap, np.zeros_like(gap), mask, np.full(b, length))
+    assert 4.5 < ratio < 8.0
+    assert regime.gap_iqr_ratio(gap * 0 + 1.0, np.zeros_like(gap), mask, np.full(b, length)) is None
+    assert regime.gap_iqr_ratio(gap, np.zeros_like(gap), mask, np.full(b, 2)) is None
+
+
+def test_endorsed_loop_frac():
+    body = [7, 8, 9] * 4  # a 12-token loop of period 3
+    rows = np.array([[1, *body, 2, 2, 2], [1, *body, 2, 2, 2], [1, 5, 0, 0, 0, 6, 4, 5, 6, 7, 4, 3, 5, 6, 7, 8]])
+    mask = np.ones_like(rows)
+    mask[:, 0] = 0
+    student = np.full(rows.shape, np.log(0.9))
+    teacher = np.full(rows.shape, np.log(0.8))
+    teacher[1] = np.log(0.1)  # row 1 loops but the teacher does not endorse it; row 2's "000" is too short
+    assert regime.endorsed_loop_frac(rows, mask, student, teacher) == pytest.approx(1 / 3)
+    assert regime.endorsed_loop_frac(rows, mask, student, teacher, min_teacher_prob=0.05) == pytest.approx(2 / 3)
+
+
+def test_passes_and_report_line():
+    good = {"teacher_accuracy": 0.9, "student_accuracy": 0.3, "capacity_accuracy": 0.85, "teacher_top1_mass": 0.8,
+            "teacher_median_response_len": 300.0, "gap_iqr_ratio": 2.5, "neg_reward_frac_step1": 0.6,
+            "endorsed_loop_frac": 0.02, "eos_logprob_mapped": -25.0}
+    kw = {"budget": 608, "shared_vocabulary": True, "conventions_differ": True}
+    assert regime.passes(good, **kw) == ["R1", "R2", "R3", "R4", "R5", "R6", "R7"]
+    bad = {**good, "student_accuracy": 0.6, "teacher_top1_mass": 0.95, "gap_iqr_ratio": None,
+           "eos_logprob_mapped": -5.0}
+    assert regime.passes(bad, **kw) == ["R2", "R5", "R6"]
+    assert "R4" not in regime.passes(good, **{**kw, "budget": 500})  # budget < 2 x median
+    assert "R7" not in regime.passes(good, **{**kw, "shared_vocabulary": False})
+    line = json.loads(regime.report_line({**good, "gap_iqr_ratio": math.inf, "eos_logprob_mapped": None},
+                                         ["R1"]))
+    assert list(line) == [*regime.KEYS, "passes"] and line["gap_iqr_ratio"] is None
+    assert line["eos_logprob_mapped"] is None and line["passes"] == ["R1"]
+
+
+@pytest.mark.slow  # ~20 s of CPU: sampler and scorer compiles for four model/task pairs
+def test_measure_on_tiny_models_prints_every_key(monkeypatch, tmp_path):
+    """The whole report on untrained tiny models and a 2-operand task (SFT replaced by fresh models)."""
+    from flax import nnx
+
+    from opd.model import Transformer
+    from opd.train import sft
+    from opd.train.config import validate
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="opd", overrides=[
+            "experiment=regime", "chunk_size=null", "tasks.arithmetic.task.min_terms=2",
+            "tasks.arithmetic.task.max_terms=2", "eval_problems=4", "eval_batch_size=4",
+            "rollout.prompts_per_step=2", "rollout.group_size=2", "train_problems=8",
+            "student.hidden_size=16", "student.num_layers=1", "student.intermediate_size=32",
+            "tasks.arithmetic.teacher.hidden_size=16", "tasks.arithmetic.teacher.num_layers=1",
+            "tasks.arithmetic.teacher.intermediate_size=32", "tasks.arithmetic.teacher.num_heads=2",
+            "tasks.arithmetic.teacher.num_kv_heads=1", f"checkpoint_root={tmp_path}"])
+    built = validate(cfg)
+    prepared = []
+
+    def fake_prepare(label, model_cfg, tasks, sections, sft_cfg, **kw):
+        prepared.append((label, tasks[0].style))
+        return Transformer(model_cfg, rngs=nnx.Rngs(len(prepared))), {}
+
+    monkeypatch.setattr(sft, "prepare", fake_prepare)
+    r = regime.measure(cfg, built, log=lambda _m: None)
+    ctx = r.pop("_context")
+    assert prepared == [("teacher/arithmetic", "worked"), ("student/arithmetic", "direct"),
+                        ("capacity/arithmetic", "worked")]
+    assert ctx["shared_vocabulary"] and ctx["conventions_differ"]
+    line = json.loads(regime.report_line(r, regime.passes(r, **{k: ctx[k] for k in (
+        "budget", "shared_vocabulary", "conventions_differ")})))
+    assert list(line) == [*regime.KEYS, "passes"]
+    assert 0 <= line["teacher_top1_mass"] <= 1 and 0 <= line["neg_reward_frac_step1"] <= 1
+    assert line["teacher_accuracy"] == 0.0 and "R2" not in line["passes"]  # untrained models solve nothing
