@@ -1,6 +1,6 @@
 """Fig 1 / Fig A1–A3 analog (arXiv 2603.25562 §3.1): future-reward coupling on the 1-D two-task toy.
 
-    python paper_figs/fig_toy_coupling.py results/sandbox/toy_coupling [out_dir] [--name PREFIX]
+    python paper_figs/fig_toy_coupling.py results/sandbox/toy_coupling [out_dir] [--name PREFIX] [--no-per-seed]
 
 Reads only the job's metrics.jsonl / metrics.json (written by `python -m experiments.toy_coupling`) and
 writes, under paper_figs/ (or out_dir):
@@ -195,11 +195,12 @@ def main() -> None:
     parser.add_argument("results_dir", help="a toy_coupling job directory (or a directory above one)")
     parser.add_argument("out_dir", nargs="?", default=None, help="where PNGs go (default: paper_figs/)")
     parser.add_argument("--name", default="fig_toy_coupling", help="file-name prefix of the PNGs")
+    parser.add_argument("--no-per-seed", action="store_true", help="skip the per-seed figures")
     args = parser.parse_args()
     setup_style()
     job, steps, series = load(args.results_dir)
     study_figure(job, steps, series, None, args.name, args.out_dir)
-    for si, s in enumerate(job["metrics"]["seeds"]):
+    for si, s in enumerate([] if args.no_per_seed else job["metrics"]["seeds"]):
         study_figure(job, steps, series, si, f"{args.name}_seed{s}", args.out_dir)
     training_figure(job, steps, series, args.out_dir, args.name)
 

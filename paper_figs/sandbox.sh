@@ -34,10 +34,23 @@ echo "sgd study done (${SECONDS}s)"
 "$PY" paper_figs/fig_bias_vs_gamma.py "$OUT/variance"
 "$PY" paper_figs/fig_sgd_coupling.py "$OUT/sgd"
 
-# 4. Coupling study (b): the paper's continuous 1-D toy (owned by another module; skipped if absent)
-if [ -f experiments/toy_coupling.py ]; then
-  rm -rf "$OUT/toy_coupling"
-  "$PY" -m experiments.toy_coupling hydra.run.dir="$OUT/toy_coupling"
-  "$PY" paper_figs/fig_toy_coupling.py "$OUT/toy_coupling"
-fi
+# 4. Coupling study (b): the paper's continuous 1-D toy, 5 γ × 3 seeds × 2000 iterations per job
+rm -rf "$OUT/toy_coupling" "$OUT/toy_ablation"
+"$PY" -m experiments.toy_coupling hydra.run.dir="$OUT/toy_coupling"
+"$PY" paper_figs/fig_toy_coupling.py "$OUT/toy_coupling"
+# Ablations of what might suppress the paper's drift at γ = 1 (docs/theory.md), one config value each:
+#   teacher_sigma: teachers without the σ floor of 0.1 (floor 1e-4); unbounded_mean: µ = raw MLP output;
+#   sgd: plain SGD at lr 3e-5 (the best γ = 0 reverse KL among lr ∈ {1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 1e-2},
+#   seed 42: `-m student_optimizer=sgd lr=... gammas=[0.0] seeds=[42] heatmap_gammas=[0.0]`).
+declare -A ABLATION=(
+  [teacher_sigma]="teacher_sigma_min=1e-4"
+  [unbounded_mean]="mean_max=null"
+  [sgd]="student_optimizer=sgd lr=3e-5"
+)
+for name in teacher_sigma unbounded_mean sgd; do
+  # shellcheck disable=SC2086
+  "$PY" -m experiments.toy_coupling ${ABLATION[$name]} hydra.run.dir="$OUT/toy_ablation/$name"
+  "$PY" paper_figs/fig_toy_coupling.py "$OUT/toy_ablation/$name" --name "fig_toy_ablation_$name" --no-per-seed
+done
+"$PY" paper_figs/fig_toy_ablation.py "$OUT/toy_coupling" "$OUT/toy_ablation"
 echo "all sandbox figures written (${SECONDS}s)"
