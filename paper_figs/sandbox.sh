@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerate every sandbox figure from a clean checkout (CPU, a few minutes):
+# Regenerate every sandbox figure from a clean checkout (CPU; the four toy jobs take minutes each):
 #   bash paper_figs/sandbox.sh
 # Sweeps write rows under results/sandbox/<name>/ (git-ignored); figure scripts read only those rows and
 # write the committed PNGs under paper_figs/. Hydra's basic launcher runs a sweep's jobs in one process,
