@@ -1,6 +1,9 @@
 """Preallocated key/value cache for decoding.
 
-Layout: one buffer per k and v of shape [L, B, S, K, E] (layers, batch, slots, kv heads, head dim).
+Layout: per layer, one k and one v buffer of shape [B, K, S, E] (batch, kv heads, slots, head dim): heads
+before slots, the layout attention multiplies in, so a decode step reads its layer's buffers as they are
+(no slice of a stacked buffer, no transpose of the whole cache).
+
 All sequences of a batch write the same slot at each call (`index`, a scalar): a left-padded prompt of
 length P fills slots [0, P), then each decode step fills one slot. Which slots hold real tokens is
 `valid_BxS` (padding and tokens fed after a sequence has stopped are invalid and never attended to);
@@ -18,8 +21,8 @@ from opd.model.config import ModelConfig
 
 
 class KVCache(NamedTuple):
-    k_LxBxSxKxE: jax.Array
-    v_LxBxSxKxE: jax.Array
+    k_BxKxSxE: tuple[jax.Array, ...]  # one per layer
+    v_BxKxSxE: tuple[jax.Array, ...]
     valid_BxS: jax.Array  # bool: slot holds a real token of that sequence
     index: jax.Array  # int32 scalar: next slot to write (shared by the batch)
     length_B: jax.Array  # int32: real tokens written so far per sequence (= next RoPE position)
@@ -30,10 +33,10 @@ class KVCache(NamedTuple):
         if max_len < 1:
             raise ValueError(f"max_len: expected a positive integer, got {max_len!r}")
         dtype = dtype or cfg.activation_dtype
-        shape = (cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.resolved_head_dim)
+        shape = (batch_size, cfg.num_kv_heads, max_len, cfg.resolved_head_dim)
         return cls(
-            k_LxBxSxKxE=jnp.zeros(shape, dtype),
-            v_LxBxSxKxE=jnp.zeros(shape, dtype),
+            k_BxKxSxE=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+            v_BxKxSxE=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
             valid_BxS=jnp.zeros((batch_size, max_len), jnp.bool_),
             index=jnp.zeros((), jnp.int32),
             length_B=jnp.zeros((batch_size,), jnp.int32),
@@ -41,4 +44,4 @@ class KVCache(NamedTuple):
 
     @property
     def max_len(self) -> int:
-        return self.k_LxBxSxKxE.shape[2]
+        return self.k_BxKxSxE[0].shape[2]

@@ -74,11 +74,12 @@ class Attention(nnx.Module):
             self.q_norm = norm()
             self.k_norm = norm()
 
-    def __call__(self, x_BxTxD, cos_BxTxE, sin_BxTxE, mask_BxTxS, kv=None, layer: int = 0, index=None):
-        """kv: None (keys are this call's tokens) or (k, v) cache buffers [L, B, S, K, E] to write at
-        slots [index, index + T) of `layer` and attend over. Returns (out_BxTxD, kv)."""
+    def __call__(self, x_BxTxD, cos_BxTxE, sin_BxTxE, mask_BxTxS, kv=None, index=None):
+        """kv: None (keys are this call's tokens) or this layer's (k, v) cache buffers [B, K, S, E] to write at
+        slots [index, index + T) and attend over. Returns (out_BxTxD, kv)."""
         B, T, _ = x_BxTxD.shape
         H, K, E = self.num_heads, self.num_kv_heads, self.head_dim
+        G = H // K
         q_BxTxHxE = self.q_proj(x_BxTxD).reshape(B, T, H, E)
         k_BxTxKxE = self.k_proj(x_BxTxD).reshape(B, T, K, E)
         v_BxTxKxE = self.v_proj(x_BxTxD).reshape(B, T, K, E)
@@ -88,26 +89,33 @@ class Attention(nnx.Module):
         q_BxTxHxE = apply_rope(q_BxTxHxE, cos_BxTxE, sin_BxTxE)
         k_BxTxKxE = apply_rope(k_BxTxKxE, cos_BxTxE, sin_BxTxE)
 
+        # Heads-major: kv head k and its G query heads (h = k * G + g) are batch dimensions of both matmuls,
+        # with the G x T queries of a kv head as the rows, so XLA multiplies without transposing the keys.
+        q_BxKxGTxE = q_BxTxHxE.reshape(B, T, K, G, E).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, E)
+        k_BxKxTxE = k_BxTxKxE.transpose(0, 2, 1, 3)
+        v_BxKxTxE = v_BxTxKxE.transpose(0, 2, 1, 3)
         if kv is None:
-            keys_BxSxKxE, values_BxSxKxE = k_BxTxKxE, v_BxTxKxE
+            keys_BxKxSxE, values_BxKxSxE = k_BxKxTxE, v_BxKxTxE
         else:
             k_buf, v_buf = kv
             zero = jnp.zeros_like(index)  # all start indices share one dtype (also under x64)
-            start = (zero + layer, zero, index, zero, zero)
-            k_buf = jax.lax.dynamic_update_slice(k_buf, k_BxTxKxE[None].astype(k_buf.dtype), start)
-            v_buf = jax.lax.dynamic_update_slice(v_buf, v_BxTxKxE[None].astype(v_buf.dtype), start)
+            start = (zero, zero, index, zero)
+            k_buf = jax.lax.dynamic_update_slice(k_buf, k_BxKxTxE.astype(k_buf.dtype), start)
+            v_buf = jax.lax.dynamic_update_slice(v_buf, v_BxKxTxE.astype(v_buf.dtype), start)
             kv = (k_buf, v_buf)
-            keys_BxSxKxE = k_buf[layer].astype(q_BxTxHxE.dtype)
-            values_BxSxKxE = v_buf[layer].astype(q_BxTxHxE.dtype)
+            keys_BxKxSxE = k_buf.astype(q_BxTxHxE.dtype)
+            values_BxKxSxE = v_buf.astype(q_BxTxHxE.dtype)
 
-        # Grouped-query attention without repeating k/v: query heads h = k * G + g share kv head k.
-        q_BxTxKxGxE = q_BxTxHxE.reshape(B, T, K, H // K, E)
-        scores_BxKxGxTxS = jnp.einsum("btkge,bske->bkgts", q_BxTxKxGxE, keys_BxSxKxE,
-                                      preferred_element_type=jnp.float32) * (E ** -0.5)
+        scores_BxKxGTxS = jnp.einsum("bkqe,bkse->bkqs", q_BxKxGTxE, keys_BxKxSxE,
+                                     preferred_element_type=jnp.float32) * (E ** -0.5)
+        S = scores_BxKxGTxS.shape[-1]
+        scores_BxKxGxTxS = scores_BxKxGTxS.reshape(B, K, G, T, S)
         scores_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], scores_BxKxGxTxS, _MASKED)
-        probs_BxKxGxTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(values_BxSxKxE.dtype)
-        out_BxTxKxGxE = jnp.einsum("bkgts,bske->btkge", probs_BxKxGxTxS, values_BxSxKxE)
-        return self.o_proj(out_BxTxKxGxE.reshape(B, T, H * E)), kv
+        probs_BxKxGTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(values_BxKxSxE.dtype).reshape(
+            B, K, G * T, S)
+        out_BxKxGTxE = jnp.einsum("bkqs,bkse->bkqe", probs_BxKxGTxS, values_BxKxSxE)
+        out_BxTxHE = out_BxKxGTxE.reshape(B, K, G, T, E).transpose(0, 3, 1, 2, 4).reshape(B, T, H * E)
+        return self.o_proj(out_BxTxHE), kv
 
 
 class MLP(nnx.Module):
@@ -132,9 +140,9 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = norm()
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x_BxTxD, cos_BxTxE, sin_BxTxE, mask_BxTxS, kv=None, layer: int = 0, index=None):
+    def __call__(self, x_BxTxD, cos_BxTxE, sin_BxTxE, mask_BxTxS, kv=None, index=None):
         attn_BxTxD, kv = self.self_attn(self.input_layernorm(x_BxTxD), cos_BxTxE, sin_BxTxE, mask_BxTxS,
-                                        kv=kv, layer=layer, index=index)
+                                        kv=kv, index=index)
         h_BxTxD = x_BxTxD + attn_BxTxD
         return h_BxTxD + self.mlp(self.post_attention_layernorm(h_BxTxD)), kv
 
@@ -205,7 +213,7 @@ class Transformer(nnx.Module):
         if cache is None:
             causal_TxT = jnp.tril(jnp.ones((T, T), jnp.bool_))
             mask_BxTxS = causal_TxT[None] & mask_BxT[:, None, :]
-            kv, index = None, None
+            index = None
         else:
             index = cache.index
             valid_BxS = jax.lax.dynamic_update_slice(cache.valid_BxS, mask_BxT, (jnp.zeros_like(index), index))
@@ -213,16 +221,20 @@ class Transformer(nnx.Module):
             query_slot_T = index + jnp.arange(T, dtype=jnp.int32)
             causal_TxS = slot_S[None, :] <= query_slot_T[:, None]
             mask_BxTxS = valid_BxS[:, None, :] & causal_TxS[None]
-            kv = (cache.k_LxBxSxKxE, cache.v_LxBxSxKxE)
 
+        new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
-            x_BxTxD, kv = layer(x_BxTxD, cos_BxTxE, sin_BxTxE, mask_BxTxS, kv=kv, layer=i, index=index)
+            kv = None if cache is None else (cache.k_BxKxSxE[i], cache.v_BxKxSxE[i])
+            x_BxTxD, kv = layer(x_BxTxD, cos_BxTxE, sin_BxTxE, mask_BxTxS, kv=kv, index=index)
+            if kv is not None:
+                new_k.append(kv[0])
+                new_v.append(kv[1])
         h_BxTxD = self.norm(x_BxTxD)
 
         if cache is None:
             return h_BxTxD, None
         new_cache = KVCache(
-            k_LxBxSxKxE=kv[0], v_LxBxSxKxE=kv[1], valid_BxS=valid_BxS, index=index + T,
+            k_BxKxSxE=tuple(new_k), v_BxKxSxE=tuple(new_v), valid_BxS=valid_BxS, index=index + T,
             length_B=cache.length_B + mask_BxT.sum(axis=1, dtype=jnp.int32),
         )
         return h_BxTxD, new_cache
