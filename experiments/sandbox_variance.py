@@ -4,13 +4,17 @@
     python -m experiments.sandbox_variance -m mdp.horizon=1,2,3,4,5,6,7 estimator.gamma=0,0.5,1
     python -m experiments.sandbox_variance -m estimator=full_return mdp.horizon=2,4,6
     python -m experiments.sandbox_variance -m mdp=worst_token mdp.horizon=4,8,12,16
+    python -m experiments.sandbox_variance -m mdp=worst_off_policy estimator=full_return mdp.horizon=4,8,12
     bash paper_figs/sandbox.sh                                               # every sandbox figure
 
 One job = one (model family, V, T, estimator). For each of `mdp.num_pairs` student/teacher pairs
 (random pairs are drawn from `seed`; the worst-case constructions of synthetic/bounds.py are
-deterministic, one pair) the exact moments (synthetic.exact, float64, all V^T sequences) are one row
-of metrics.jsonl: variance, bias, relative bias, ‖∇KL‖, KL, B_r, B_g and every bound. metrics.json holds
-medians over pairs and the fraction of pairs within each bound.
+deterministic, one pair; `worst_gamma` is built for the job's estimator.gamma) the exact moments
+(synthetic.exact, float64, all V^T sequences) are one row of metrics.jsonl: variance, bias, relative
+bias, ‖∇KL‖, KL, B_r, B_g and every bound. metrics.json holds medians over pairs and the fraction of
+pairs within each bound. Tokens are drawn from the student itself unless `mdp.behaviour_top_p` < 1: then
+from the student's top-p nucleus (synthetic.behaviour, the rule of opd.sampling), without importance
+weights, as the trainer's top-p rollouts.
 """
 
 from __future__ import annotations
@@ -24,10 +28,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from opd.cli import entry_point, output_dir, require, require_choice
 from opd.results import RunRecorder
-from synthetic import bounds, exact, tabular
+from synthetic import behaviour, bounds, exact, tabular
 
 ESTIMATOR_NAMES = ("discounted", "full_return", "lsm", "full_rkl")
-MDP_KINDS = ("random", "worst_token", "worst_full_return")
+MDP_KINDS = ("random", "worst_token", "worst_full_return", "worst_causal", "worst_off_policy", "worst_gamma")
+CONSTRUCTION_VOCAB = {"worst_token": 2, "worst_full_return": 2, "worst_causal": 2, "worst_off_policy": 2,
+                      "worst_gamma": 3}
 
 
 @dataclass
@@ -39,13 +45,16 @@ class EstimatorConfig:
 
 @dataclass
 class MDPConfig:
-    kind: str = "random"  # random | worst_token | worst_full_return (constructions in synthetic/bounds.py)
-    vocab: int = 3  # V (the worst-case constructions need V = 2)
+    # random | worst_token | worst_full_return | worst_causal | worst_off_policy | worst_gamma
+    # (constructions in synthetic/bounds.py)
+    kind: str = "random"
+    vocab: int = 3  # V (the constructions fix it: V = 3 for worst_gamma, 2 for the others)
     horizon: int = 4  # T; V^T must not exceed synthetic.tabular.ENUMERATION_LIMIT
     student_scale: float = 1.0  # random: student logits ~ N(0, scale²)
     teacher_scale: float = 1.0  # random: teacher logits ~ N(0, scale²)
     num_pairs: int = 16  # random: student/teacher pairs per job
-    delta: float = 0.1  # worst-case constructions: teacher mass on the disfavoured token
+    delta: float = 0.1  # worst_token / worst_full_return: teacher mass on the disfavoured token
+    behaviour_top_p: float = 1.0  # tokens from the student's top-p nucleus; 1.0: the student itself
 
 
 @dataclass
@@ -76,9 +85,14 @@ def validate(cfg) -> None:
     require(mdp.num_pairs >= 1, "mdp.num_pairs", "an integer >= 1", mdp.num_pairs)
     require(mdp.student_scale > 0 and mdp.teacher_scale > 0, "mdp.student_scale/teacher_scale", "> 0",
             (mdp.student_scale, mdp.teacher_scale))
+    require(0.0 < mdp.behaviour_top_p <= 1.0, "mdp.behaviour_top_p", "a float in (0, 1]", mdp.behaviour_top_p)
     if mdp.kind != "random":
-        require(mdp.vocab == 2, "mdp.vocab", f"2 for the {mdp.kind} construction", mdp.vocab)
+        want = CONSTRUCTION_VOCAB[mdp.kind]
+        require(mdp.vocab == want, "mdp.vocab", f"{want} for the {mdp.kind} construction", mdp.vocab)
         require(0.0 < mdp.delta < 0.5, "mdp.delta", "a float in (0, 0.5)", mdp.delta)
+    if mdp.kind == "worst_gamma":
+        require(est.name == "discounted", "estimator.name", "discounted for the worst_gamma construction",
+                est.name)
     if est.name == "lsm":
         require(1 <= est.k <= mdp.vocab, "estimator.k", f"an integer in [1, V={mdp.vocab}]", est.k)
 
@@ -90,6 +104,12 @@ def pairs(cfg):
         return [bounds.worst_token(mdp.horizon, mdp.delta)]
     if mdp.kind == "worst_full_return":
         return [bounds.worst_full_return(mdp.horizon, mdp.delta)]
+    if mdp.kind == "worst_causal":
+        return [bounds.worst_causal(mdp.horizon)]
+    if mdp.kind == "worst_off_policy":
+        return [bounds.worst_off_policy(mdp.horizon)]
+    if mdp.kind == "worst_gamma":
+        return [bounds.worst_gamma(mdp.horizon, cfg.estimator.gamma)]
     rng = np.random.default_rng(cfg.seed)
     rows = tabular.num_prefixes(mdp.vocab, mdp.horizon)
     return [(mdp.student_scale * rng.normal(size=(rows, mdp.vocab)),
@@ -98,11 +118,13 @@ def pairs(cfg):
 
 def moments(cfg, student, teacher, tie):
     est = cfg.estimator
+    top_p = cfg.mdp.behaviour_top_p
+    beta = None if top_p >= 1.0 else behaviour.behaviour_table(student, top_p=top_p)
     if est.name == "discounted":
-        return exact.estimator_moments(student, teacher, est.gamma, tie=tie)
+        return exact.estimator_moments(student, teacher, est.gamma, tie=tie, behaviour_probs=beta)
     if est.name == "full_return":
-        return exact.estimator_moments(student, teacher, None, tie=tie)
-    return exact.prefix_estimator_moments(student, teacher, est.name, k=est.k, tie=tie)
+        return exact.estimator_moments(student, teacher, None, tie=tie, behaviour_probs=beta)
+    return exact.prefix_estimator_moments(student, teacher, est.name, k=est.k, tie=tie, behaviour_probs=beta)
 
 
 def run(cfg, out_dir) -> dict:

@@ -23,6 +23,12 @@ rm -rf "$OUT/variance"
   hydra.sweep.dir="$OUT/variance/worst_token" > /dev/null
 "$PY" -m experiments.sandbox_variance -m mdp=worst_full_return estimator=full_return,token \
   mdp.horizon=2,3,4,6,8,11,14,18 hydra.sweep.dir="$OUT/variance/worst_full_return" > /dev/null
+# 2b. Constructions that make each bound's order visible (docs/theory.md): T³ on-policy, T⁴ under top-p,
+#     T²/(1−γ²) across γ
+"$PY" -m experiments.sandbox_variance -m mdp=worst_causal,worst_off_policy estimator=causal,full_return \
+  mdp.horizon=4,6,8,10,12,14,16 hydra.sweep.dir="$OUT/variance/constructions" > /dev/null
+"$PY" -m experiments.sandbox_variance -m mdp=worst_gamma estimator=discounted \
+  estimator.gamma=0,0.25,0.5,0.75,0.875,0.9375,1 hydra.sweep.dir="$OUT/variance/worst_gamma" > /dev/null
 echo "variance sweeps done (${SECONDS}s)"
 
 # 3. Coupling study (a): SGD with ĝ_γ on the tabular model, 3 seeds × 5 γ in one jitted call
@@ -32,6 +38,7 @@ echo "sgd study done (${SECONDS}s)"
 
 "$PY" paper_figs/fig_variance_vs_T.py "$OUT/variance"
 "$PY" paper_figs/fig_bias_vs_gamma.py "$OUT/variance"
+"$PY" paper_figs/fig_theory_constructions.py "$OUT/variance"
 "$PY" paper_figs/fig_sgd_coupling.py "$OUT/sgd"
 
 # 4. Coupling study (b): the paper's continuous 1-D toy, 5 γ × 3 seeds × 2000 iterations per job

@@ -28,13 +28,18 @@ def _compose(name, overrides=()):
 
 
 @pytest.mark.parametrize("estimator", ["token", "causal", "discounted", "full_return", "lsm", "full_rkl"])
-@pytest.mark.parametrize("mdp", ["random", "worst_token", "worst_full_return"])
+@pytest.mark.parametrize("mdp", ["random", "worst_token", "worst_full_return", "worst_causal", "worst_off_policy",
+                                 "worst_gamma"])
 def test_every_group_option_composes_and_validates(estimator, mdp):
     from experiments.sandbox_variance import validate
 
     cfg = _compose("sandbox_variance", [f"estimator={estimator}", f"mdp={mdp}"])
     if estimator == "lsm" and mdp != "random":
         cfg.estimator.k = 2
+    if mdp == "worst_gamma" and estimator in ("full_return", "lsm", "full_rkl"):
+        with pytest.raises(ConfigError, match=r"^estimator\.name: expected discounted for the worst_gamma"):
+            validate(cfg)
+        return
     validate(cfg)
 
 
@@ -42,6 +47,7 @@ def test_every_group_option_composes_and_validates(estimator, mdp):
     ("mdp.vocab=1", "mdp.vocab"), ("mdp.horizon=0", "mdp.horizon"), ("mdp.horizon=13", "mdp.horizon"),
     ("estimator.gamma=1.5", "estimator.gamma"), ("estimator.gamma=-0.1", "estimator.gamma"),
     ("estimator.name=foo", "estimator.name"), ("mdp.kind=bar", "mdp.kind"), ("mdp.num_pairs=0", "mdp.num_pairs"),
+    ("mdp.behaviour_top_p=0", "mdp.behaviour_top_p"), ("mdp.behaviour_top_p=1.5", "mdp.behaviour_top_p"),
 ])
 def test_bad_variance_config_is_one_clear_error(override, key):
     from experiments.sandbox_variance import validate
@@ -49,6 +55,15 @@ def test_bad_variance_config_is_one_clear_error(override, key):
     cfg = _compose("sandbox_variance", [override])
     with pytest.raises(ConfigError, match=f"^{key}"):
         validate(cfg)
+
+
+def test_construction_vocab_is_checked():
+    from experiments.sandbox_variance import validate
+
+    for mdp, vocab, want in (("worst_gamma", 2, 3), ("worst_off_policy", 3, 2)):
+        cfg = _compose("sandbox_variance", [f"mdp={mdp}", f"mdp.vocab={vocab}"])
+        with pytest.raises(ConfigError, match=rf"^mdp\.vocab: expected {want} for the {mdp} construction"):
+            validate(cfg)
 
 
 @pytest.mark.parametrize("override,key", [("gammas=[0.5,2.0]", "gammas"), ("lr=0", "lr"), ("vocab=1", "vocab"),
