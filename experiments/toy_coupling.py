@@ -3,6 +3,8 @@
     python -m experiments.toy_coupling                       # full study → results/sandbox/toy_coupling
     python -m experiments.toy_coupling iterations=200 seeds=[42] hydra.run.dir=results/sandbox/toy_quick  # quick look
     python paper_figs/fig_toy_coupling.py results/sandbox/toy_coupling                    # the figures
+    python -m experiments.toy_coupling teacher_sigma_min=1e-4   # drift ablations (docs/theory.md); also
+    python -m experiments.toy_coupling mean_max=null            #   student_optimizer=sgd lr=3e-5
 
 All seeds × γ run in one jitted, vmapped device call (synthetic/toy_control.py::make_study).
 
