@@ -1,24 +1,25 @@
-"""On-policy distillation experiment (Hydra entry point; config conf/opd.yaml, schema opd/train/config.py).
+"""On-policy distillation (Hydra entry point; config conf/opd.yaml, schema opd/train/config.py).
 
-    python -m experiments.opd                                      # one LSM run on the default config
+    python -m experiments.opd                                      # one LSM run, arithmetic
     python -m experiments.opd -m loss=sampled_token,lsm seed=0,1,2  # the paper's comparison, 3 seeds
+    python -m experiments.opd experiment=multitask                 # arithmetic + text world, a teacher each
     python -m experiments.opd experiment=smoke                     # the whole pipeline, tiny
-    python -m experiments.opd model@student=hf student.path=DIR model@teacher=hf teacher.path=DIR
+    python -m experiments.opd model@student=hf student.path=DIR \
+        model@tasks.arithmetic.teacher=hf tasks.arithmetic.teacher.path=DIR
 
-Flow: validate the config (one ConfigError line, nothing written, on a bad value) -> prepare or reuse the
-SFT teacher and student (opd/train/sft.py, cached by config hash) -> evaluate teacher and initial student
--> OPD (opd/train/loop.py) -> metrics.jsonl rows per step and metrics.json (initial/final/teacher accuracy,
-resolved config, git revision) in the Hydra job's output directory.
+Flow: validate the config (one ConfigError line, nothing written, on a bad value) -> prepare or reuse each
+route's SFT teacher (on its task, in its tokenizer) and the SFT student (on every task), cached by config
+hash -> evaluate teachers and the initial student -> OPD over the routes (opd/train/loop.py) -> in the job's
+output directory: metrics.jsonl (a row per step), eval_items.jsonl (every held-out outcome, per item and
+sample), diagnostics.json (failure-mode records, when diagnostics_every > 0) and metrics.json (initial,
+final and teacher scores per task, the resolved config, the git revision).
 
-Hugging Face checkpoints (conf/model/hf.yaml, `<role>.path=DIR`, optional `<role>.dtype`): that model is
-loaded as is with opd.model.hf.load_pretrained, with no SFT (as teacher_checkpoint/student_checkpoint do
-for orbax checkpoints); either role or both. Validation checks before anything runs that the directory
-holds config.json and matching safetensors, that an HF teacher and an HF student share one vocabulary, that
-the checkpoint's vocab_size covers the task tokenizer's (the generated tasks speak opd.tasks.Tokenizer
-ids, so the checkpoint must have been saved with at least that vocabulary; sampled ids above it decode
-to nothing, as HF tokenizers treat padded embedding rows, and such a response scores 0) and that
-max_position_embeddings covers prompt + response. A conf/model partner's vocab_size is padded up to the
-checkpoint's.
+Hugging Face checkpoints (conf/model/hf.yaml, `<section>.path=DIR`, optional `<section>.dtype`) are loaded
+as is with opd.model.hf.load_pretrained, with no SFT. Validation checks before anything runs that the
+directory holds config.json and matching safetensors, that an HF teacher and an HF student share one
+vocabulary, that the checkpoint's vocab_size covers the task tokenizer's (the generated tasks speak
+opd.tasks.Tokenizer ids; sampled ids above it decode to nothing, as HF tokenizers treat padded embedding
+rows) and that max_position_embeddings covers prompt + response.
 """
 
 from __future__ import annotations
@@ -40,81 +41,121 @@ register_configs()
 
 def run_experiment(cfg: Any, built: dict[str, Any], out_dir: Path, *, log: Callable[[str], None] = progress) -> dict:
     """Everything after validation. Returns the final metrics written to metrics.json."""
-    from opd.results import RunRecorder
+    from opd.results import RunRecorder, write_jsonl
     from opd.train import evaluate as ev
-    from opd.train.loop import TaskSpec, run_opd
+    from opd.train.loop import Route, run_opd
     from opd.train.sft import prepare
 
     t_start = time.time()
-    task = built["task"]
     resolved = to_container(cfg)
-    max_new = int(cfg.rollout.max_new_tokens or task.max_response_len)
-    eval_problems = task.problems("eval", int(cfg.eval_problems), int(cfg.eval_seed))
     eval_key = jax.random.key(int(cfg.eval_seed))
+    route_cfgs = built["routes"]
+    eval_items = {name: r["task"].items("eval", int(cfg.eval_problems), int(cfg.eval_seed))
+                  for name, r in route_cfgs.items()}
 
-    def eval_spec(n: int) -> dict[str, Any]:
+    def eval_spec(name: str, n: int) -> dict[str, Any]:
         """Everything a held-out evaluation's numbers depend on besides the model."""
-        return {"task": resolved["task"], "problems": n, "eval_seed": int(cfg.eval_seed),
-                "max_new_tokens": max_new, "batch_size": min(int(cfg.eval_batch_size), n)}
+        return {"task": resolved["tasks"][name]["task"], "items": n, "eval_seed": int(cfg.eval_seed),
+                "samples": int(cfg.eval_samples), "batch_size": min(int(cfg.eval_batch_size), n)}
 
-    def evaluate(model, n: int, prefix: str = "") -> dict[str, float]:
-        """Held-out accuracy on the first `n` eval problems, measured as `eval_spec(n)` describes."""
-        return ev.evaluate(model, task, eval_problems[:n], eval_key, max_new_tokens=max_new,
-                           batch_size=eval_spec(n)["batch_size"], prefix=prefix)
+    def evaluate(model, name: str, task, n: int, prefix: str) -> tuple[dict[str, float], list]:
+        """Held-out scores of `model` on the first `n` eval items of route `name`, measured as eval_spec."""
+        return ev.evaluate(model, task, eval_items[name][:n], eval_key, samples=int(cfg.eval_samples),
+                           batch_size=eval_spec(name, n)["batch_size"], prefix=prefix)
 
-    def held_out(model, meta: dict[str, Any], prefix: str) -> dict[str, float]:
-        """The model's held-out accuracy: the numbers stored with its checkpoint when they were measured
-        the same way (same problems, key, budget, batch), else a fresh evaluation."""
-        if meta.get("sft_eval") and meta.get("sft_eval_spec") == eval_spec(len(eval_problems)):
-            log(f"[eval] {prefix.rstrip('/')}: the held-out accuracy measured after SFT (same problems and key)")
-            return {prefix + k: v for k, v in meta["sft_eval"].items()}
-        return evaluate(model, len(eval_problems), prefix)
+    def sft_eval(names_tasks: list[tuple[str, Any]], n_of: Callable[[str], int]):
+        """eval_fn and eval_spec for prepare(): the model's held-out scores on each of its tasks, and the
+        per-item outcomes by task."""
+        def eval_fn(model):
+            out, items = {}, {}
+            for name, task in names_tasks:
+                metrics, items[name] = evaluate(model, name, task, n_of(name), f"{name}/")
+                out.update(metrics)
+            return out, items
+        return eval_fn, {name: eval_spec(name, n_of(name)) for name, _ in names_tasks}
 
-    def model(role: str, checkpoint: str | None):
-        hf_dir = built.get("hf_paths", {}).get(role)
+    def held_out(model, meta: dict[str, Any], names_tasks: list[tuple[str, Any]], prefix: str):
+        """The model's held-out scores and per-item outcomes per task: those stored with its checkpoint when
+        they were measured the same way (same items, key, samples, batch), else a fresh evaluation."""
+        spec = {name: eval_spec(name, len(eval_items[name])) for name, _ in names_tasks}
+        if meta.get("sft_eval") and meta.get("sft_eval_spec") == spec:
+            log(f"[eval] {prefix.rstrip('/')}: the held-out scores measured after SFT (same items and key)")
+            return {prefix + k: v for k, v in meta["sft_eval"].items()}, meta.get("sft_eval_items", {})
+        out, items = {}, {}
+        for name, task in names_tasks:
+            metrics, items[name] = evaluate(model, name, task, len(eval_items[name]), f"{prefix}{name}/")
+            out.update(metrics)
+        return out, items
+
+    def prepare_model(label, model_cfg, hf_dir, names_tasks, sections, sft_cfg, checkpoint, n_of):
         if hf_dir is not None:  # a Hugging Face checkpoint replaces SFT preparation
-            return load_hf(role, hf_dir, built[role], log=log)
-        n_sft = int(cfg[f"sft_{role}"].eval_problems)
-        return prepare(
-            role, built[role], built[role].to_dict(), task, resolved["task"], cfg[f"sft_{role}"],
-            resolved[f"sft_{role}"], root=cfg.checkpoint_root, checkpoint=checkpoint,
-            eval_fn=lambda m: evaluate(m, n_sft), eval_spec=eval_spec(n_sft), log=log)
+            return load_hf(label, hf_dir, model_cfg, log=log)
+        eval_fn, spec = sft_eval(names_tasks, n_of)
+        return prepare(label, model_cfg, [t for _, t in names_tasks], sections, sft_cfg, root=cfg.checkpoint_root,
+                       checkpoint=checkpoint, eval_fn=eval_fn, eval_spec=spec, log=log)
 
-    teacher, tmeta = model("teacher", cfg.teacher_checkpoint)
-    student, smeta = model("student", cfg.student_checkpoint)
+    teachers, teacher_scores, item_rows = {}, {}, []
+    for name, r in route_cfgs.items():
+        rc = cfg.tasks[name]
+        sections = {"model": r["teacher"].to_dict(), "task": resolved["tasks"][name]["task"],
+                    "tokenizer": [cfg.tokenizer, rc.teacher_tokenizer], "sft": resolved["tasks"][name]["sft"]}
+        teachers[name], tmeta = prepare_model(
+            f"teacher/{name}", r["teacher"], r["hf_teacher"], [(name, r["teacher_task"])], sections, rc.sft,
+            rc.teacher_checkpoint, lambda _n, rc=rc: min(int(rc.sft.eval_problems), int(cfg.eval_problems)))
+        scores, items = held_out(teachers[name], tmeta, [(name, r["teacher_task"])], "teacher/")
+        teacher_scores.update(scores)
+        item_rows += [{"phase": "teacher", "task": name, **row} for row in items.get(name, [])]
+        resolved.setdefault("checkpoints", {})[f"teacher/{name}"] = tmeta.get("path")
+    student_tasks = [(name, r["task"]) for name, r in route_cfgs.items()]
+    sections = {"model": built["student"].to_dict(), "tokenizer": cfg.tokenizer,
+                "tasks": {name: resolved["tasks"][name]["task"] for name in route_cfgs},
+                "sft": resolved["sft_student"]}
+    student, smeta = prepare_model(
+        "student", built["student"], built["hf_student"], student_tasks, sections, cfg.sft_student,
+        cfg.student_checkpoint, lambda _n: min(int(cfg.sft_student.eval_problems), int(cfg.eval_problems)))
+    resolved.setdefault("checkpoints", {})["student"] = smeta.get("path")
+    initial, items = held_out(student, smeta, student_tasks, "initial/")
+    item_rows += [{"phase": "initial", "task": name, **row} for name, rows in items.items() for row in rows]
     prep_s = time.time() - t_start
+    log("[eval] teachers " + " ".join(f"{k} {v:.3f}" for k, v in teacher_scores.items())
+        + " | student before OPD " + " ".join(f"{k} {v:.3f}" for k, v in initial.items()))
 
-    teacher_acc = held_out(teacher, tmeta, "teacher/")
-    initial_acc = held_out(student, smeta, "initial/")
-    log("[eval] teacher acc {:.3f} greedy {:.3f} | student before OPD acc {:.3f} greedy {:.3f}".format(
-        teacher_acc["teacher/accuracy"], teacher_acc["teacher/greedy_accuracy"],
-        initial_acc["initial/accuracy"], initial_acc["initial/greedy_accuracy"]))
-
-    resolved["checkpoints"] = {"teacher": tmeta.get("path"), "student": smeta.get("path")}
-    resolved["effective_models"] = {"teacher": built["teacher"].to_dict(), "student": built["student"].to_dict()}
+    resolved["effective_models"] = {"student": built["student"].to_dict(),
+                                    **{f"teacher/{n}": r["teacher"].to_dict() for n, r in route_cfgs.items()}}
     recorder = RunRecorder(out_dir, resolved)
-    spec = TaskSpec(task=task, teacher=teacher,
-                    train_problems=task.problems("train", int(cfg.train_problems), int(cfg.train_seed)),
-                    eval_problems=eval_problems, max_new_tokens=max_new)
+    routes = [Route(name=name, task=r["task"], teacher=teachers[name], mapping=r["mapping"],
+                    train_items=r["task"].items("train", int(cfg.train_problems), int(cfg.train_seed)),
+                    eval_items=eval_items[name]) for name, r in route_cfgs.items()]
     t_opd = time.time()
-    result = run_opd(cfg, student, spec, recorder=recorder, log=log)
+    from opd.sharding import make_mesh
+
+    mesh = make_mesh(int(cfg.mesh.data), int(cfg.mesh.fsdp), int(cfg.mesh.tensor))
+    result = run_opd(cfg, student, routes, recorder=recorder, log=log, mesh=mesh, chunk_size=built["chunk_size"],
+                     diagnostics_path=out_dir / "diagnostics.json" if int(cfg.diagnostics_every) else None)
     opd_s = time.time() - t_opd
 
-    last = result["evals"][max(result["evals"])]
+    last_step = max(result["evals"])
+    final_scores = {"final/" + k[len("eval/"):]: v for k, v in result["evals"][last_step].items()}
+    item_rows += [{"phase": "final", "task": name, **row}
+                  for name, rows in result["eval_items"][last_step].items() for row in rows]
+    write_jsonl(out_dir / "eval_items.jsonl", item_rows)
     rows = result["rows"]
     timing = {k: sum(r[k] for r in rows[1:]) / max(len(rows) - 1, 1)  # step 1 includes compilation
               for k in ("time/sample_s", "time/score_s", "time/update_s")}
+    metric = {name: r["task"].metric for name, r in route_cfgs.items()}
     final = {
-        **teacher_acc, **initial_acc,
-        "final/accuracy": last["eval/accuracy"], "final/greedy_accuracy": last["eval/greedy_accuracy"],
+        **teacher_scores, **initial, **final_scores,
+        # the sweep's objective: the macro mean of every task's final sampled score
+        "final/score": sum(final_scores[f"final/{n}/{m}"] for n, m in metric.items()) / len(metric),
         "final/loss": rows[-1]["loss"],
         **{f"mean_{k}": v for k, v in timing.items()},
         "time/prepare_s": prep_s, "time/opd_s": opd_s,
     }
     path = recorder.finish(final)
-    log("[done] teacher {:.3f} | student {:.3f} -> {:.3f} (sampled pass@1), greedy {:.3f} -> {:.3f}".format(
-        final["teacher/accuracy"], final["initial/accuracy"], final["final/accuracy"],
-        final["initial/greedy_accuracy"], final["final/greedy_accuracy"]))
+    for name, m in metric.items():
+        log(f"[done] {name}: teacher {final[f'teacher/{name}/{m}']:.3f} | student {final[f'initial/{name}/{m}']:.3f}"
+            f" -> {final[f'final/{name}/{m}']:.3f} (sampled), greedy {final[f'initial/{name}/greedy_{m}']:.3f} -> "
+            f"{final[f'final/{name}/greedy_{m}']:.3f}")
     log(f"[done] results: {path} and {path.parent / 'metrics.jsonl'} ({time.time() - t_start:.0f}s)")
     return final
 
@@ -129,8 +170,7 @@ def load_hf(role: str, path: str, model_cfg: Any, *, log: Callable[[str], None] 
     return model, {"path": str(path), "trained": False, "format": "hf"}
 
 
-_GROUPS = {"loss": "loss", "task": "task", "rollout": "rollout", "optimizer": "optimizer",
-           "experiment": "experiment", "model@student": "model", "model@teacher": "model"}
+_GROUPS = {"loss": "loss", "rollout": "rollout", "optimizer": "optimizer", "experiment": "experiment"}
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="opd")
@@ -138,8 +178,8 @@ _GROUPS = {"loss": "loss", "task": "task", "rollout": "rollout", "optimizer": "o
 def main(cfg: DictConfig) -> float:
     built = validate(cfg)  # ConfigError -> one line on stderr, exit 2, job dir removed
     final = run_experiment(cfg, built, output_dir())
-    return float(final["final/accuracy"])
+    return float(final["final/score"])
 
 
 if __name__ == "__main__":
-    run_main(main, _GROUPS, "opd")
+    run_main(main, _GROUPS, "opd", validate)

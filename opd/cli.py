@@ -52,14 +52,54 @@ def _discard_empty_job_dir(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _in_sweep() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    try:
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except ValueError:  # no Hydra job (a library call)
+        return False
+
+
+def _record_failure(err: BaseException, cfg: Any) -> Path | None:
+    """Write `error.txt` (the exception with its traceback, then the resolved config) into the job directory."""
+    import traceback
+
+    from omegaconf import OmegaConf
+
+    try:
+        path = output_dir() / "error.txt"
+    except Exception:  # outside a Hydra run there is no job directory
+        return None
+    config = OmegaConf.to_yaml(cfg, resolve=False) if cfg is not None else ""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(traceback.format_exception(err)) + "\n# resolved config\n" + config)
+    return path
+
+
 def entry_point(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a Hydra task function: a ConfigError prints `error: <message>` and exits with status 2."""
+    """Wrap a Hydra task function.
+
+    A single run: a ConfigError prints `error: <message>` and exits with status 2, leaving no job directory.
+    In a sweep (`-m`), one job's failure must not end the sweep: its exception and resolved config go to
+    `<job dir>/error.txt`, one `error: job <n>: ...` line goes to stderr, the job returns NaN and the sweep
+    goes on; the table and figure commands list such jobs as failed."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except ConfigError as err:
+        except Exception as err:
+            if _in_sweep():
+                from hydra.core.hydra_config import HydraConfig
+
+                path = _record_failure(err, args[0] if args else None)
+                first = str(err).splitlines()[0] if str(err) else type(err).__name__
+                print(f"error: job {HydraConfig.get().job.num}: {first} ({path})", file=sys.stderr, flush=True)
+                return float("nan")
+            if not isinstance(err, ConfigError):
+                raise
             try:
                 _discard_empty_job_dir(output_dir())
             except Exception:  # outside a Hydra run there is no job directory to clean
@@ -91,22 +131,64 @@ def check_group_choices(argv: list[str], groups: dict[str, str], entry: str, con
     groups: command-line key -> conf/ directory, e.g. {"loss": "loss", "model@student": "model"}."""
     for arg in argv:
         key, sep, value = arg.lstrip("+~").partition("=")
-        if not sep or key not in groups or value in ("", "null"):
+        # `group@package=option` (e.g. model@tasks.arithmetic.teacher=hf) is an option of `group`.
+        group = groups.get(key) or (key.split("@", 1)[0] if "@" in key else None)
+        if not sep or group is None or value in ("", "null"):
             continue
-        if groups[key] == "experiment":
+        if group == "experiment":
             options = experiment_presets(entry, conf_dir)
         else:
-            options = sorted(p.stem for p in (conf_dir / groups[key]).glob("*.yaml"))
+            options = sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
         for choice in value.split(","):
             if choice not in options and not choice.startswith(("glob(", "range(")):
                 raise ConfigError(f"{key}: expected one of {', '.join(options)} (for experiments.{entry}), "
                                   f"got {choice!r}")
 
 
-def run_main(main: Callable[[], Any], groups: dict[str, str], entry: str) -> None:
-    """`python -m experiments.<entry>`: check the group choices on the command line, then run Hydra."""
+def sweep_jobs(argv: list[str], config_name: str, conf_dir: Path = CONF_DIR) -> list[list[str]]:
+    """The override list of every job a `-m` command line would launch (the basic sweeper's cartesian
+    product of command-line sweeps and a preset's `hydra.sweeper.params`), in launch order."""
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from omegaconf import OmegaConf
+
+    overrides = [a for a in argv if not a.startswith("-")]
+    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+        base = [o for o in overrides if "," not in o.partition("=")[2] and "(" not in o.partition("=")[2]]
+        cfg = compose(config_name=config_name, overrides=base, return_hydra_config=True)
+    params = OmegaConf.to_container(cfg.hydra.sweeper.params) if cfg.hydra.sweeper.get("params") else {}
+    swept = {o.partition("=")[0] for o in overrides}
+    extra = [f"{k}={v}" for k, v in (params or {}).items() if k not in swept]
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides + extra)
+    batches = BasicSweeper.split_arguments(parsed, None)
+    return [list(job) for batch in batches for job in batch]
+
+
+def validate_sweep(argv: list[str], config_name: str, validate: Callable[[Any], Any],
+                   conf_dir: Path = CONF_DIR) -> None:
+    """Validate every job of a sweep before the first one runs: ConfigError naming the job's overrides."""
+    from hydra import compose, initialize_config_dir
+
+    jobs = sweep_jobs(argv, config_name, conf_dir)
+    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+        for num, job in enumerate(jobs):
+            try:
+                validate(compose(config_name=config_name, overrides=job))
+            except ConfigError as err:
+                raise ConfigError(f"{err} (sweep job {num}: {' '.join(job)}; no job was run)") from None
+
+
+def run_main(main: Callable[[], Any], groups: dict[str, str], entry: str,
+             validate: Callable[[Any], Any] | None = None) -> None:
+    """`python -m experiments.<entry>`: check the group choices on the command line and, for a sweep, every
+    job's config; then run Hydra."""
+    argv = sys.argv[1:]
     try:
-        check_group_choices(sys.argv[1:], groups, entry)
+        check_group_choices(argv, groups, entry)
+        if validate is not None and ("-m" in argv or "--multirun" in argv):
+            validate_sweep(argv, entry, validate)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

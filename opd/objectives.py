@@ -88,12 +88,6 @@ def _full_rkl(logits, _x: PositionInputs, _cfg, teacher_logits):
     return L.full_reverse_kl(logits, jax.lax.stop_gradient(teacher_logits))
 
 
-# Issue 13 objectives. Their constants are read with defaults (getattr) until LossConfig declares them:
-# box_cox_alpha (PowerOPD α), constant_advantage (the control's A < 0), is_clip (EMA-PG's IS-weight cap).
-BOX_COX_ALPHA = 1.0
-CONSTANT_ADVANTAGE = -1.0
-
-
 def _policy_gradient(logits, x: PositionInputs, cfg, advantage):
     return L.ppo_clip_loss(token_logprobs(logits, x.tokens), x.old_logprobs, advantage,
                            clip_eps=float(cfg.clip_eps), dual_clip=cfg.dual_clip)
@@ -112,13 +106,13 @@ def _vopd_topk(logits, x: PositionInputs, cfg, _teacher_logits):
 
 
 def _power_opd(logits, x: PositionInputs, cfg, _teacher_logits):
-    alpha = float(getattr(cfg, "box_cox_alpha", BOX_COX_ALPHA))
+    alpha = float(cfg.box_cox_alpha)
     return _policy_gradient(logits, x, cfg, L.sampled_token_advantage(x.old_logprobs, x.teacher_sampled,
                                                                       reward="box_cox", alpha=alpha))
 
 
 def _constant_negative(logits, x: PositionInputs, cfg, _teacher_logits):
-    value = float(getattr(cfg, "constant_advantage", CONSTANT_ADVANTAGE))
+    value = float(cfg.constant_advantage)
     return _policy_gradient(logits, x, cfg, L.constant_advantage(x.old_logprobs, value))
 
 
@@ -138,12 +132,12 @@ def _support_v3(logits, x: PositionInputs, _cfg, _teacher_logits):
 def _support_v4(logits, x: PositionInputs, cfg, teacher_logits):
     ids, logq = L.student_topk_support(logits, jax.lax.stop_gradient(teacher_logits), int(cfg.k))
     return L.ema_pg_loss(logits, ids, logq, x.tokens, x.old_logprobs, x.teacher_sampled,
-                         is_clip=getattr(cfg, "is_clip", None))
+                         is_clip=cfg.is_clip)
 
 
 def _support_v5(logits, x: PositionInputs, cfg, _teacher_logits):
     return L.ema_pg_loss(logits, x.topk_ids, x.topk_logprobs, x.tokens, x.old_logprobs, x.teacher_sampled,
-                         is_clip=getattr(cfg, "is_clip", None))
+                         is_clip=cfg.is_clip)
 
 
 REGISTRY: dict[str, Objective] = {o.name: o for o in (

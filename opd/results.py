@@ -79,6 +79,15 @@ class RunRecorder:
         return path
 
 
+def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> Path:
+    """Write `rows` as JSON lines, atomically (a temporary file renamed into place)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(json.dumps(to_jsonable(r)) + "\n" for r in rows))
+    tmp.replace(path)
+    return path
+
+
 def read_rows(job_dir: str | Path) -> list[dict[str, Any]]:
     """The step rows of one job."""
     path = Path(job_dir) / "metrics.jsonl"

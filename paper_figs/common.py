@@ -56,9 +56,9 @@ def get(config: dict[str, Any], dotted: str, default: Any = None) -> Any:
 
 
 def mapped_teacher(config: dict[str, Any]) -> bool:
-    """True when any teacher uses a tokenizer other than the default (reached through a token mapping)."""
-    teachers = get(config, "teachers", {}) or {}
-    return any((t or {}).get("tokenizer", "default") != "default" for t in teachers.values())
+    """True when any route's teacher uses another tokenizer (reached through a token mapping)."""
+    routes = get(config, "tasks", {}) or {}
+    return any((r or {}).get("teacher_tokenizer", "same") != "same" for r in routes.values())
 
 
 def save(fig: plt.Figure, name: str, out_dir: str | Path | None = None) -> Path:

@@ -1,12 +1,14 @@
-"""Training curves and final accuracy of an OPD sweep (reads rows only; never imports opd).
+"""Training curves and final scores of an OPD sweep (reads rows only; never imports opd).
 
     python paper_figs/fig_opd_curves.py multirun/opd/<date>_<time> [--out paper_figs]
 
-Writes `opd_curves.png` (loss, held-out sampled and greedy pass@1, fraction of sampled tokens outside the
-teacher's top-K, response length and gradient norm per step; one line per loss, "+ mask" when special tokens
-are masked, = mean over seeds, band = ± sample std) and `opd_final_accuracy.png` (final sampled pass@1
-per loss, mean ± std over seeds with the seeds as dots, and horizontal lines for the teacher and the
-student before OPD).
+Writes `opd_curves.png`: one row of panels per task (a multi-task run alternates tasks, so each task's
+curves are drawn against its own step count), columns = held-out sampled score, objective, entropy,
+gradient norm, response length, truncated fraction, teacher − student log-prob gap on sampled tokens, and
+the fraction of sampled tokens outside the teacher's top-K. One line per method (loss, "+ mask" when special
+tokens are masked, "@ top-p" when the rollout top-p was set); line = mean over seeds, band = 95% interval
+of that mean (t over seeds). And `opd_final_accuracy.png`: the final sampled score per method and task, the
+seeds as dots, the teacher and the student before OPD as lines.
 """
 
 from __future__ import annotations
@@ -22,41 +24,63 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from paper_figs.common import PALETTE, get, load_jobs, plt, save, setup_style
 
 PANELS = [
-    ("loss", "objective (loss)"),
-    ("eval/accuracy", "held-out pass@1 (top-p 0.9)"),
-    ("eval/greedy_accuracy", "held-out pass@1 (greedy)"),
-    ("not_in_topk_frac", "sampled tokens outside teacher top-K"),
-    ("response_len", "response length (tokens)"),
+    ("eval", "held-out score (top-p 0.9)"),
+    ("loss", "objective"),
+    ("entropy", "student entropy (nats)"),
     ("grad_norm", "gradient norm (before clipping)"),
+    ("response_len", "response length (tokens)"),
+    ("truncated_frac", "truncated fraction"),
+    ("logprob_gap", "log q(y) − log π(y), sampled"),
+    ("not_in_topk_frac", "sampled outside teacher top-K"),
 ]
+T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}  # t_{0.975, n-1}
 
 
 def label_of(job) -> str:
-    """The loss, and "+ mask" when special tokens were masked (the two halves of a table sweep)."""
-    mask = bool(get(job["config"], "loss.mask_special_tokens", False))
-    return str(get(job["config"], "loss.name", "?")) + (" + mask" if mask else "")
+    key = str(get(job["config"], "loss.name", "?"))
+    if get(job["config"], "loss.mask_special_tokens", False):
+        key += " + mask"
+    if get(job["config"], "rollout.top_p") is not None:
+        key += f" @ top-p {float(get(job['config'], 'rollout.top_p')):g}"
+    return key
 
 
-def series(job, key: str) -> tuple[np.ndarray, np.ndarray]:
-    steps, values = [], []
-    initial = key.replace("eval/", "initial/")
-    if key.startswith("eval/") and initial in job["metrics"]:
-        steps.append(0)
-        values.append(job["metrics"][initial])
+def eval_key(job, task: str) -> str | None:
+    """The task's held-out sampled score key (`eval/<task>/<metric>`) as the rows name it."""
     for row in job["rows"]:
-        if row.get(key) is not None:
-            steps.append(row["step"])
+        for k in row:
+            if k.startswith(f"eval/{task}/") and "/greedy_" not in k:
+                return k
+    return None
+
+
+def series(job, task: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(task step, value) of `key` on the rows of `task`; the eval panel starts at the initial score."""
+    steps, values = [], []
+    if key == "eval":
+        key = eval_key(job, task) or "eval/?"
+        initial = "initial/" + key[len("eval/"):]
+        if initial in job["metrics"]:
+            steps.append(0)
+            values.append(job["metrics"][initial])
+    done = 0  # steps of `task` so far: an evaluation may sit on another task's row
+    for row in job["rows"]:
+        done += row.get("task") == task
+        if (key.startswith("eval/") or row.get("task") == task) and row.get(key) is not None:
+            steps.append(done)
             values.append(row[key])
     return np.asarray(steps), np.asarray(values, dtype=float)
 
 
 def mean_band(runs: list[tuple[np.ndarray, np.ndarray]]):
-    """Mean and sample std (0 for one run) over runs on the steps every run has."""
+    """Mean and the 95% t half-width of the mean (0 for one run) over runs, on the steps every run has."""
     common = sorted(set.intersection(*[set(s.tolist()) for s, _ in runs])) if runs else []
     if not common:
         return np.array([]), np.array([]), np.array([])
     mat = np.stack([[v[list(s).index(c)] for c in common] for s, v in runs])
-    return np.asarray(common), mat.mean(0), mat.std(0, ddof=1) if len(mat) > 1 else np.zeros(mat.shape[1])
+    n = len(mat)
+    half = T95.get(n - 1, 1.96) * mat.std(0, ddof=1) / np.sqrt(n) if n > 1 else np.zeros(mat.shape[1])
+    return np.asarray(common), mat.mean(0), half
 
 
 def main(argv=None) -> None:
@@ -72,38 +96,49 @@ def main(argv=None) -> None:
     order = sorted(by_loss, key=lambda n: (not n.startswith("sampled_token"), n))
     colors = {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(order)}
 
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(4.0 * len(PANELS), 3.2))
-    for ax, (key, title) in zip(axes, PANELS):
-        for name in order:
-            steps, mean, std = mean_band([series(j, key) for j in by_loss[name]])
-            if steps.size == 0:
-                continue
-            n = len(by_loss[name])
-            marker = "o" if key.startswith("eval") else None
-            ax.plot(steps, mean, color=colors[name], label=f"{name} (n={n})", marker=marker, ms=3)
-            ax.fill_between(steps, mean - std, mean + std, color=colors[name], alpha=0.2, lw=0)
-        ax.set_title(title)
-        ax.set_xlabel("OPD step")
-    axes[0].legend()
+    tasks = sorted({r["task"] for j in jobs for r in j["rows"] if "task" in r})
+    fig, axes = plt.subplots(len(tasks), len(PANELS), figsize=(3.4 * len(PANELS), 3.4 * len(tasks)), squeeze=False,
+                             layout="constrained")
+    for t, task in enumerate(tasks):
+        for ax, (key, title) in zip(axes[t], PANELS):
+            for name in order:
+                steps, mean, half = mean_band([series(j, task, key) for j in by_loss[name]])
+                if steps.size == 0:
+                    continue
+                ax.plot(steps, mean, color=colors[name], label=f"{name} (n={len(by_loss[name])})",
+                        marker="o" if key == "eval" else None, ms=3)
+                ax.fill_between(steps, mean - half, mean + half, color=colors[name], alpha=0.2, lw=0)
+            ax.set_title(f"{task}: {title}" if len(tasks) > 1 else title, fontsize=9)
+            ax.set_xlabel(f"{task} step" if len(tasks) > 1 else "OPD step")
+    axes[0][0].legend(fontsize=7)
     save(fig, "opd_curves", args.out)
 
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(order), 3.4))
+    fig, axes = plt.subplots(1, len(tasks), figsize=((1.6 + 1.3 * len(order)) * len(tasks), 3.4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        final_plot(ax, task, order, by_loss, jobs, colors)
+    save(fig, "opd_final_accuracy", args.out)
+
+
+def final_plot(ax, task: str, order: list[str], by_loss: dict, jobs: list, colors: dict) -> None:
+    key = eval_key(jobs[0], task)
+    metric = key.split("/")[-1] if key else "score"
     for i, name in enumerate(order):
-        finals = np.array([j["metrics"].get("final/accuracy", np.nan) for j in by_loss[name]], float)
+        finals = np.array([j["metrics"].get(f"final/{task}/{metric}", np.nan) for j in by_loss[name]], float)
         err = np.nanstd(finals, ddof=1) if finals.size > 1 else 0.0
         ax.bar(i, np.nanmean(finals), yerr=err, color=colors[name], alpha=0.85, capsize=4)
         ax.scatter(np.full(finals.shape, i) + np.linspace(-0.15, 0.15, finals.size), finals, color="k", s=10, zorder=3)
-    for key, style, text in (("teacher/accuracy", "--", "teacher"), ("initial/accuracy", ":", "student before OPD")):
-        vals = [j["metrics"][key] for j in jobs if j["metrics"].get(key) is not None]
+    for who, style, text in (("teacher", "--", "teacher"), ("initial", ":", "student before OPD")):
+        vals = [j["metrics"][f"{who}/{task}/{metric}"] for j in jobs if f"{who}/{task}/{metric}" in j["metrics"]]
         if vals:
             ax.axhline(float(np.mean(vals)), color="0.3", ls=style, lw=1.2, label=f"{text} ({np.mean(vals):.2f})")
-    ax.set_xticks(range(len(order)), [n.replace(" + ", "\n+ ") for n in order])
-    ax.set_ylabel("final held-out pass@1 (top-p 0.9)")
-    shown = [j["metrics"].get(k) for j in jobs for k in ("final/accuracy", "initial/accuracy")]
-    low = min([v for v in shown if v is not None], default=0.0)
-    ax.set_ylim(max(0.0, low - 0.1), 1.0)  # zoomed: differences of a few points must be visible
+    ax.set_xticks(range(len(order)), [n.replace(" + ", "\n+ ").replace(" @ ", "\n@ ") for n in order])
+    ax.set_ylabel(f"final held-out {metric} (top-p 0.9)")
+    ax.set_title(task)
+    ax.set_ylim(0.0, 1.0)
     ax.legend(loc="upper left", fontsize=8)
-    save(fig, "opd_final_accuracy", args.out)
+
+
+
 
 
 if __name__ == "__main__":

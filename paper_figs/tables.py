@@ -1,21 +1,27 @@
-"""Table 1 / Table 2 analogs (arXiv 2603.25562 §7) from multirun rows, as markdown.
+"""The paper's tables from a sweep's rows, with their protocol: a JSON table in results/tables/<name>.json
+(what RESULTS.md is generated from, `python paper_figs/results_md.py`) and the same table as markdown.
 
-    python paper_figs/tables.py <results_dir> [out.md]
+    python paper_figs/tables.py <sweep_dir> --table table1            # Table 1: single task
+    python paper_figs/tables.py <sweep_dir> --table table2            # Table 2: multi-task, a column per task
+    python paper_figs/tables.py <sweep_dir> --table table3            # objective vs rollout top-p
+    python paper_figs/tables.py <sweep_dir> --table NAME --min-seeds 1 --min-items 16   # a smaller analysis
 
-Reads every job (metrics.json) under <results_dir>; never imports `opd`.
-- Single-task jobs (`python -m experiments.opd`, config `task.name`): Table 1 analog, final held-out
-  pass@1 (`final/accuracy`) per method.
-- Multi-task jobs (`python -m experiments.multitask`, config `tasks`): Table 2 analog, final text-world
-  success (the ALFWorld column) and arithmetic pass@1 (the math column) per method.
-Methods: sampled_token / lsm ("Ours"), each with and without special-token masking; other losses get a
-row of their own. Cells are mean ± sample std over seeds (n seeds in the last column); teacher and the
-student before OPD come from the same jobs. Relative gain is computed as the paper computes its +19.8%:
-(Ours w/o mask − sampled-token OPD w/o mask) / sampled-token OPD w/o mask, on the reasoning column; the
-paper's numbers (paper.md §7) are printed beside ours.
+Reads every job under <sweep_dir> (metrics.json, eval_items.jsonl); never imports `opd`. A cell is the final
+held-out sampled pass@1 of one method on one task: the mean over seeds, items and samples, with a 95%
+two-way bootstrap interval over seeds and items (so evaluation noise is in it). Teacher and student rows come
+from the same jobs' evaluations. The headline is LSM − sampled-token OPD, paired by seed and item, with its
+interval and the relative gain as the paper computes its +19.8%.
+
+Refused with one line (exit status 2, nothing written): fewer seeds per method or fewer items than the
+protocol asks (--min-seeds, --min-items; defaults 5 and 1000), rows from different code revisions, methods
+that do not share seeds and items. Jobs that failed (a job directory without metrics.json) are listed.
 """
 
 from __future__ import annotations
 
+import argparse
+import datetime
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,168 +29,179 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from paper_figs.common import get, load_jobs, mapped_teacher
+from paper_figs.common import get
+from paper_figs.stats import mean_ci, paired_diff
 
-PAPER_T1 = {  # Table 1 [P2], math Avg (5 benchmarks)
-    "Student (Qwen2.5-7B-It)": 28.2, "Teacher (OpenThinker3-7B)": 56.0, "Sampled-token OPD": 36.4,
-    "Sampled-token OPD + mask": 40.7, "Ours w/o mask": 41.7, "Ours w/ mask": 41.5,
+ROOT = Path(__file__).resolve().parents[1]
+TABLES = {
+    "table1": "Table 1 analog: single-task OPD",
+    "table2": "Table 2 analog: multi-task OPD, one teacher per task, tasks alternate per step",
+    "table3": "Components: the objective vs the rollout top-p",
 }
-PAPER_T2 = {  # Table 2 [P1=P2], (ALFWorld, math Avg)
-    "Student (Qwen2.5-7B-It)": (21.9, 28.2), "Teacher (GiGPO-7B-ALFWorld)": (95.3, None),
-    "Sampled-token OPD": (90.6, 34.8), "Sampled-token OPD + mask": (93.8, 36.6),
-    "Ours w/o mask": (95.3, 41.7), "Ours w/ mask": (97.7, 38.6),
-}
-PAPER_GAIN = {"t1": (41.7 - 36.4) / 36.4, "t2": (41.7 - 34.8) / 34.8}  # 14.6% [Ours from P2], 19.8% [P2]
-
-METHOD_NAMES = {("sampled_token", False): "Sampled-token OPD", ("sampled_token", True): "Sampled-token OPD + mask",
-                ("lsm", False): "Ours w/o mask", ("lsm", True): "Ours w/ mask"}
+NAMES = {"sampled_token": "Sampled-token OPD", "lsm": "LSM (teacher top-K)"}
+HEADLINE = ("lsm", "sampled_token")  # A − B, both without mask at the paper's top-p
 
 
-def method(config: dict[str, Any]) -> str:
-    loss = get(config, "loss.name", "?")
-    mask = bool(get(config, "loss.mask_special_tokens", False))
-    return METHOD_NAMES.get((loss, mask), f"{loss}{' + mask' if mask else ''}")
+class TableError(ValueError):
+    """A sweep the protocol cannot summarize; the message is one line."""
 
 
-def by_method(jobs) -> dict[str, list[dict]]:
-    """Jobs grouped by `method` of their config, in the order met."""
+# ---------------------------------------------------------------------------------------------------------
+# Jobs
+# ---------------------------------------------------------------------------------------------------------
+
+
+def method_key(config: dict[str, Any]) -> str:
+    """loss name, + ' + mask', + ' @ top-p P' when the rollout top-p was set explicitly."""
+    key = str(get(config, "loss.name", "?"))
+    if get(config, "loss.mask_special_tokens", False):
+        key += " + mask"
+    top_p = get(config, "rollout.top_p")
+    if top_p is not None:
+        key += f" @ top-p {float(top_p):g}"
+    return key
+
+
+def label(key: str) -> str:
+    base, _, rest = key.partition(" ")
+    return NAMES.get(base, base) + (" " + rest if rest else "")
+
+
+def load(sweep: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """(finished jobs, failed job directories). A job directory is one Hydra made (it holds .hydra/)."""
+    jobs, failed = [], []
+    for hydra_dir in sorted(sweep.rglob(".hydra")):
+        job = hydra_dir.parent
+        summary, items = job / "metrics.json", job / "eval_items.jsonl"
+        if not summary.exists() or not items.exists():
+            failed.append(str(job.relative_to(sweep)))
+            continue
+        payload = json.loads(summary.read_text())
+        jobs.append({"dir": job, "config": payload["config"], "metrics": payload["metrics"],
+                     "revision": payload.get("git_revision", "unknown"),
+                     "items": [json.loads(x) for x in items.read_text().splitlines() if x.strip()]})
+    if not jobs:
+        raise TableError(f"sweep_dir: no finished jobs (metrics.json + eval_items.jsonl) under {sweep}")
+    return jobs, failed
+
+
+def score_matrix(jobs: list[dict], phase: str, task: str) -> tuple[np.ndarray, list[int], int]:
+    """[seeds, items] per-item sampled scores (mean over samples) of `phase` on `task`, rows sorted by seed;
+    also the seeds and the number of samples per item."""
+    by_seed: dict[int, dict[int, list[float]]] = {}
+    for j in jobs:
+        seed = int(get(j["config"], "seed", 0))
+        cell = by_seed.setdefault(seed, {})
+        for row in j["items"]:
+            if row["phase"] == phase and row["task"] == task and row["sample"] >= 0:
+                cell.setdefault(int(row["item"]), []).append(float(row["correct"]))
+    seeds = sorted(s for s, c in by_seed.items() if c)
+    if not seeds:
+        return np.zeros((0, 0)), [], 0
+    items = sorted(by_seed[seeds[0]])
+    for s in seeds:
+        if sorted(by_seed[s]) != items:
+            raise TableError(f"eval_items: seed {s} of phase {phase!r} on task {task!r} has other items than seed "
+                             f"{seeds[0]}; every job must be evaluated on the same items")
+    samples = len(by_seed[seeds[0]][items[0]])
+    return np.asarray([[np.mean(by_seed[s][i]) for i in items] for s in seeds]), seeds, samples
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The table
+# ---------------------------------------------------------------------------------------------------------
+
+
+def build(name: str, sweep: Path, *, min_seeds: int, min_items: int, command: str) -> dict[str, Any]:
+    jobs, failed = load(sweep)
+    revisions = sorted({j["revision"] for j in jobs})
+    if len(revisions) > 1:
+        raise TableError(f"sweep_dir: rows from {len(revisions)} code revisions are mixed ({', '.join(revisions)}); "
+                         "a table summarizes one revision")
+    tasks = list(get(jobs[0]["config"], "tasks", {}) or {})
     groups: dict[str, list[dict]] = {}
     for j in jobs:
-        groups.setdefault(method(j["config"]), []).append(j)
-    return groups
+        groups.setdefault(method_key(j["config"]), []).append(j)
+    rows: list[dict[str, Any]] = []
+    matrices: dict[tuple[str, str], tuple[np.ndarray, list[int]]] = {}
+    for task in tasks:
+        for phase, who in (("teacher", "Teacher"), ("initial", "Student before OPD")):
+            # the same checkpoints in every job: one job's evaluation is the row (interval over items only)
+            x, _, samples = score_matrix(jobs[:1], phase, task)
+            if x.size:
+                rows.append(_row(who, task, x, samples))
+        for key, members in sorted(groups.items()):
+            x, seeds, samples = score_matrix(members, "final", task)
+            if len(seeds) < min_seeds or x.shape[1] < min_items:
+                raise TableError(f"sweep_dir: method {key!r} on task {task!r} has {len(seeds)} seeds x {x.shape[1]} "
+                                 f"items; the protocol asks for >= {min_seeds} seeds and >= {min_items} items "
+                                 "(--min-seeds, --min-items)")
+            matrices[(key, task)] = (x, seeds)
+            rows.append(_row(label(key), task, x, samples, key=key))
+    headline = []
+    for task in tasks:
+        a, b = matrices.get((HEADLINE[0], task)), matrices.get((HEADLINE[1], task))
+        if a is None or b is None:
+            continue
+        if a[1] != b[1]:
+            raise TableError(f"sweep_dir: {HEADLINE[0]} and {HEADLINE[1]} ran different seeds ({a[1]} vs {b[1]}) on "
+                             f"task {task!r}; the paired difference needs the same seeds")
+        headline.append({"task": task, "a": label(HEADLINE[0]), "b": label(HEADLINE[1]), **paired_diff(a[0], b[0])})
+    return {"name": name, "title": TABLES[name], "command": command, "revision": revisions[0],
+            "date": datetime.date.today().isoformat(), "jobs": len(jobs), "failed_jobs": failed,
+            "interval": "95% two-way bootstrap over seeds and items (2000 resamples)",
+            "rows": rows, "headline": headline}
 
 
-def metric_values(metrics: list[dict[str, float]], key: str) -> list[float]:
-    """metrics[key] of each metrics dict that has the key."""
-    return [m[key] for m in metrics if key in m]
+def _row(method: str, task: str, x: np.ndarray, samples: int, key: str | None = None) -> dict[str, Any]:
+    mean, low, high = mean_ci(x)
+    return {"method": method, "key": key, "task": task, "mean": mean, "ci_low": low, "ci_high": high,
+            "seeds": int(x.shape[0]), "items": int(x.shape[1]), "samples": samples}
 
 
-def cell(values: list[float]) -> str:
-    """'mean ± std' in percent (sample std; a single seed prints ± 0.0)."""
-    if not values:
-        return "–"
-    v = 100 * np.asarray(values, float)
-    sd = v.std(ddof=1) if v.size > 1 else 0.0
-    return f"{v.mean():.1f} ± {sd:.1f}"
+def markdown(table: dict[str, Any]) -> str:
+    """The table as markdown (percent), its protocol and the headline, as RESULTS.md shows it."""
+    lines = [f"### {table['title']}", "",
+             f"`{table['command']}` at revision `{table['revision']}`, {table['date']}; {table['jobs']} jobs. "
+             f"Cells: final held-out sampled pass@1 (%), mean [{table['interval']}].", "",
+             "| Method | Task | Score | 95% interval | Seeds | Items × samples |", "|---|---|---|---|---|---|"]
+    for r in table["rows"]:
+        lines.append(f"| {r['method']} | {r['task']} | {100 * r['mean']:.1f} | [{100 * r['ci_low']:.1f}, "
+                     f"{100 * r['ci_high']:.1f}] | {r['seeds']} | {r['items']} × {r['samples']} |")
+    for h in table["headline"]:
+        gain = "n/a" if h["relative_gain"] is None else f"{h['relative_gain']:+.1%}"
+        lines += ["", f"**{h['a']} − {h['b']}** on {h['task']}, paired by seed and item: "
+                      f"{100 * h['paired_diff']:+.1f} points [{100 * h['paired_ci_low']:+.1f}, "
+                      f"{100 * h['paired_ci_high']:+.1f}]; relative gain {gain} (the paper: +19.8% on its Table 2)."]
+    if table["failed_jobs"]:
+        lines += ["", "Failed jobs (no results): " + ", ".join(f"`{f}`" for f in table["failed_jobs"])]
+    return "\n".join(lines) + "\n"
 
 
-def _mean(values: list[float]) -> float | None:
-    return float(np.mean(values)) if values else None
-
-
-def gain_line(ours: list[float], base: list[float], paper: float, label: str) -> str:
-    if not ours or not base or np.mean(base) == 0:
-        return f"Relative gain ({label}): not computable here (missing rows or a zero baseline); paper {paper:+.1%}."
-    g = (np.mean(ours) - np.mean(base)) / np.mean(base)
-    return (f"Relative gain ({label}), (Ours w/o mask − Sampled-token OPD) / Sampled-token OPD on seed means: "
-            f"**{g:+.1%}** here vs **{paper:+.1%}** in the paper.")
-
-
-ORDER = ["Sampled-token OPD", "Sampled-token OPD + mask", "Ours w/o mask", "Ours w/ mask"]
-
-
-def _ordered(groups: dict[str, Any]) -> list[str]:
-    return [m for m in ORDER if m in groups] + sorted(m for m in groups if m not in ORDER)
-
-
-def table1(jobs) -> list[str]:
-    single = [j for j in jobs if get(j["config"], "task.name") is not None and "final/accuracy" in j["metrics"]]
-    if not single:
-        return ["## Table 1 analog (single-task)", "", "No single-task jobs found.", ""]
-    task = get(single[0]["config"], "task.name")
-    groups = by_method(single)
-    allm = [j["metrics"] for j in single]
-    lines = [f"## Table 1 analog: single-task OPD on `{task}` (held-out sampled pass@1, %)", "",
-             "| Method | ours: accuracy | seeds | paper: math Avg |", "|---|---|---|---|"]
-    lines.append(f"| Student before OPD | {cell(metric_values(allm, 'initial/accuracy'))} "
-                 f"| {len(allm)} jobs | {PAPER_T1['Student (Qwen2.5-7B-It)']} |")
-    lines.append(f"| Teacher | {cell(metric_values(allm, 'teacher/accuracy'))} "
-                 f"| {len(allm)} jobs | {PAPER_T1['Teacher (OpenThinker3-7B)']} |")
-    finals = {}
-    for name in _ordered(groups):
-        vals = [j["metrics"]["final/accuracy"] for j in groups[name]]
-        finals[name] = vals
-        lines.append(f"| {name} | {cell(vals)} | {len(vals)} | {PAPER_T1.get(name, '–')} |")
-    lines += ["", gain_line(finals.get("Ours w/o mask", []), finals.get("Sampled-token OPD", []),
-                            PAPER_GAIN["t1"], "Table 1"), ""]
-    return lines
-
-
-def _last_kl(jobs, task: str) -> str:
-    """mean ± std over seeds of the last logged `<task>/teacher_kl` (sampled-token estimate of KL(π‖q))."""
-    vals = []
-    for j in jobs:
-        kls = [r[f"{task}/teacher_kl"] for r in j.get("rows", []) if f"{task}/teacher_kl" in r]
-        if kls:
-            vals.append(kls[-1])
-    if not vals:
-        return "–"
-    v = np.asarray(vals)
-    return f"{v.mean():.2f} ± {v.std(ddof=1) if v.size > 1 else 0.0:.2f}"
-
-
-def table2(jobs) -> list[str]:
-    multi = [j for j in jobs if len(get(j["config"], "tasks") or []) > 1 and not mapped_teacher(j["config"])]
-    if not multi:
-        return ["## Table 2 analog (multi-task)", "", "No multi-task jobs found.", ""]
-    groups = by_method(multi)
-    agent, reason = "textworld/success", "arithmetic/accuracy"
-
-    def col(ms, prefix, key):
-        return metric_values(ms, f"{prefix}/{key}")
-
-    allm = [j["metrics"] for j in multi]
-    lines = ["## Table 2 analog: multi-task OPD, tasks alternate per step (held-out, %)", "",
-             "| Method | ours: textworld success | ours: arithmetic pass@1 | last-step teacher KL "
-             "(textworld / arithmetic, nats/token) | seeds | paper: ALFWorld | paper: math Avg |",
-             "|---|---|---|---|---|---|---|"]
-    ps, pt = PAPER_T2["Student (Qwen2.5-7B-It)"], PAPER_T2["Teacher (GiGPO-7B-ALFWorld)"]
-    lines.append(f"| Student before OPD | {cell(col(allm, 'initial', agent))} | {cell(col(allm, 'initial', reason))} "
-                 f"| – | {len(allm)} jobs | {ps[0]} | {ps[1]} |")
-    lines.append(f"| Teachers (one per task) | {cell(col(allm, 'teacher', agent))} | "
-                 f"{cell(col(allm, 'teacher', reason))} | – | {len(allm)} jobs | {pt[0]} | – |")
-    finals = {}
-    for name in _ordered(groups):
-        ms = [j["metrics"] for j in groups[name]]
-        finals[name] = col(ms, "final", reason)
-        paper = PAPER_T2.get(name, (None, None))
-        kl = " / ".join(_last_kl(groups[name], t) for t in ("textworld", "arithmetic"))
-        lines.append(f"| {name} | {cell(col(ms, 'final', agent))} | {cell(finals[name])} | {kl} | {len(ms)} | "
-                     f"{paper[0] if paper[0] is not None else '–'} | {paper[1] if paper[1] is not None else '–'} |")
-    lines += ["", gain_line(finals.get("Ours w/o mask", []), finals.get("Sampled-token OPD", []),
-                            PAPER_GAIN["t2"], "Table 2, reasoning column"), ""]
-    return lines
-
-
-def table_fm3(jobs) -> list[str]:
-    """Failure mode 3: a teacher with other special-token conventions, reached through a declared mapping."""
-    fm3 = [j for j in jobs if get(j["config"], "tasks") is not None and mapped_teacher(j["config"])]
-    if not fm3:
-        return []
-    groups = by_method(fm3)
-    lines = ["## Failure mode 3: teacher with other special-token conventions (declared token mapping)", "",
-             "| Method | arithmetic pass@1 before | after | teacher (own tokenizer) | seeds |", "|---|---|---|---|---|"]
-    for name in _ordered(groups):
-        ms = [j["metrics"] for j in groups[name]]
-
-        def c(key, ms=ms):
-            return cell(metric_values(ms, key))
-
-        lines.append(f"| {name} | {c('initial/arithmetic/accuracy')} | {c('final/arithmetic/accuracy')} "
-                     f"| {c('teacher/arithmetic/accuracy')} | {len(ms)} |")
-    return lines + [""]
-
-
-def main(argv: list[str]) -> None:
-    if not argv:
-        raise SystemExit(__doc__)
-    jobs = load_jobs(argv[0])
-    text = "\n".join(table1(jobs) + table2(jobs) + table_fm3(jobs))
-    print(text)
-    if len(argv) > 1:
-        Path(argv[1]).write_text(text + "\n")
-        print(f"wrote {argv[1]}")
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("sweep_dir", type=Path)
+    ap.add_argument("--table", required=True, choices=sorted(TABLES))
+    ap.add_argument("--min-seeds", type=int, default=5)
+    ap.add_argument("--min-items", type=int, default=1000)
+    ap.add_argument("--out", type=Path, default=ROOT / "results" / "tables", help="directory of <table>.json")
+    args = ap.parse_args(argv)
+    command = "python paper_figs/tables.py " + " ".join(argv)
+    try:
+        if not args.sweep_dir.is_dir():
+            raise TableError(f"sweep_dir: expected a directory of Hydra jobs, got {args.sweep_dir}")
+        table = build(args.table, args.sweep_dir, min_seeds=args.min_seeds, min_items=args.min_items,
+                      command=command)
+    except TableError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{args.table}.json"
+    path.write_text(json.dumps(table, indent=1) + "\n")
+    print(markdown(table))
+    print(f"wrote {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))

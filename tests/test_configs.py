@@ -29,25 +29,26 @@ def test_default_composes_and_validates():
     cfg = _compose([])
     assert cfg.loss.name == "lsm"
     built = validate(cfg)
-    assert built["student"].vocab_size == built["teacher"].vocab_size
+    assert list(built["routes"]) == ["arithmetic"]
+    assert built["student"].vocab_size == built["routes"]["arithmetic"]["teacher"].vocab_size
     assert cfg.loss.k <= built["student"].vocab_size
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
 
 
 @pytest.mark.parametrize(
     ("group", "target"),
-    [("loss", "loss"), ("rollout", "rollout"), ("optimizer", "optimizer"), ("task", "task"),
-     ("model", "student"), ("model", "teacher")],
+    [("loss", "loss"), ("rollout", "rollout"), ("optimizer", "optimizer"), ("task", "tasks.arithmetic.task"),
+     ("model", "student"), ("model", "tasks.arithmetic.teacher")],
 )
 def test_every_group_option_composes(group, target):
     options = _options(group)
     assert options, f"conf/{group} has no options"
     for option in options:
-        overrides = [f"{group}@{target}={option}" if group == "model" else f"{group}={option}"]
+        overrides = [f"{group}@{target}={option}" if "." in target or group == "model" else f"{group}={option}"]
         if option == "hf":  # a checkpoint-directory option: its required path comes from the command line
             overrides.append(f"{target}.path=/some/checkpoint")
         cfg = _compose(overrides)
-        OmegaConf.to_container(cfg[target], resolve=True, throw_on_missing=True)
+        OmegaConf.to_container(OmegaConf.select(cfg, target), resolve=True, throw_on_missing=True)
 
 
 def test_every_loss_option_is_a_known_objective_and_validates():
@@ -71,24 +72,21 @@ def test_every_experiment_composes(experiment):
     validate(cfg)
 
 
-def test_every_experiment_preset_belongs_to_an_entry_point():
-    from opd.train.multitask import register_multitask_configs, validate_multitask
-
-    opd_presets, mt_presets = experiment_presets("opd"), experiment_presets("multitask")
-    assert sorted(opd_presets + mt_presets) == _options("experiment")
-    assert {"smoke", "compare", "single_task"} <= set(opd_presets) and "multitask" in mt_presets
-    register_multitask_configs()
-    for preset in mt_presets:
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            validate_multitask(compose(config_name="multitask", overrides=[f"experiment={preset}"]))
-
-
 def test_a_preset_of_another_entry_point_is_one_clear_line():
     from opd.cli import ConfigError, check_group_choices
 
-    with pytest.raises(ConfigError, match=r"^experiment: expected one of .*\(for experiments.opd\), got 'multitask'"):
-        check_group_choices(["experiment=multitask"], {"experiment": "experiment"}, "opd")
-    check_group_choices(["experiment=multitask"], {"experiment": "experiment"}, "multitask")
+    with pytest.raises(ConfigError, match=r"^experiment: expected one of .*\(for experiments.toy_coupling\), "
+                                          r"got 'multitask'"):
+        check_group_choices(["experiment=multitask"], {"experiment": "experiment"}, "toy_coupling")
+    check_group_choices(["experiment=multitask"], {"experiment": "experiment"}, "opd")
+
+
+def test_group_at_package_options_are_checked():
+    from opd.cli import ConfigError, check_group_choices
+
+    with pytest.raises(ConfigError, match=r"^model@tasks\.arithmetic\.teacher: expected one of .*got 'nope'"):
+        check_group_choices(["model@tasks.arithmetic.teacher=nope"], {}, "opd")
+    check_group_choices(["model@tasks.arithmetic.teacher=hf", "task@tasks.extra.task=textworld"], {}, "opd")
 
 
 def test_typed_schema_rejects_unknown_keys_and_wrong_types():

@@ -336,8 +336,9 @@ ISSUE13 = ("vopd", "vopd_topk", "power_opd", "constant_negative", "stop_grad_top
            "support_v2", "support_v3", "support_v4", "support_v5")
 
 
-class _Cfg:
+class _Cfg:  # the LossConfig fields the adapters read (opd/train/config.py defaults)
     clip_eps, dual_clip, k = 0.2, 3.0, 3
+    box_cox_alpha, constant_advantage, is_clip = 1.0, -1.0, None
 
 
 def _direct(name, s, t, ids, t_lp, y, old, t_y):

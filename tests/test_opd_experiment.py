@@ -4,6 +4,7 @@ results; every bad input is one line on stderr, exit status 2, and no results.""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -29,47 +30,70 @@ def _cmd(run_dir: Path, *overrides: str) -> list[str]:
     return [sys.executable, "-m", "experiments.opd", f"hydra.run.dir={run_dir}", *overrides]
 
 
-def test_smoke_experiment_writes_complete_results(tmp_path):
+def _sft_losses(out: str, label: str) -> list[float]:
+    return [float(line.split(" loss ")[1].split()[0]) for line in out.splitlines() if f"[sft {label}] step" in line]
+
+
+def test_smoke_experiment_learns_and_writes_complete_results(tmp_path):
     run_dir, ckpt = tmp_path / "run", tmp_path / "ckpt"
-    proc = subprocess.run(_cmd(run_dir, "experiment=smoke", f"checkpoint_root={ckpt}"), cwd=ROOT, env=_env(),
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(_cmd(run_dir, "experiment=smoke", f"checkpoint_root={ckpt}", "eval_samples=2"), cwd=ROOT,
+                          env=_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = proc.stdout
-    assert "[sft teacher] step" in out and "[sft student] step" in out and "[opd lsm] step 4/4 loss" in out
-    assert "results:" in out
+    out = proc.stdout + proc.stderr
+    assert "[opd lsm] step 4/4 arithmetic: loss" in out and "results:" in out
+    # learning: the teacher's SFT cross-entropy falls over its 30 steps
+    teacher_losses = _sft_losses(out, "teacher/arithmetic")
+    assert len(teacher_losses) == 3 and teacher_losses[-1] < 0.8 * teacher_losses[0], teacher_losses
     payload = json.loads((run_dir / "metrics.json").read_text())
     m = payload["metrics"]
-    for key in ("initial/accuracy", "final/accuracy", "teacher/accuracy", "initial/greedy_accuracy",
-                "final/greedy_accuracy", "teacher/greedy_accuracy"):
-        assert 0.0 <= m[key] <= 1.0, key
+    for phase in ("teacher", "initial", "final"):
+        for key in ("accuracy", "greedy_accuracy"):
+            assert f"{phase}/arithmetic/{key}" in m, (phase, key)
+    assert m["final/score"] == m["final/arithmetic/accuracy"]
     assert payload["config"]["loss"]["name"] == "lsm" and payload["git_revision"]
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and {r["task"] for r in rows} == {"arithmetic"}
     for row in rows:
         assert REQUIRED_ROW_KEYS <= set(row), REQUIRED_ROW_KEYS - set(row)
-    assert "eval/accuracy" in rows[1] and "eval/accuracy" in rows[3]
-    assert rows[-1]["eval/accuracy"] == m["final/accuracy"]
+        assert all(math.isfinite(row[k]) for k in REQUIRED_ROW_KEYS), row
+    assert "eval/arithmetic/accuracy" in rows[1] and "eval/arithmetic/accuracy" not in rows[2]
+    assert rows[-1]["eval/arithmetic/accuracy"] == m["final/arithmetic/accuracy"]
+    # every held-out outcome, per item and sample: 16 items x (2 sampled + 1 greedy) for each phase
+    items = [json.loads(x) for x in (run_dir / "eval_items.jsonl").read_text().splitlines()]
+    final = [r for r in items if r["phase"] == "final"]
+    assert len(final) == 16 * 3 and {r["sample"] for r in final} == {-1, 0, 1}
+    sampled = [r["correct"] for r in final if r["sample"] >= 0]
+    assert sum(sampled) / len(sampled) == m["final/arithmetic/accuracy"]
     cached = [p for p in ckpt.iterdir() if not p.name.startswith(".")]
     assert len(cached) == 2  # teacher + student cached
-    # the SFT evaluation was measured exactly as the run's (same problems, key, budget, batch): stored with
-    # its spec and reused as teacher/ and initial/ accuracy instead of being measured again
+    # the SFT evaluation was measured exactly as the run's (same items, key, samples, batch): stored with its
+    # spec and reused as the teacher/ and initial/ scores instead of being measured again
     metas = {json.loads((p / "meta.json").read_text())["label"]: json.loads((p / "meta.json").read_text())
              for p in cached}
-    for label, prefix in (("teacher", "teacher/"), ("student", "initial/")):
-        assert metas[label]["sft_eval_spec"]["problems"] == payload["config"]["eval_problems"]
-        assert metas[label]["sft_eval"]["accuracy"] == m[prefix + "accuracy"]
-        assert f"[eval] {prefix.rstrip('/')}: the held-out accuracy measured after SFT" in out
+    for label, prefix in (("teacher/arithmetic", "teacher/"), ("student", "initial/")):
+        assert metas[label]["sft_eval_spec"]["arithmetic"]["items"] == payload["config"]["eval_problems"]
+        assert metas[label]["sft_eval"]["arithmetic/accuracy"] == m[prefix + "arithmetic/accuracy"]
+        assert f"[eval] {prefix.rstrip('/')}: the held-out scores measured after SFT" in out
 
 
 BAD = {
     "unknown_loss": (["loss=nope"], "loss"),
     "unknown_loss_name": (["loss.name=nope"], "loss.name"),
-    "unknown_task": (["task.name=nope"], "task.name"),
+    "unknown_task": (["tasks.arithmetic.task.name=nope"], "tasks.arithmetic.task.name"),
     "k_above_vocab": (["loss.k=100000"], "loss.k"),
     "top_p_above_one": (["rollout.top_p=1.5"], "rollout.top_p"),
     "top_p_zero": (["loss.rollout_top_p=0"], "loss.rollout_top_p"),
-    "vocab_mismatch": (["teacher.vocab_size=500"], "teacher.vocab_size"),
-    "missing_checkpoint": (["teacher_checkpoint=/nonexistent/ckpt"], "teacher_checkpoint"),
+    "vocab_mismatch": (["tasks.arithmetic.teacher.vocab_size=500"], "tasks.arithmetic.teacher.vocab_size"),
+    "missing_checkpoint": (["tasks.arithmetic.teacher_checkpoint=/nonexistent/ckpt"],
+                           "tasks.arithmetic.teacher_checkpoint"),
+    "mapped_teacher_topk_objective": (["tasks.arithmetic.teacher_tokenizer=variant",
+                                       "tasks.arithmetic.token_mapping=surface"], "tasks.arithmetic.token_mapping"),
+    "variant_teacher_without_mapping": (["tasks.arithmetic.teacher_tokenizer=variant", "loss=sampled_token"],
+                                        "tasks.arithmetic.token_mapping"),
+    "minibatches_drop_rows": (["optimizer.minibatches_per_step=3"], "optimizer.minibatches_per_step"),
+    "mesh_not_device_count": (["mesh.data=2"], "mesh"),
+    "multitask_unknown_objective": (["experiment=multitask", "loss.name=nope"], "loss.name"),
+    "multitask_top_p": (["experiment=multitask", "rollout.top_p=1.5"], "rollout.top_p"),
 }
 
 

@@ -1,4 +1,5 @@
-"""OPD with Hugging Face checkpoints (`model@student=hf student.path=DIR model@teacher=hf teacher.path=DIR`):
+"""OPD with Hugging Face checkpoints (`model@student=hf student.path=DIR model@tasks.arithmetic.teacher=hf
+tasks.arithmetic.teacher.path=DIR`):
 tiny checkpoints written with opd.model.hf.save_pretrained run the experiment end to end, loaded as is (no
 SFT); each bad checkpoint input is one ConfigError naming the key, before anything is computed or written."""
 
@@ -43,7 +44,8 @@ def ckpts(tmp_path_factory):
 
 
 def _hf_overrides(student: Path | str, teacher: Path | str) -> list[str]:
-    return ["model@student=hf", f"student.path={student}", "model@teacher=hf", f"teacher.path={teacher}"]
+    return ["model@student=hf", f"student.path={student}", "model@tasks.arithmetic.teacher=hf",
+            f"tasks.arithmetic.teacher.path={teacher}"]
 
 
 def _compose(overrides: list[str]):
@@ -62,31 +64,33 @@ def test_opd_runs_end_to_end_on_hf_checkpoints(ckpts, tmp_path, monkeypatch):
     cfg = _compose([*_hf_overrides(ckpts["student"], ckpts["teacher"]), f"checkpoint_root={tmp_path / 'ckpt'}",
                     "steps=2", "eval_every=1", "eval_problems=4", "eval_batch_size=4", "train_problems=16"])
     built = validate(cfg)
-    assert built["hf_paths"] == {"student": str(ckpts["student"]), "teacher": str(ckpts["teacher"])}
+    assert built["hf_student"] == str(ckpts["student"])
+    assert built["routes"]["arithmetic"]["hf_teacher"] == str(ckpts["teacher"])
     assert built["student"] == hf.load_config(ckpts["student"])
 
     seen = {}
     run_opd = loop.run_opd
 
-    def spy(cfg, student, spec, **kw):  # the models OPD gets, as loaded and after training (in place)
-        seen["student_before"], seen["teacher_before"] = _params(student), _params(spec.teacher)
-        seen["student"], seen["teacher"] = student, spec.teacher
-        return run_opd(cfg, student, spec, **kw)
+    def spy(cfg, student, routes, **kw):  # the models OPD gets, as loaded and after training (in place)
+        seen["student_before"], seen["teacher_before"] = _params(student), _params(routes[0].teacher)
+        seen["student"], seen["teacher"] = student, routes[0].teacher
+        return run_opd(cfg, student, routes, **kw)
 
     monkeypatch.setattr(loop, "run_opd", spy)
     lines: list[str] = []
     out = tmp_path / "run"
     final = exp.run_experiment(cfg, built, out, log=lines.append)
 
-    assert any(x.startswith("[hf teacher] loaded") for x in lines) and any(x.startswith("[hf student] loaded")
-                                                                            for x in lines)
+    assert any(x.startswith("[hf teacher/arithmetic] loaded") for x in lines)
+    assert any(x.startswith("[hf student] loaded") for x in lines)
     assert not any(x.startswith("[sft") for x in lines), lines  # loaded as is: no SFT
     assert not (tmp_path / "ckpt").exists()
     payload = json.loads((out / "metrics.json").read_text())
     m = payload["metrics"]
-    for key in ("initial/accuracy", "final/accuracy", "teacher/accuracy"):
+    for key in ("initial/arithmetic/accuracy", "final/arithmetic/accuracy", "teacher/arithmetic/accuracy"):
         assert 0.0 <= m[key] <= 1.0 and m[key] == final[key], key
-    assert payload["config"]["checkpoints"] == {"teacher": str(ckpts["teacher"]), "student": str(ckpts["student"])}
+    assert payload["config"]["checkpoints"] == {"teacher/arithmetic": str(ckpts["teacher"]),
+                                                "student": str(ckpts["student"])}
 
     # The student was trained, the teacher untouched; both started from the checkpoints' weights.
     for role in ("student", "teacher"):
@@ -108,10 +112,10 @@ def bad(ckpts, tmp_path_factory):
     s, t = ckpts["student"], ckpts["teacher"]
     return {
         "missing_dir": (_hf_overrides(root / "nope", t), "student.path", "config.json"),
-        "no_config_json": (_hf_overrides(s, root / "no_config"), "teacher.path", "config.json"),
-        "vocab_mismatch": (_hf_overrides(s, other), "teacher.path", "vocab_size"),
+        "no_config_json": (_hf_overrides(s, root / "no_config"), "tasks.arithmetic.teacher.path", "config.json"),
+        "vocab_mismatch": (_hf_overrides(s, other), "tasks.arithmetic.teacher.path", "vocab_size"),
         "vocab_below_task_tokenizer": (_hf_overrides(small, small), "student.path", "opd.tasks.Tokenizer"),
-        "short_positions": (_hf_overrides(s, short), "teacher.path", "max_position_embeddings"),
+        "short_positions": (_hf_overrides(s, short), "tasks.arithmetic.teacher.path", "max_position_embeddings"),
     }
 
 

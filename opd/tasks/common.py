@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
@@ -17,16 +18,66 @@ class Problem(NamedTuple):
     solution: str  # full target text the student must generate: "<think>...</think>ANSWER<eos>"
 
 
+@dataclass
+class Rollouts:
+    """One task's batch of finished rollouts as host arrays [B, L], target-aligned (`x[b, t]` is about token t).
+
+    Whatever the number of turns, `logprobs` holds the student sampler's own log-prob of each student token
+    (the π_old of the update, under the unmodified softmax) and 0 elsewhere; `response_mask` is 1 exactly on
+    student tokens, so prompts, environment turns and padding never enter an objective or a diagnostic."""
+
+    tokens: np.ndarray  # int32
+    attention_mask: np.ndarray  # int32: 1 on real tokens (left- or right-padded; positions come from it)
+    response_mask: np.ndarray  # int32: 1 on student-generated tokens
+    logprobs: np.ndarray  # float32: log π_old(y_t) on student tokens, 0 elsewhere
+    response_len: np.ndarray  # [B] int: student tokens per row
+    truncated: np.ndarray  # [B] bool: the rollout ended on a length limit
+    score: np.ndarray  # [B] float32: the task's verifier (1 = solved)
+
+
 @runtime_checkable
 class Task(Protocol):
+    """What the trainer needs from a task, single-turn and multi-turn alike (a single-turn task is a one-turn
+    episode). The trainer never asks which task it holds: everything that differs lives behind this."""
+
     name: str
     tokenizer: Tokenizer
+    metric: str  # the name of the verifier's mean: "accuracy", "success", ...
     max_prompt_len: int
-    max_response_len: int
+    max_response_len: int  # student tokens per rollout (all turns)
 
-    def problems(self, split: str, n: int, seed: int) -> list[Problem]: ...
-    def demonstration(self, p: Problem) -> str: ...
-    def score(self, p: Problem, response_text: str) -> float: ...
+    def items(self, split: str, n: int, seed: int) -> list: ...
+    def rollout(self, model, items: Sequence, rng, *, temperature: float, top_p: float, top_k: int = 0,
+                sample_fn=None) -> Rollouts: ...
+    def sequence_length(self) -> int: ...
+    def demonstrations(self, items: Sequence) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+    def special_ids(self) -> dict[str, int]: ...
+
+
+def special_token_ids(tokenizer: Tokenizer) -> dict[str, int]:
+    """The tokens the paper masks at their first occurrence (think markers, EOS), by name."""
+    names = {"think_open": "think_open_id", "think_close": "think_close_id", "eos": "eos_id"}
+    return {k: int(getattr(tokenizer, a)) for k, a in names.items() if getattr(tokenizer, a, None) is not None}
+
+
+def single_turn_rollout(task, model, items: Sequence, rng, *, temperature: float, top_p: float, top_k: int = 0,
+                        sample_fn=None) -> Rollouts:
+    """One sampled response per item after its left-padded prompt, scored by `task.score(item, text)`."""
+    from opd import sampling
+
+    sample_fn = sample_fn or sampling.sample
+    tok = task.tokenizer
+    cfg = sampling.SamplingConfig(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
+                                  max_new_tokens=int(task.max_response_len))
+    prompt_BxP, mask_BxP = encode_prompts(tok, [task.prompt_of(it) for it in items], task.max_prompt_len)
+    out = sample_fn(model, prompt_BxP, mask_BxP, rng, cfg, eos_id=tok.eos_id)
+    tokens, resp = np.asarray(out.tokens_BxL), np.asarray(out.response_mask_BxL)
+    # Ids past the tokenizer (a checkpoint's padded embedding rows) decode to nothing, as HF's do.
+    texts = [tok.decode([int(t) for t in tokens[b][resp[b] > 0] if t < tok.vocab_size]) for b in range(len(items))]
+    return Rollouts(tokens=tokens, attention_mask=np.asarray(out.attention_mask_BxL), response_mask=resp,
+                    logprobs=np.asarray(out.logprobs_BxL, np.float32) * (resp > 0),
+                    response_len=np.asarray(out.response_len_B), truncated=np.asarray(out.truncated_B),
+                    score=np.asarray([task.score(it, t) for it, t in zip(items, texts)], np.float32))
 
 
 SPLITS = ("train", "eval")

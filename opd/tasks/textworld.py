@@ -55,7 +55,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from opd.tasks.common import check_split, draw_distinct, pad_sequences, split_of_key
+from opd.tasks.common import Rollouts, check_split, draw_distinct, pad_sequences, special_token_ids, split_of_key
 from opd.tasks.tokenizer import Tokenizer
 
 ERROR_OBSERVATION = "Nothing happens."
@@ -335,6 +335,7 @@ class TextWorldTask:
     """The text-world environment, expert planner and conversation format (see the module docstring)."""
 
     name = "textworld"
+    metric = "success"
 
     def __init__(
         self,
@@ -552,5 +553,85 @@ class TextWorldTask:
     def score(self, state: State) -> float:
         return 1.0 if state.success else 0.0
 
+    # -- the trainer's Task protocol (opd.tasks.common.Task) -----------------------------------------
+
+    def items(self, split: str, n: int, seed: int) -> list[int]:
+        return self.episodes(split, n, seed)
+
+    def sequence_length(self) -> int:
+        """Width of a rollout batch: the token limit plus one more student turn. Every student token fits (a
+        turn starts below the token limit); only the tail of the final observation can be cut."""
+        return int(self.max_tokens + self.max_action_len)
+
+    def demonstrations(self, seeds) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(tokens_BxL, attention_mask_BxL, target_mask_BxL) of the expert conversations."""
+        tokens, loss, attn = self.encode_demonstrations(seeds, self.sequence_length())
+        return tokens, attn, loss
+
+    def special_ids(self) -> dict[str, int]:
+        return special_token_ids(self.tokenizer)
+
+    def rollout(self, model, seeds, rng, *, temperature: float, top_p: float, top_k: int = 0,
+                sample_fn=None) -> Rollouts:
+        """Play one episode per seed with `model`, all episodes batched turn by turn.
+
+        Each turn re-prefills every unfinished conversation left-padded to `max_tokens` (a fixed width, so one
+        compile), samples at most `max_action_len` tokens stopping at EOT, and steps the environment. The
+        sampler's log-prob of every student token is stitched into the conversation at that token's place
+        (left padding does not move RoPE positions, so it equals a forward pass over the finished rollout).
+        The result is right-padded to `sequence_length()`."""
+        from opd import sampling
+
+        sample_fn = sample_fn or sampling.sample
+        cfg = sampling.SamplingConfig(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
+                                      max_new_tokens=int(self.max_action_len))
+        width, n = int(self.max_tokens), len(seeds)
+        games = [self.new_conversation(int(s)) for s in seeds]
+        states, convs = [g[0] for g in games], [g[1] for g in games]
+        logprobs: list[list[float]] = [[0.0] * len(c) for c in convs]
+        turn = 0
+        while not all(s.done for s in states):
+            ctx = np.zeros((n, width), np.int32)
+            cmask = np.zeros((n, width), np.int32)
+            for b, conv in enumerate(convs):
+                ids = conv.tokens()[-width:]
+                ctx[b, width - len(ids):] = ids
+                cmask[b, width - len(ids):] = 1
+            out = sample_fn(model, ctx, cmask, _fold_in(rng, turn), cfg, eos_id=self.tokenizer.eos_id,
+                            stop_ids=self.stop_ids)
+            gen, gmask = np.asarray(out.tokens_BxL)[:, width:], np.asarray(out.response_mask_BxL)[:, width:]
+            glp = np.asarray(out.logprobs_BxL, np.float32)[:, width:]
+            for b in range(n):
+                if states[b].done:
+                    continue
+                keep = gmask[b] > 0
+                ids = [int(t) for t in gen[b][keep]]
+                text, truncated = self.decode_action(ids)
+                states[b], obs, _, _ = self.step(states[b], text, action_tokens=len(ids), truncated=truncated)
+                obs_ids = self.observation_ids(obs)
+                convs[b].add(ids, True)
+                convs[b].add(obs_ids, False)
+                logprobs[b] += [float(x) for x in glp[b][keep]] + [0.0] * len(obs_ids)
+            turn += 1
+        length = self.sequence_length()
+        tokens = np.zeros((n, length), np.int32)
+        resp = np.zeros((n, length), np.int32)
+        attn = np.zeros((n, length), np.int32)
+        lps = np.zeros((n, length), np.float32)
+        for b, conv in enumerate(convs):
+            ids, m = conv.tokens()[:length], conv.student_mask()[:length]
+            tokens[b, :len(ids)], resp[b, :len(m)], attn[b, :len(ids)] = ids, m, 1
+            lps[b, :len(ids)] = logprobs[b][:length]
+        return Rollouts(tokens=tokens, attention_mask=attn, response_mask=resp, logprobs=lps * (resp > 0),
+                        response_len=resp.sum(axis=1),
+                        truncated=np.asarray([s.end_reason in ("turn_limit", "token_limit") for s in states]),
+                        score=np.asarray([self.score(s) for s in states], np.float32))
+
     def __repr__(self) -> str:
         return f"TextWorldTask(max_turns={self.max_turns}, max_tokens={self.max_tokens})"
+
+
+def _fold_in(rng, turn: int):
+    import jax
+
+    return jax.random.fold_in(rng, turn)

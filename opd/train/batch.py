@@ -34,22 +34,31 @@ def positions_from_mask(attention_mask_BxL: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(attention_mask_BxL.astype(jnp.int32), axis=-1) - 1, 0)
 
 
-def build_batch(rollout, payload, *, special_ids=(), mask_special_tokens: bool = False) -> Batch:
-    """Masks and positions from a Rollout and a TeacherPayload (docs/interfaces.md)."""
-    response_mask = rollout.response_mask_BxL.astype(jnp.float32)
+def _rollout_arrays(rollouts) -> tuple:
+    """(tokens, attention_mask, response_mask, logprobs) of a task's `Rollouts` or of the sampler's `Rollout`."""
+    if hasattr(rollouts, "tokens_BxL"):
+        return rollouts.tokens_BxL, rollouts.attention_mask_BxL, rollouts.response_mask_BxL, rollouts.logprobs_BxL
+    return rollouts.tokens, rollouts.attention_mask, rollouts.response_mask, rollouts.logprobs
+
+
+def build_batch(rollouts, payload, *, special_ids=(), mask_special_tokens: bool = False) -> Batch:
+    """The update's Batch from finished rollouts (`opd.tasks.Rollouts`, or a single-turn `opd.sampling.Rollout`)
+    and the teacher's `TeacherPayload` (docs/interfaces.md)."""
+    tokens, attention_mask, response, logprobs = (jnp.asarray(x) for x in _rollout_arrays(rollouts))
+    response_mask = response.astype(jnp.float32)
     loss_mask = response_mask
     if mask_special_tokens and len(special_ids):
-        # First occurrence *in the response*: prompt and padding positions become -1 (never an id).
-        response_tokens = jnp.where(response_mask > 0, rollout.tokens_BxL, -1)
+        # First occurrence *in the response*: prompt, environment and padding positions become -1 (never an id).
+        response_tokens = jnp.where(response_mask > 0, tokens, -1)
         loss_mask = L.mask_first_occurrences(response_tokens, list(special_ids), response_mask)
     return Batch(
-        tokens_BxL=rollout.tokens_BxL,
-        attention_mask_BxL=rollout.attention_mask_BxL,
-        positions_BxL=positions_from_mask(rollout.attention_mask_BxL),
+        tokens_BxL=tokens.astype(jnp.int32),
+        attention_mask_BxL=attention_mask,
+        positions_BxL=positions_from_mask(attention_mask),
         response_mask_BxL=response_mask,
         loss_mask_BxL=loss_mask,
-        old_logprobs_BxL=rollout.logprobs_BxL.astype(jnp.float32),
-        teacher_sampled_BxL=payload.sampled_logprobs_BxL.astype(jnp.float32),
-        topk_ids_BxLxK=payload.topk_ids_BxLxK,
-        topk_logprobs_BxLxK=payload.topk_logprobs_BxLxK.astype(jnp.float32),
+        old_logprobs_BxL=logprobs.astype(jnp.float32) * response_mask,
+        teacher_sampled_BxL=jnp.asarray(payload.sampled_logprobs_BxL, jnp.float32),
+        topk_ids_BxLxK=jnp.asarray(payload.topk_ids_BxLxK, jnp.int32),
+        topk_logprobs_BxLxK=jnp.asarray(payload.topk_logprobs_BxLxK, jnp.float32),
     )

@@ -44,6 +44,9 @@ class LossConfig:
     aggregation: str = "sequence_mean"
     clip_eps: float = 0.2  # sampled_token: PPO clip ε (verl default)
     dual_clip: float | None = 3.0  # sampled_token: dual clip c for negative advantages (None: off)
+    box_cox_alpha: float = 1.0  # power_opd: α of the bounded Box–Cox reward (q^α − π^α)/α (→ log ratio as α → 0)
+    constant_advantage: float = -1.0  # constant_negative: the fixed advantage of the control (< 0)
+    is_clip: float | None = None  # support_v4/v5: cap of the EMA-PG importance weight (None: uncapped)
     mask_special_tokens: bool = False  # zero the loss at the first think-open/think-close/EOS per response
     rollout_top_p: float = 1.0  # the paper couples rollout top-p to the method (LSM 0.9, baseline 1.0)
 
@@ -56,7 +59,6 @@ class RolloutConfig:
     group_size: int = 4  # G rollouts per prompt (paper: 8)
     temperature: float = 1.0
     top_p: float | None = None  # None: the loss's rollout_top_p (paper Table A1); a number overrides it
-    max_new_tokens: int | None = None  # None: the task's max_response_len
 
 
 @dataclass
@@ -90,29 +92,62 @@ class SFTConfig:
     seed: int = 0
 
 
+TEACHER_TOKENIZERS = ("same", "variant")
+TOKEN_MAPPINGS = (None, "surface", "role")
+STUDENT_TOKENIZERS = ("basic", "spaced")
+
+
+@dataclass
+class RouteConfig:
+    """One task of the run and its teacher (a route). A single-task run has one; multi-task alternates them."""
+
+    task: Any = MISSING  # conf/task/* mapping: `name` + the task's kwargs
+    teacher: Any = MISSING  # conf/model/* mapping, or a Hugging Face checkpoint section (conf/model/hf.yaml)
+    # same: the student's tokenizer | variant: other special-token conventions (think markers written as
+    # ordinary pieces, "<|endoftext|>" as EOS), the paper's failure mode 3; needs a token_mapping.
+    teacher_tokenizer: str = "same"
+    token_mapping: str | None = None  # null | surface | role (opd.tasks.TokenMapping.from_tokenizers specials=)
+    teacher_checkpoint: str | None = None  # an existing checkpoint directory replaces the teacher's SFT
+    sft: SFTConfig = field(default_factory=lambda: SFTConfig(seed=0))  # the teacher's SFT on this task
+
+
+@dataclass
+class MeshConfig:
+    """Device mesh axes (opd/sharding.py); their product must equal the number of devices."""
+
+    data: int = 1
+    fsdp: int = 1
+    tensor: int = 1
+
+
 @dataclass
 class OPDConfig:
-    """The whole experiment: `python -m experiments.opd` composes conf/opd.yaml onto this schema."""
+    """The whole run: `python -m experiments.opd` composes conf/opd.yaml onto this schema."""
 
     student: Any = MISSING  # conf/model/* mapping -> opd.model.ModelConfig
-    teacher: Any = MISSING
-    task: Any = MISSING  # conf/task/* mapping: `name` + make_task kwargs
+    tokenizer: str = "basic"  # the student's vocabulary: basic | spaced (word pieces with their leading space)
+    tasks: dict[str, RouteConfig] = field(default_factory=dict)  # route name -> route
     loss: LossConfig = field(default_factory=LossConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    sft_teacher: SFTConfig = field(default_factory=SFTConfig)
-    sft_student: SFTConfig = field(default_factory=SFTConfig)
-    steps: int = 60  # OPD training steps
-    eval_every: int = 10  # evaluate held-out pass@1 every this many steps (and at the first and last)
-    eval_problems: int = 128  # held-out problems (task "eval" split, fixed seed shared by every run)
+    sft_student: SFTConfig = field(default_factory=lambda: SFTConfig(seed=1))  # on every task's demonstrations
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    # Sequence positions per chunk of the update's objective and of teacher scoring (opd/chunked.py): null
+    # chunks large vocabularies only (opd.chunked.resolve_chunk_size), 0 never, a positive integer always.
+    chunk_size: int | None = None
+    steps: int = 60  # OPD training steps (multi-task: one route per step, in turn)
+    eval_every: int = 10  # evaluate held-out pass@1 every this many steps (and at the last)
+    eval_problems: int = 128  # held-out items per task (task "eval" split, fixed seed shared by every run)
+    eval_samples: int = 1  # sampled pass@1 = mean over this many samples per item
     eval_seed: int = 1234
-    eval_batch_size: int = 32  # = rollout batch by default, so LSM's rollouts and sampled eval share one program
+    eval_batch_size: int = 32
     train_seed: int = 7  # seed of the OPD prompt pool (task "train" split)
-    train_problems: int = 4096  # OPD prompt pool size
+    train_problems: int = 4096  # OPD prompt pool size per task
     seed: int = 0  # rollout sampling and everything random in the OPD run
     log_every: int = 1  # print one progress line every this many steps
+    diagnostics_every: int = 0  # failure-mode records every N steps of a task (and its first and last); 0: off
+    diag_bucket_size: int = 16
     checkpoint_root: str = ".cache/opd/checkpoints"  # SFT checkpoint cache
-    teacher_checkpoint: str | None = None  # an existing checkpoint dir replaces teacher SFT
     student_checkpoint: str | None = None  # an existing checkpoint dir replaces student SFT
     name: str = "opd"  # a label for figures and logs
 
@@ -195,22 +230,16 @@ def task_kwargs(section: Any) -> tuple[str, dict[str, Any]]:
     return name, raw
 
 
-def build_task(section: Any, key: str = "task"):
-    """`opd.tasks.make_task(name, **kwargs)`; an unknown name or bad kwarg is a ConfigError."""
+def build_task(section: Any, key: str = "task", **extra):
+    """`opd.tasks.make_task(name, **kwargs, **extra)`; an unknown name or bad kwarg is a ConfigError."""
     from opd.tasks import make_task
 
     name, kwargs = task_kwargs(section)
     require(isinstance(name, str), f"{key}.name", "a task name", name)
     try:
-        return make_task(name, **kwargs)
+        return make_task(name, **kwargs, **extra)
     except (ValueError, TypeError) as err:
         raise ConfigError(f"{key}.name: {err}") from None
-
-
-def rollout_top_p(cfg: Any) -> float:
-    """The effective rollout top-p: rollout.top_p when set, else the loss's paper default."""
-    top_p = cfg.rollout.top_p
-    return float(cfg.loss.rollout_top_p if top_p is None else top_p)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -219,97 +248,191 @@ def rollout_top_p(cfg: Any) -> float:
 
 
 def _positive(value: Any, key: str) -> None:
-    require(isinstance(value, (int, float)) and value > 0, key, "a number > 0", value)
+    require(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0, key, "a number > 0",
+            value)
 
 
-def validate(cfg: Any) -> dict[str, Any]:
-    """Check every value a type cannot; return the built pieces {'task', 'student', 'teacher', 'hf_paths'}
-    (hf_paths: role -> Hugging Face checkpoint directory, or None for a model prepared by SFT).
+def _count(cfg: Any, key: str, minimum: int = 1) -> None:
+    node: Any = cfg
+    for part in key.split("."):
+        node = node[part]
+    require(isinstance(node, int) and not isinstance(node, bool) and node >= minimum, key,
+            f"an integer >= {minimum}", node)
 
-    Raises ConfigError('<key>: expected <allowed>, got <value>') on the first bad value."""
+
+def make_tokenizer(student: str, teacher: str = "same"):
+    """The student's tokenizer (`basic` | `spaced`), or a teacher's (`same` | `variant`) built on it."""
+    from opd.tasks import Tokenizer
+
+    spaced = student == "spaced"
+    if teacher == "same":
+        return Tokenizer.spaced() if spaced else Tokenizer()
+    return Tokenizer.variant(think_as_pieces=True, eos_token="<|endoftext|>", spaced=spaced, name="teacher-variant")
+
+
+def _check_scalars(cfg: Any) -> None:
     require_choice("loss.name", cfg.loss.name, LOSSES)
     require_choice("loss.aggregation", cfg.loss.aggregation, AGGREGATION_MODES)
-    for key in ("loss.rollout_top_p", "rollout.top_p"):
-        value = cfg.loss.rollout_top_p if key == "loss.rollout_top_p" else cfg.rollout.top_p
-        if value is None:
-            continue
-        require(isinstance(value, (int, float)) and 0.0 < value <= 1.0, key, "a number in (0, 1]", value)
-    _positive(cfg.loss.k, "loss.k")
+    for key, value in (("loss.rollout_top_p", cfg.loss.rollout_top_p), ("rollout.top_p", cfg.rollout.top_p)):
+        if value is not None:
+            require(isinstance(value, (int, float)) and 0.0 < value <= 1.0, key, "a number in (0, 1]", value)
+    _count(cfg, "loss.k")
     _positive(cfg.loss.clip_eps, "loss.clip_eps")
+    _positive(cfg.loss.box_cox_alpha, "loss.box_cox_alpha")
+    require(isinstance(cfg.loss.constant_advantage, (int, float)) and cfg.loss.constant_advantage < 0,
+            "loss.constant_advantage", "a number < 0", cfg.loss.constant_advantage)
+    if cfg.loss.is_clip is not None:
+        _positive(cfg.loss.is_clip, "loss.is_clip")
     if cfg.loss.dual_clip is not None:
         require(cfg.loss.dual_clip > 1.0, "loss.dual_clip", "a number > 1 or null", cfg.loss.dual_clip)
     _positive(cfg.rollout.temperature, "rollout.temperature")
-    for key in ("rollout.prompts_per_step", "rollout.group_size", "optimizer.minibatches_per_step",
-                "steps", "eval_every", "eval_problems", "eval_batch_size", "train_problems"):
-        node: Any = cfg
-        for part in key.split("."):
-            node = node[part]
-        require(isinstance(node, int) and node >= 1, key, "an integer >= 1", node)
-    batch = cfg.rollout.prompts_per_step * cfg.rollout.group_size
-    require(batch % cfg.optimizer.minibatches_per_step == 0, "optimizer.minibatches_per_step",
-            f"a divisor of the batch prompts_per_step * group_size = {batch}", cfg.optimizer.minibatches_per_step)
+    for key in ("rollout.prompts_per_step", "rollout.group_size", "optimizer.minibatches_per_step", "steps",
+                "eval_every", "eval_problems", "eval_samples", "eval_batch_size", "train_problems", "log_every",
+                "diag_bucket_size", "mesh.data", "mesh.fsdp", "mesh.tensor"):
+        _count(cfg, key)
+    _count(cfg, "diagnostics_every", 0)
     require_choice("optimizer.name", cfg.optimizer.name, ["adamw"])
     _positive(cfg.optimizer.lr, "optimizer.lr")
     _positive(cfg.optimizer.grad_clip, "optimizer.grad_clip")
-    for sec in ("sft_teacher", "sft_student"):
-        _positive(cfg[sec].steps, f"{sec}.steps")
-        _positive(cfg[sec].batch_size, f"{sec}.batch_size")
-        _positive(cfg[sec].lr, f"{sec}.lr")
+    require_choice("tokenizer", cfg.tokenizer, STUDENT_TOKENIZERS)
+    chunk = cfg.chunk_size
+    require(chunk is None or (isinstance(chunk, int) and not isinstance(chunk, bool) and chunk >= 0),
+            "chunk_size", "null (auto), 0 (off) or a positive integer", chunk)
 
-    hf_paths = {role: hf_path(cfg[role]) for role in ("student", "teacher")}
-    for role in ("teacher", "student"):
-        key = f"{role}_checkpoint"
-        path = cfg[key]
-        if path is None:
-            continue
-        require(hf_paths[role] is None, key,
-                f"null when {role} is a Hugging Face checkpoint ({role}.path is loaded as is)", str(path))
+
+def _check_batch(cfg: Any) -> None:
+    """The batch must split evenly into optimizer minibatches, and each minibatch over the data-parallel
+    devices (mesh.data x mesh.fsdp); the mesh must use every device."""
+    import jax
+
+    devices = cfg.mesh.data * cfg.mesh.fsdp * cfg.mesh.tensor
+    require(devices == jax.device_count(), "mesh", f"axes data x fsdp x tensor = {jax.device_count()} "
+            f"(the number of devices)", f"{cfg.mesh.data} x {cfg.mesh.fsdp} x {cfg.mesh.tensor} = {devices}")
+    batch = cfg.rollout.prompts_per_step * cfg.rollout.group_size
+    minibatches = cfg.optimizer.minibatches_per_step
+    require(batch % minibatches == 0, "optimizer.minibatches_per_step",
+            f"a divisor of the batch prompts_per_step * group_size = {batch}", minibatches)
+    shards = cfg.mesh.data * cfg.mesh.fsdp
+    require((batch // minibatches) % shards == 0, "rollout.prompts_per_step",
+            f"a batch whose minibatches ({batch} / {minibatches}) divide over mesh.data x mesh.fsdp = {shards}",
+            cfg.rollout.prompts_per_step)
+
+
+def _checkpoint_dir(path: Any, key: str) -> None:
+    if path is not None:
         require(Path(str(path)).is_dir(), key, "an existing checkpoint directory (or null)", str(path))
 
-    task = build_task(cfg.task)
-    tok_vocab = task.tokenizer.vocab_size
-    student = model_config(cfg.student, "student")
-    teacher = model_config(cfg.teacher, "teacher")
-    models = {"student": student, "teacher": teacher}
-    # The generated tasks speak opd.tasks.Tokenizer ids, so a Hugging Face checkpoint must cover them.
-    for role, mc in models.items():
-        if hf_paths[role] is not None and mc.vocab_size < tok_vocab:
-            raise ConfigError(
-                f"{role}.path: checkpoint {hf_paths[role]} has vocab_size {mc.vocab_size}, smaller than the task "
-                f"tokenizer's {tok_vocab} (task {task_kwargs(cfg.task)[0]!r} uses opd.tasks.Tokenizer ids; an HF "
-                f"checkpoint used with it must have been saved with vocab_size >= {tok_vocab})")
-    if hf_paths["student"] is not None and hf_paths["teacher"] is not None:
-        from opd.model import hf
 
+def validate(cfg: Any) -> dict[str, Any]:
+    """Check every value a type cannot, for every route; return the built pieces:
+    {'student': ModelConfig, 'tokenizer', 'hf_student': dir | None,
+     'routes': {name: {'task', 'teacher_task', 'teacher': ModelConfig, 'mapping', 'hf_teacher'}}}.
+
+    Raises ConfigError('<key>: expected <allowed>, got <value>') on the first bad value."""
+    from opd.tasks import TokenMapping, require_compatible
+
+    _check_scalars(cfg)
+    require(len(cfg.tasks) >= 1, "tasks", "at least one route {name: {task, teacher, ...}}", dict(cfg.tasks))
+    _check_batch(cfg)
+    objective = objectives.get(cfg.loss.name)
+    student_tok = make_tokenizer(cfg.tokenizer)
+    hf_student = hf_path(cfg.student)
+    if hf_student is not None:
+        require(cfg.student_checkpoint is None, "student_checkpoint",
+                "null when the student is a Hugging Face checkpoint (student.path is loaded as is)",
+                cfg.student_checkpoint)
+    _checkpoint_dir(cfg.student_checkpoint, "student_checkpoint")
+    _positive(cfg.sft_student.steps, "sft_student.steps")
+    _positive(cfg.sft_student.batch_size, "sft_student.batch_size")
+    _positive(cfg.sft_student.lr, "sft_student.lr")
+    student = model_config(cfg.student, "student")
+    routes: dict[str, dict[str, Any]] = {}
+    for name, rc in cfg.tasks.items():
+        key = f"tasks.{name}"
+        require_choice(f"{key}.teacher_tokenizer", rc.teacher_tokenizer, TEACHER_TOKENIZERS)
+        require_choice(f"{key}.token_mapping", rc.token_mapping, TOKEN_MAPPINGS)
+        for part, allowed in (("task", "a task section (conf/task/*)"), ("teacher", "a teacher model section "
+                                                                             "(conf/model/*)")):
+            require(not OmegaConf.is_missing(rc, part) and rc[part] is not None, f"{key}.{part}", allowed, None)
+        for field_ in ("steps", "batch_size", "lr"):
+            _positive(rc.sft[field_], f"{key}.sft.{field_}")
+        teacher_tok = make_tokenizer(cfg.tokenizer, rc.teacher_tokenizer)
+        declared = (None if rc.token_mapping is None else
+                    TokenMapping.from_tokenizers(student_tok, teacher_tok, specials=rc.token_mapping))
         try:
-            hf.require_same_vocabulary(hf_paths["student"], hf_paths["teacher"])
+            mapping = require_compatible(student_tok, teacher_tok, declared)
         except ValueError as err:
-            raise ConfigError(f"teacher.path: {err}") from None
-    # conf/model vocab sizes are placeholders padded up to the task tokenizer's vocabulary (and to a Hugging
-    # Face partner's); a model asking for more keeps its size, so teacher and student must still agree.
-    floor = max([tok_vocab] + [mc.vocab_size for r, mc in models.items() if hf_paths[r] is not None])
-    for role, mc in models.items():
-        if hf_paths[role] is None:
-            models[role] = mc.replace(vocab_size=max(mc.vocab_size, floor))
-    student, teacher = models["student"], models["teacher"]
-    # Which side to name: the conf/model one (a Hugging Face checkpoint's size is fixed).
-    role, other = ("student", "teacher") if hf_paths["teacher"] is not None else ("teacher", "student")
-    require(teacher.vocab_size == student.vocab_size, f"{role}.vocab_size",
-            f"the {other}'s vocabulary size {models[other].vocab_size} (one tokenizer; sizes below the "
-            f"tokenizer's {tok_vocab} are padded up to it)", models[role].vocab_size)
+            raise ConfigError(f"{key}.token_mapping: {err}") from None
+        mapping = None if mapping.is_identity else mapping
+        if mapping is not None and objective.teacher != "sampled":
+            raise ConfigError(f"{key}.token_mapping: a teacher with another vocabulary supplies only sampled-token "
+                              f"log-probs, but loss.name={objective.name} needs its {objective.teacher} (use an "
+                              f"objective whose teacher supplies 'sampled', e.g. sampled_token)")
+        task = build_task(rc.task, f"{key}.task", tokenizer=student_tok)
+        teacher_task = task if rc.teacher_tokenizer == "same" else build_task(rc.task, f"{key}.task",
+                                                                              tokenizer=teacher_tok)
+        hf_teacher = hf_path(rc.teacher)
+        if hf_teacher is not None:
+            require(rc.teacher_checkpoint is None, f"{key}.teacher_checkpoint",
+                    f"null when the teacher is a Hugging Face checkpoint ({key}.teacher.path is loaded as is)",
+                    rc.teacher_checkpoint)
+        _checkpoint_dir(rc.teacher_checkpoint, f"{key}.teacher_checkpoint")
+        teacher = model_config(rc.teacher, f"{key}.teacher")
+        routes[name] = {"task": task, "teacher_task": teacher_task, "teacher": teacher, "mapping": mapping,
+                        "hf_teacher": hf_teacher, "teacher_vocab": teacher_tok.vocab_size}
+    student = _check_models(cfg, student, hf_student, student_tok.vocab_size, routes)
+    return {"student": student, "tokenizer": student_tok, "hf_student": hf_student, "routes": routes,
+            "chunk_size": _chunk_size(cfg.chunk_size, student.vocab_size)}
+
+
+def _chunk_size(requested: Any, vocab_size: int) -> int | None:
+    from opd import chunked
+
+    return chunked.resolve_chunk_size(requested, vocab_size)
+
+
+def _check_models(cfg: Any, student, hf_student: str | None, tok_vocab: int, routes: dict[str, dict]) -> Any:
+    """Vocabulary sizes, K and sequence lengths of the student and every teacher; returns the student's config
+    with its vocabulary padded up to the tokenizer's (conf/model sizes are placeholders; a Hugging Face
+    checkpoint's are fixed)."""
+    hf_sizes = [student.vocab_size] if hf_student is not None else []
+    hf_sizes += [r["teacher"].vocab_size for r in routes.values() if r["hf_teacher"] is not None and not r["mapping"]]
+    floor = max([tok_vocab, *hf_sizes])
+    if hf_student is not None:
+        require(student.vocab_size >= tok_vocab, "student.path",
+                f"a checkpoint with vocab_size >= the tokenizer's {tok_vocab} (the generated tasks speak "
+                "opd.tasks.Tokenizer ids)", student.vocab_size)
+    else:
+        student = student.replace(vocab_size=max(student.vocab_size, floor))
     require(cfg.loss.k <= student.vocab_size, "loss.k", f"an integer in [1, vocab_size={student.vocab_size}]",
             cfg.loss.k)
-    max_new = cfg.rollout.max_new_tokens
-    if max_new is not None:
-        require(isinstance(max_new, int) and max_new >= 1, "rollout.max_new_tokens", "an integer >= 1 or null",
-                max_new)
-    seq = task.max_prompt_len + (max_new or task.max_response_len)
-    for role, mc in models.items():
-        if hf_paths[role] is not None:
-            if mc.max_seq_len < seq:
-                raise ConfigError(f"{role}.path: checkpoint {hf_paths[role]} has max_position_embeddings "
-                                  f"{mc.max_seq_len}, shorter than prompt + response length {seq}")
+    for name, r in routes.items():
+        key = f"tasks.{name}.teacher"
+        mc = r["teacher"]
+        own_floor = r["teacher_vocab"] if r["mapping"] is not None else floor
+        if r["hf_teacher"] is not None:
+            require(mc.vocab_size >= own_floor, f"{key}.path",
+                    f"a checkpoint with vocab_size >= {own_floor} (the tokenizer's)", mc.vocab_size)
         else:
-            require(mc.max_seq_len >= seq, f"{role}.max_seq_len",
-                    f"at least prompt + response length {seq}", mc.max_seq_len)
-    return {"task": task, "student": student, "teacher": teacher, "hf_paths": hf_paths}
+            mc = mc.replace(vocab_size=max(mc.vocab_size, own_floor))
+        if r["hf_teacher"] is not None and hf_student is not None and r["mapping"] is None:
+            from opd.model import hf
+
+            try:
+                hf.require_same_vocabulary(hf_student, r["hf_teacher"])
+            except ValueError as err:
+                raise ConfigError(f"{key}.path: {err}") from None
+        if r["mapping"] is None and mc.vocab_size != student.vocab_size:
+            raise ConfigError(f"{key}.{'path' if r['hf_teacher'] else 'vocab_size'}: expected the student's "
+                              f"vocabulary size {student.vocab_size} (one tokenizer), got vocab_size {mc.vocab_size}")
+        seq = r["task"].sequence_length() + (16 if r["mapping"] is not None else 0)  # mapped spellings are longer
+        for role, model, hf_dir in (("student", student, hf_student), (key, mc, r["hf_teacher"])):
+            if hf_dir is not None:
+                require(model.max_seq_len >= seq, f"{role}.path",
+                        f"a checkpoint whose max_position_embeddings covers prompt + response {seq} (task {name})",
+                        model.max_seq_len)
+            else:
+                require(model.max_seq_len >= seq, f"{role}.max_seq_len",
+                        f"at least prompt + response length {seq} (task {name})", model.max_seq_len)
+        r["teacher"] = mc
+    return student

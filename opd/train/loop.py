@@ -1,122 +1,236 @@
-"""The OPD training loop: per step, sample G rollouts per prompt from the student, score them with the
-frozen teacher, update the student with the configured objective, log one metrics row.
+"""The OPD training loop, one for every run.
 
-Each hot stage is its own jitted function (sampler, teacher scoring, update) and is timed separately
-(`time/sample_s`, `time/score_s`, `time/update_s`, each measured to `block_until_ready`).
+A run is a list of routes `{task, teacher, token mapping}`: a single-task run is one route, a multi-task run
+alternates routes one per step (paper §6). Every step is the same five stages, each a function:
 
-Per-task teacher routing: `run_opd` takes `teachers: {task_name: teacher}`-style routing through
-`TaskSpec`; a single-task run has one spec. A multi-task loop alternates specs per step.
+    sample   route.task.rollout(student, items)         -> Rollouts (one turn or many; π_old recorded)
+    score    the route's frozen teacher on the rollouts  -> TeacherPayload (top-K, or via a token mapping)
+    mask     build_batch                                -> Batch (response only; optional special-token mask)
+    update   OPDStepper.update (objective from the registry, AdamW over the student's parameters)
+    row      one metrics row (task-agnostic names, plus the route's name under "task")
+
+The loop never asks which task it holds; everything task-specific lives behind the Task protocol
+(opd/tasks/common.py). Each hot stage is timed to `block_until_ready`.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from opd import failure_modes as fm
+from opd import objectives
 from opd.train import evaluate as ev
-from opd.train.opd_step import OPDStepper, build_batch
+from opd.train.batch import build_batch
 
 
 @dataclass
-class TaskSpec:
-    """One task, its frozen teacher, its prompt pool and held-out problems."""
+class Route:
+    """One task, its frozen teacher, how the teacher's vocabulary relates to the student's, and its items."""
 
-    task: Any
+    name: str
+    task: Any  # a Task (opd.tasks.common) in the *student's* tokenizer
     teacher: nnx.Module
-    train_problems: list
-    eval_problems: list
-    max_new_tokens: int
+    mapping: Any = None  # opd.tasks.TokenMapping; None = same vocabulary
+    train_items: list = field(default_factory=list)
+    eval_items: list = field(default_factory=list)
+
+    @property
+    def mapped(self) -> bool:
+        return self.mapping is not None and not self.mapping.is_identity
 
 
-def special_ids(tokenizer) -> list[int]:
-    """The tokens masked at first occurrence (paper: '<', 'think', '<|im_end|>'): think markers and EOS."""
-    ids = [getattr(tokenizer, n, None) for n in ("think_open_id", "think_close_id", "eos_id")]
-    return [int(i) for i in ids if i is not None]
+def rollout_top_p(cfg: Any) -> float:
+    """The effective rollout top-p: rollout.top_p when set, else the objective's paper pairing."""
+    top_p = cfg.rollout.top_p
+    return float(objectives.get(cfg.loss.name).rollout_top_p if top_p is None else top_p)
 
 
-def _block(x):
-    return jax.block_until_ready(x)
+# ---------------------------------------------------------------------------------------------------------
+# STAGES
+# ---------------------------------------------------------------------------------------------------------
+
+
+def sample_stage(student, route: Route, items: list, key, cfg: Any, sample_fn=None):
+    return route.task.rollout(student, items, key, temperature=float(cfg.rollout.temperature),
+                              top_p=rollout_top_p(cfg), sample_fn=sample_fn)
+
+
+@nnx.jit
+def _forward_logprobs(model, tokens_BxL, attention_mask_BxL):
+    from opd.model import forward_logprobs
+
+    return forward_logprobs(model, tokens_BxL, attention_mask_BxL)
+
+
+def score_mapped(teacher, mapping, tokens, attn, *, pad_to: int = 64) -> np.ndarray:
+    """Teacher log-prob of each student token through a declared mapping: [B, L] in student positions.
+
+    The batch is re-spelled in the teacher's vocabulary (`mapping.map_batch`), scored in one teacher forward
+    pass (width rounded up to a multiple of `pad_to` to bound recompiles), and each student token gets the
+    sum of its teacher pieces' target-aligned log-probs (position 0, without context, gets 0)."""
+    t_tok, t_mask, owner = mapping.map_batch(tokens, attn)
+    width = -(-t_tok.shape[1] // pad_to) * pad_to
+    t_tok = np.pad(t_tok, ((0, 0), (0, width - t_tok.shape[1])))
+    t_mask = np.pad(t_mask, ((0, 0), (0, width - t_mask.shape[1])))
+    owner = np.pad(owner, ((0, 0), (0, width - owner.shape[1])), constant_values=-1)
+    t_lp = np.asarray(_forward_logprobs(teacher, jnp.asarray(t_tok), jnp.asarray(t_mask)), np.float64)
+    out = np.zeros(np.shape(tokens), np.float64)
+    rows, cols = np.nonzero(owner >= 0)
+    np.add.at(out, (rows, owner[rows, cols]), t_lp[rows, cols])
+    return out.astype(np.float32)
+
+
+def score_stage(route: Route, rollouts, k: int, score_fn=None, *, chunk_size: int | None = None, mesh=None):
+    """The teacher's payload for the rollouts. A mapped teacher (another vocabulary) supplies only the
+    sampled-token log-prob; its top-K fields are zeros (the config check allows only objectives that need
+    no more)."""
+    from opd.teacher import TeacherPayload
+
+    if route.mapped:
+        sampled = score_mapped(route.teacher, route.mapping, rollouts.tokens, rollouts.attention_mask)
+        zeros_ids = np.zeros(sampled.shape + (k,), np.int32)
+        return TeacherPayload(topk_ids_BxLxK=zeros_ids, topk_logprobs_BxLxK=zeros_ids.astype(np.float32),
+                              sampled_logprobs_BxL=sampled)
+    if score_fn is None:
+        from opd.teacher import score as score_fn
+    return score_fn(route.teacher, jnp.asarray(rollouts.tokens), jnp.asarray(rollouts.attention_mask), k,
+                    chunk_size=chunk_size, mesh=mesh)
+
+
+def step_row(metrics: dict, rollouts, batch, route: Route) -> dict[str, Any]:
+    """One metrics row from the update's metrics and the rollouts (names the same for every task)."""
+    row = {k: float(v) for k, v in metrics.items()}
+    if route.mapped:  # top-K diagnostics are meaningless without a top-K in the student's vocabulary
+        for k in ("not_in_topk_frac", "teacher_topk_mass", "student_topk_mass"):
+            row.pop(k, None)
+    resp = np.asarray(rollouts.response_mask) > 0
+    masked_out = resp & (np.asarray(batch.loss_mask_BxL) == 0)
+    ratio = np.asarray(batch.teacher_sampled_BxL) - np.asarray(batch.old_logprobs_BxL)
+    row.update({
+        "task": route.name,
+        "train_score": float(np.mean(rollouts.score)),
+        "response_len": float(np.mean(rollouts.response_len)),
+        "truncated_frac": float(np.mean(rollouts.truncated)),
+        # the sampled-token reward the special-token mask removes, per rollout (failure mode 3)
+        "masked_reward_sum": float(ratio[masked_out].sum()) / len(rollouts.score),
+    })
+    return row
+
+
+# ---------------------------------------------------------------------------------------------------------
+# THE LOOP
+# ---------------------------------------------------------------------------------------------------------
 
 
 def run_opd(
     cfg: Any,
     student: nnx.Module,
-    spec: TaskSpec,
+    routes: list[Route],
     *,
     recorder=None,
     log: Callable[[str], None] = print,
+    diagnostics_path: str | Path | None = None,
+    mesh=None,
+    chunk_size: int | None = None,
     sample_fn=None,
     score_fn=None,
 ) -> dict[str, Any]:
-    """Train `student` in place for cfg.steps; returns {'rows': [...], 'evals': {step: {...}}}."""
-    from opd import sampling
+    """Train `student` in place for cfg.steps steps, route `(step − 1) mod len(routes)` at each step.
 
-    sample_fn = sample_fn or sampling.sample
-    if score_fn is None:
-        from opd.teacher import score as score_fn
-    task, teacher = spec.task, spec.teacher
-    tok = task.tokenizer
-    top_p = float(cfg.loss.rollout_top_p if cfg.rollout.top_p is None else cfg.rollout.top_p)
-    scfg = sampling.SamplingConfig(temperature=float(cfg.rollout.temperature), top_p=top_p, top_k=0,
-                                   max_new_tokens=int(spec.max_new_tokens))
+    Returns {'rows': [...], 'evals': {step: {...}}, 'eval_items': {step: {route: per-item rows}},
+    'records': failure-mode records}."""
+    from opd.train.opd_step import OPDStepper
+
+    objective = objectives.get(cfg.loss.name)
+    # Only objectives that read the teacher's logits inside the update get its graph and weights there; each
+    # route passes its own (teachers may differ in architecture).
+    teachers = {r.name: nnx.split(r.teacher) if objective.teacher == "logits" else (None, None) for r in routes}
+    stepper = OPDStepper(student, cfg.loss, cfg.optimizer, mesh=mesh, chunk_size=chunk_size)
     k = int(cfg.loss.k)
-    needs_teacher_logits = cfg.loss.name == "full_rkl"
-    teacher_graphdef, teacher_state = (nnx.split(teacher) if needs_teacher_logits else (None, None))
-    stepper = OPDStepper(student, cfg.loss, cfg.optimizer, teacher_graphdef=teacher_graphdef)
-    sids = special_ids(tok)
-
     rng = jax.random.key(int(cfg.seed))
-    prompt_rng = np.random.default_rng(int(cfg.seed))
-    eval_rng = jax.random.key(int(cfg.eval_seed))  # same eval samples key for every run and step
+    pick = np.random.default_rng(int(cfg.seed))
+    eval_key = jax.random.key(int(cfg.eval_seed))  # the same eval draws for every run and step
     n_prompts, group = int(cfg.rollout.prompts_per_step), int(cfg.rollout.group_size)
-    steps = int(cfg.steps)
+    steps, diag_every = int(cfg.steps), int(cfg.diagnostics_every)
     rows: list[dict[str, Any]] = []
     evals: dict[int, dict[str, float]] = {}
+    eval_items: dict[int, dict[str, list]] = {}
+    records: list[dict[str, Any]] = []
+    counts = {r.name: 0 for r in routes}
 
     def do_eval(step: int) -> dict[str, float]:
-        out = ev.evaluate(student, task, spec.eval_problems, eval_rng, max_new_tokens=spec.max_new_tokens,
-                          batch_size=min(int(cfg.get("eval_batch_size", 32)), len(spec.eval_problems)))
-        evals[step] = out
+        out, items = {}, {}
+        for r in routes:
+            metrics, items[r.name] = ev.evaluate(
+                student, r.task, r.eval_items, eval_key, samples=int(cfg.eval_samples),
+                batch_size=min(int(cfg.eval_batch_size), len(r.eval_items)), prefix=f"eval/{r.name}/",
+                sample_fn=sample_fn)
+            out.update(metrics)
+        evals[step], eval_items[step] = out, items
         return out
 
     for step in range(1, steps + 1):
-        idx = prompt_rng.integers(0, len(spec.train_problems), n_prompts)
-        prompts = [spec.train_problems[i].prompt for i in idx for _ in range(group)]
-        prompt_BxP, mask_BxP = ev.encode_prompts(task, prompts)
+        route = routes[(step - 1) % len(routes)]
+        counts[route.name] += 1
+        idx = pick.integers(0, len(route.train_items), n_prompts)
+        items = [route.train_items[i] for i in idx for _ in range(group)]
         rng, key = jax.random.split(rng)
 
         t0 = time.perf_counter()
-        rollout = _block(sample_fn(student, prompt_BxP, mask_BxP, key, scfg, eos_id=tok.eos_id))
+        rollouts = sample_stage(student, route, items, key, cfg, sample_fn)
         t1 = time.perf_counter()
-        payload = _block(score_fn(teacher, rollout.tokens_BxL, rollout.attention_mask_BxL, k))
+        payload = jax.block_until_ready(score_stage(route, rollouts, k, score_fn, chunk_size=chunk_size, mesh=mesh))
         t2 = time.perf_counter()
-        batch = build_batch(rollout, payload, special_ids=sids, mask_special_tokens=bool(cfg.loss.mask_special_tokens))
-        metrics = _block(stepper.update(batch, teacher_state))
+        batch = build_batch(rollouts, payload, special_ids=list(route.task.special_ids().values()),
+                            mask_special_tokens=bool(cfg.loss.mask_special_tokens))
+        graphdef, state = teachers[route.name]
+        metrics = jax.block_until_ready(stepper.update(batch, state, teacher_graphdef=graphdef))
         t3 = time.perf_counter()
 
-        row = {k_: float(v) for k_, v in metrics.items()}
-        row.update({
-            "response_len": float(np.mean(np.asarray(rollout.response_len_B))),
-            "truncated_frac": float(np.mean(np.asarray(rollout.truncated_B))),
-            "time/sample_s": t1 - t0, "time/score_s": t2 - t1, "time/update_s": t3 - t2,
-        })
+        row = step_row(metrics, rollouts, batch, route)
+        row.update({"task_step": counts[route.name],
+                    "time/sample_s": t1 - t0, "time/score_s": t2 - t1, "time/update_s": t3 - t2})
         if step % int(cfg.eval_every) == 0 or step == steps:
             row.update(do_eval(step))
+        if diag_every and (counts[route.name] == 1 or counts[route.name] % diag_every == 0
+                           or step > steps - len(routes)):
+            records.append({"step": step, "task_step": counts[route.name], "task": route.name,
+                            **failure_mode_record(route, rollouts, batch, int(cfg.diag_bucket_size), seed=step)})
+            if diagnostics_path is not None:
+                from opd.results import to_jsonable
+
+                Path(diagnostics_path).write_text(json.dumps(to_jsonable({"records": records})))
         rows.append(row)
         if recorder is not None:
             recorder.log(step, **row)
-        if step % int(cfg.log_every) == 0 or step == steps or "eval/accuracy" in row:
-            msg = (f"[opd {cfg.loss.name}] step {step}/{steps} loss {row['loss']:.4f} "
-                   f"gap {row['logprob_gap']:+.3f} len {row['response_len']:.0f} "
-                   f"out-of-topK {row['not_in_topk_frac']:.3f} "
-                   f"({t1 - t0:.2f}/{t2 - t1:.2f}/{t3 - t2:.2f}s)")
-            if "eval/accuracy" in row:
-                msg += f" acc {row['eval/accuracy']:.3f} greedy {row['eval/greedy_accuracy']:.3f}"
-            log(msg)
-    return {"rows": rows, "evals": evals}
+        if step % int(cfg.log_every) == 0 or step == steps or any(k_.startswith("eval/") for k_ in row):
+            log(progress_line(cfg, step, steps, row, (t1 - t0, t2 - t1, t3 - t2)))
+    return {"rows": rows, "evals": evals, "eval_items": eval_items, "records": records}
+
+
+def failure_mode_record(route: Route, rollouts, batch, bucket_size: int, *, seed: int) -> dict[str, Any]:
+    tok = route.task.tokenizer
+    return fm.failure_mode_record(
+        rollouts.tokens, rollouts.response_mask, np.asarray(batch.old_logprobs_BxL),
+        np.asarray(batch.teacher_sampled_BxL), None if route.mapped else np.asarray(batch.topk_ids_BxLxK),
+        special_ids=route.task.special_ids(), bucket_size=bucket_size, id_to_token=tok.id_to_token, seed=seed)
+
+
+def progress_line(cfg: Any, step: int, steps: int, row: dict[str, Any], times: tuple[float, float, float]) -> str:
+    msg = (f"[opd {cfg.loss.name}] step {step}/{steps} {row['task']}: loss {row['loss']:.4f} "
+           f"gap {row['logprob_gap']:+.3f} train {row['train_score']:.2f} len {row['response_len']:.0f} "
+           f"({times[0]:.2f}/{times[1]:.2f}/{times[2]:.2f}s)")
+    evs = [k for k in row if k.startswith("eval/")]
+    if evs:
+        msg += " | " + " ".join(f"{k[len('eval/'):]} {row[k]:.3f}" for k in evs)
+    return msg

@@ -24,20 +24,7 @@ import optax
 from flax import nnx
 
 from opd.train import checkpoints
-from opd.train.opd_step import positions_from_mask
-
-
-def demonstration_batch(task, problems) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(tokens_BxL, attention_mask_BxL, target_mask_BxL) in the sampler's layout: left-padded prompt, then
-    the solver's demonstration (which already ends in EOS), right-padded to max_response_len. target_mask
-    is 1 on the demonstration tokens (what SFT fits)."""
-    from opd.tasks import encode_demonstrations
-
-    tokens, target, attn = encode_demonstrations(
-        task.tokenizer, [p.prompt for p in problems], [task.demonstration(p) for p in problems],
-        task.max_prompt_len, task.max_response_len)
-    return tokens, attn, target
-
+from opd.train.batch import positions_from_mask
 
 FINGERPRINT_PROBLEMS = 32  # demonstrations hashed into the cache key
 
@@ -75,10 +62,16 @@ def sft_optimizer(model: nnx.Module, cfg) -> nnx.Optimizer:
     return nnx.Optimizer(model, tx, wrt=nnx.Param)
 
 
-def train_sft(model: nnx.Module, task, cfg, *, label: str = "sft", log: Callable[[str], None] = print) -> list[float]:
-    """Train `model` in place on `cfg.train_problems` demonstrations for `cfg.steps` steps; returns losses."""
-    problems = task.problems("train", int(cfg.train_problems), int(cfg.seed))
-    tokens, attn, target = demonstration_batch(task, problems)
+def _demonstrations(tasks: list, n: int, seed: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per task, (tokens, attention_mask, target_mask) of `n` train-split demonstrations."""
+    return [t.demonstrations(t.items("train", n, seed)) for t in tasks]
+
+
+def train_sft(model: nnx.Module, tasks: list, cfg, *, label: str = "sft",
+              log: Callable[[str], None] = print) -> list[float]:
+    """Train `model` in place on `cfg.train_problems` demonstrations of each task for `cfg.steps` steps
+    (step i draws a batch of task (i − 1) mod len(tasks)); returns the logged losses."""
+    data = _demonstrations(tasks, int(cfg.train_problems), int(cfg.seed))
     optimizer = sft_optimizer(model, cfg)
     graphdef, state = nnx.split((model, optimizer))
     step = make_sft_step(graphdef)
@@ -86,11 +79,13 @@ def train_sft(model: nnx.Module, task, cfg, *, label: str = "sft", log: Callable
     losses: list[float] = []
     t0 = time.time()
     for i in range(1, int(cfg.steps) + 1):
-        idx = rng.integers(0, len(problems), int(cfg.batch_size))
+        tokens, attn, target = data[(i - 1) % len(data)]
+        idx = rng.integers(0, len(tokens), int(cfg.batch_size))
         state, loss = step(state, jnp.asarray(tokens[idx]), jnp.asarray(attn[idx]), jnp.asarray(target[idx]))
         if i % int(cfg.log_every) == 0 or i == int(cfg.steps):
             losses.append(float(loss))
-            log(f"[sft {label}] step {i}/{cfg.steps} loss {float(loss):.4f} ({time.time() - t0:.0f}s)")
+            log(f"[sft {label}] step {i}/{cfg.steps} ({tasks[(i - 1) % len(tasks)].name}) loss {float(loss):.4f} "
+                f"({time.time() - t0:.0f}s)")
     nnx.update((model, optimizer), state)
     return losses
 
@@ -104,33 +99,32 @@ def new_model(model_cfg, seed: int) -> nnx.Module:
 def prepare(
     label: str,
     model_cfg,
-    model_section: dict[str, Any],
-    task,
-    task_section: dict[str, Any],
+    tasks: list,
+    sections: dict[str, Any],
     sft_cfg,
-    sft_section: dict[str, Any],
     *,
     root: str | Path,
     checkpoint: str | Path | None = None,
-    eval_fn: Callable[[nnx.Module], dict[str, float]] | None = None,
+    eval_fn: Callable[[nnx.Module], tuple[dict[str, float], dict[str, list]]] | None = None,
     eval_spec: dict[str, Any] | None = None,
     log: Callable[[str], None] = print,
 ) -> tuple[nnx.Module, dict[str, Any]]:
-    """A prepared model and its meta ({'key', 'path', 'trained', 'sft_eval', ...}).
+    """A prepared model and its meta ({'key', 'path', 'trained', 'sft_eval', ...}), SFT'd on the
+    demonstrations of `tasks` (one task or several, steps alternating).
 
-    checkpoint: an explicit directory to load instead of the cache. Otherwise the cache key is the hash
-    of the three config sections; a complete cached checkpoint is loaded, else the model is trained,
-    evaluated with `eval_fn` (its numbers go into meta.json, with `eval_spec`, what they depend on, so a
-    caller measuring the same way can reuse them) and saved atomically."""
+    checkpoint: an explicit directory to load instead of the cache. Otherwise the cache key is the hash of
+    `sections` (everything the model depends on: model, tasks, SFT settings) and of a sample of the
+    demonstrations (so changed task code retrains); a complete cached checkpoint is loaded, else the model is
+    trained, evaluated with `eval_fn` -> (scores, per-item outcomes), both stored in meta.json with `eval_spec`,
+    what they depend on, so a caller measuring the same way can reuse them, and saved atomically."""
     model = new_model(model_cfg, int(sft_cfg.seed))
     if checkpoint is not None:
         checkpoints.load_model(model, checkpoint)
         meta = checkpoints.read_meta(checkpoint) if (Path(checkpoint) / checkpoints.META).exists() else {}
         log(f"[sft {label}] loaded {checkpoint}")
         return model, {**meta, "path": str(checkpoint), "trained": False}
-    sample = demonstration_batch(task, task.problems("train", FINGERPRINT_PROBLEMS, int(sft_cfg.seed)))
-    key = checkpoints.cache_key({"model": model_section, "task": task_section, "sft": sft_section,
-                                 "data": checkpoints.data_fingerprint(*sample)})
+    sample = _demonstrations(tasks, FINGERPRINT_PROBLEMS, int(sft_cfg.seed))
+    key = checkpoints.cache_key({**sections, "data": checkpoints.data_fingerprint(*(a for s in sample for a in s))})
     path = Path(root) / key
     if checkpoints.is_complete(path):
         checkpoints.load_model(model, path)
@@ -138,12 +132,13 @@ def prepare(
         log(f"[sft {label}] reusing cached checkpoint {path}")
         return model, {**meta, "path": str(path), "trained": False}
     t0 = time.time()
-    losses = train_sft(model, task, sft_cfg, label=label, log=log)
-    sft_eval = eval_fn(model) if eval_fn is not None else {}
+    losses = train_sft(model, tasks, sft_cfg, label=label, log=log)
+    sft_eval, sft_items = eval_fn(model) if eval_fn is not None else ({}, {})
     if sft_eval:
         log(f"[sft {label}] held-out " + " ".join(f"{k} {v:.3f}" for k, v in sft_eval.items()))
-    meta = {"key": key, "label": label, "model": model_section, "task": task_section, "sft": sft_section,
+    meta = {"key": key, "label": label, **sections,
             "final_loss": losses[-1] if losses else None, "sft_eval": sft_eval, "sft_eval_spec": eval_spec,
+            "sft_eval_items": sft_items,
             "train_time_s": round(time.time() - t0, 1)}
     checkpoints.save_model(model, path, meta)
     log(f"[sft {label}] saved {path}")

@@ -1,0 +1,102 @@
+"""Tables from sweep rows: intervals, paired differences, the protocol's refusals, and RESULTS.md generated
+byte-identically from the committed rows."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from paper_figs import results_md, stats, tables
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_two_way_interval_holds_the_mean_and_narrows_with_more_items():
+    rng = np.random.default_rng(0)
+    small = (rng.random((5, 50)) < 0.6).astype(float)
+    large = (rng.random((5, 2000)) < 0.6).astype(float)
+    for x in (small, large):
+        mean, low, high = stats.mean_ci(x)
+        assert low < mean < high
+
+    def width(x):
+        _, low, high = stats.mean_ci(x)
+        return high - low
+
+    assert width(large) < 0.5 * width(small)
+    # seed-to-seed spread widens the interval beyond the items' binomial noise
+    assert width(large + np.linspace(-0.2, 0.2, 5)[:, None]) > 2 * width(large)
+
+
+def test_paired_difference_is_exact_for_a_constant_shift_and_refuses_unpaired_shapes():
+    rng = np.random.default_rng(1)
+    b = rng.random((5, 100))
+    out = stats.paired_diff(b + 0.1, b)
+    assert out["paired_diff"] == pytest.approx(0.1) and out["paired_ci_low"] == pytest.approx(0.1)
+    assert out["relative_gain"] == pytest.approx(0.1 / b.mean())
+    with pytest.raises(ValueError, match="share seeds and items"):
+        stats.paired_diff(b[:4], b)
+
+
+def _job(root: Path, name: str, *, loss: str, seed: int, p: float, items: int = 20, revision: str = "abc",
+         mask: bool = False):
+    job = root / name
+    (job / ".hydra").mkdir(parents=True)
+    config = {"seed": seed, "loss": {"name": loss, "mask_special_tokens": mask}, "rollout": {"top_p": None},
+              "tasks": {"arithmetic": {}}}
+    (job / "metrics.json").write_text(json.dumps({"config": config, "metrics": {}, "git_revision": revision}))
+    rng = np.random.default_rng(seed * 7 + len(loss))
+    rows = [{"phase": ph, "task": "arithmetic", "item": i, "sample": s, "correct": float(rng.random() < q)}
+            for ph, q in (("teacher", 0.95), ("initial", 0.3), ("final", p)) for i in range(items) for s in (0, 1)]
+    (job / "eval_items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _sweep(root: Path, seeds=(0, 1, 2, 3, 4), **kw) -> Path:
+    for s in seeds:
+        _job(root, f"lsm_{s}", loss="lsm", seed=s, p=0.7, **kw)
+        _job(root, f"st_{s}", loss="sampled_token", seed=s, p=0.5, **kw)
+    return root
+
+
+def test_table_rows_headline_and_failed_jobs(tmp_path):
+    sweep = _sweep(tmp_path / "sweep")
+    (sweep / "crashed" / ".hydra").mkdir(parents=True)  # a job that never wrote results
+    t = tables.build("table1", sweep, min_seeds=5, min_items=20, command="test")
+    methods = {r["method"] for r in t["rows"]}
+    assert {"Teacher", "Student before OPD", "LSM (teacher top-K)", "Sampled-token OPD"} == methods
+    lsm = next(r for r in t["rows"] if r["key"] == "lsm")
+    assert (lsm["seeds"], lsm["items"], lsm["samples"]) == (5, 20, 2) and lsm["ci_low"] < lsm["mean"] < lsm["ci_high"]
+    (h,) = t["headline"]
+    assert 0.05 < h["paired_diff"] < 0.35 and h["paired_ci_low"] > 0  # 0.7 vs 0.5 over 200 pairs x 2 samples
+    assert t["failed_jobs"] == ["crashed"]
+    assert "relative gain" in tables.markdown(t)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"seeds": (0, 1, 2)}, "has 3 seeds x 20 items; the protocol asks for >= 5 seeds"),
+    ({"items": 10}, "has 5 seeds x 10 items"),
+])
+def test_too_small_a_sweep_is_refused(tmp_path, change, message):
+    sweep = _sweep(tmp_path / "s", **change)
+    with pytest.raises(tables.TableError, match=message):
+        tables.build("table1", sweep, min_seeds=5, min_items=20, command="test")
+
+
+def test_mixed_revisions_are_refused_on_the_command_line_and_nothing_is_written(tmp_path):
+    sweep = _sweep(tmp_path / "s")
+    _job(sweep, "late", loss="lsm", seed=9, p=0.7, revision="def")
+    out = tmp_path / "tables"
+    proc = subprocess.run([sys.executable, "paper_figs/tables.py", str(sweep), "--table", "table1", "--min-items",
+                           "20", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    lines = [x for x in proc.stderr.splitlines() if x.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: sweep_dir: rows from 2 code")
+    assert not out.exists()
+
+
+def test_results_md_regenerates_byte_identically_from_the_committed_rows():
+    assert (ROOT / "RESULTS.md").read_text() == results_md.render(ROOT)
