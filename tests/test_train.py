@@ -7,6 +7,7 @@ Everything runs on tiny models (D=16) and the 1-digit arithmetic task so the fil
 from __future__ import annotations
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -15,9 +16,10 @@ import pytest
 from flax import nnx
 from omegaconf import OmegaConf
 
-from opd import diagnostics
+from opd import diagnostics, objectives
 from opd.model import ModelConfig, Transformer
 from opd.tasks.arithmetic import ArithmeticTask
+from opd.teacher import score
 from opd.train import checkpoints
 from opd.train.opd_step import Batch, OPDStepper, build_batch, positions_from_mask, target_aligned_logits
 
@@ -32,36 +34,17 @@ def _model(seed: int, vocab: int = V, hidden: int = 16) -> Transformer:
 
 
 def _loss_cfg(name: str, **kw):
-    base = {"name": name, "k": K, "aggregation": "sequence_mean", "clip_eps": 0.2,
-            "dual_clip": 3.0, "mask_special_tokens": False, "rollout_top_p": 1.0}
-    return OmegaConf.create({**base, **kw})
+    """The config schema's loss section (every objective's constants at their defaults) for `name`."""
+    from opd.train.config import LossConfig
+
+    base = {"name": name, "k": K, "aggregation": "sequence_mean", "mask_special_tokens": False, "rollout_top_p": 1.0}
+    return OmegaConf.merge(OmegaConf.structured(LossConfig), {**base, **kw})
 
 
 def _opt_cfg(**kw):
     base = {"name": "adamw", "lr": 1e-2, "weight_decay": 0.01, "b1": 0.9, "b2": 0.999, "eps": 1e-8,
             "grad_clip": 1.0, "minibatches_per_step": 1}
     return OmegaConf.create({**base, **kw})
-
-
-def _score(teacher, tokens_BxL, attention_mask_BxL, k):
-    """opd.teacher.score, or (before it exists) a stand-in with the interface's payload from a forward pass."""
-    try:
-        from opd.teacher import score
-    except ImportError:
-        from typing import NamedTuple
-
-        class TeacherPayload(NamedTuple):
-            topk_ids_BxLxK: jax.Array
-            topk_logprobs_BxLxK: jax.Array
-            sampled_logprobs_BxL: jax.Array
-
-        logits = target_aligned_logits(teacher, tokens_BxL, positions_from_mask(attention_mask_BxL),
-                                       attention_mask_BxL)
-        logp = jax.nn.log_softmax(logits, -1)
-        top_lp, top_ids = jax.lax.top_k(logp, k)
-        sampled = jnp.take_along_axis(logp, tokens_BxL[..., None], -1)[..., 0]
-        return TeacherPayload(top_ids.astype(jnp.int32), top_lp, sampled)
-    return score(teacher, tokens_BxL, attention_mask_BxL, k)
 
 
 def _batch(student, teacher, *, b=4, p=3, n=8, seed=0, k=K) -> Batch:
@@ -83,7 +66,7 @@ def _batch(student, teacher, *, b=4, p=3, n=8, seed=0, k=K) -> Batch:
     class R:  # a Rollout stand-in with the interface's fields
         tokens_BxL, attention_mask_BxL, response_mask_BxL, logprobs_BxL = tokens, attn, resp, logp
 
-    return build_batch(R, _score(teacher, tokens, attn, k))
+    return build_batch(R, score(teacher, tokens, attn, k))
 
 
 def _loss(stepper: OPDStepper, batch: Batch, teacher=None) -> float:
@@ -147,13 +130,12 @@ def test_loss_depends_on_the_teacher(name):
 
 @pytest.mark.parametrize("name", ["lsm", "full_rkl", "topk_tail", "lsm_no_renorm"])
 def test_student_equal_to_teacher_has_zero_divergence(name):
+    """π = q: every divergence term π(log π − log q) is 0 (LSM without renormalization: the top-K partial
+    sum of zeros). A different teacher gives a clearly positive value, so the zero is not trivial."""
     student = _model(3)
-    teacher = _model(3)
-    value = _loss(_stepper(student, name, teacher), _batch(student, teacher), teacher)
-    if name == "lsm_no_renorm":
-        assert abs(value) < 1e-5  # π = q on S: every term π(log π − log q) is 0
-    else:
-        assert abs(value) < 1e-5, value
+    assert abs(_loss(_stepper(student, name, _model(3)), _batch(student, _model(3)), _model(3))) < 1e-5
+    other = _model(4)
+    assert abs(_loss(_stepper(student, name, other), _batch(student, other), other)) > 1e-3
 
 
 def test_sampled_token_loss_is_minus_mean_advantage_on_policy():
@@ -212,12 +194,100 @@ def test_warmup_starts_from_zero_learning_rate():
     assert max(jax.tree.leaves(moved)) > 0
 
 
+def test_second_minibatch_ratio_is_not_one():
+    """π_old is the sampler's record for every minibatch: on an on-policy batch the first minibatch's ratio is
+    1 (no clip), and after one optimizer step the second one's is not (clip active on some tokens)."""
+    student, teacher = _model(10), _model(11)
+    batch = _batch(student, teacher, b=4)
+    batch = jax.tree.map(lambda x: jnp.concatenate([x[:2], x[:2]]), batch)  # the second half repeats the first
+    one = _stepper(_model(10), "sampled_token", teacher, lr=0.3, minibatches_per_step=1).update(batch)
+    two = _stepper(student, "sampled_token", teacher, lr=0.3, minibatches_per_step=2).update(batch)
+    assert float(one["clip_frac"]) == 0.0
+    assert float(two["clip_frac"]) > 0.0
+    # metrics average the two minibatches: the first one's loss is the on-policy one, the second's differs
+    assert abs(float(two["loss"]) - float(one["loss"])) > 1e-4
+
+
+def test_batch_must_split_into_equal_minibatches():
+    student, teacher = _model(8), _model(9)
+    stepper = _stepper(student, "lsm", teacher, minibatches_per_step=3)
+    with pytest.raises(ValueError, match=r"batch \(rollouts per step\): 4 rows must be divisible by 3 minibatches"):
+        stepper.update(_batch(student, teacher, b=4))
+    with pytest.raises(ValueError, match=r"optimizer\.minibatches_per_step"):
+        _stepper(student, "lsm", teacher, minibatches_per_step=0)
+
+
+FAST_NAMES = ("lsm", "sampled_token", "full_rkl")  # one per teacher supply; the rest under `slow`
+
+
+@pytest.mark.parametrize("name", [n if n in FAST_NAMES else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in objectives.NAMES])
+def test_chunked_loss_equals_unchunked(name):
+    """Every registered objective and the per-chunk diagnostics: chunks of 3 over L=11 (one padded chunk)
+    give the one-block values and gradients."""
+    student, teacher = _model(12), _model(13)
+    batch = _batch(student, teacher)
+    gd = nnx.graphdef(teacher)
+    t_state = nnx.state(teacher)
+    student_gd, params, rest = nnx.split(student, nnx.Param, ...)
+    from opd.train.opd_step import make_loss_fn
+
+    def run(chunk_size):
+        f = make_loss_fn(student_gd, _loss_cfg(name), gd, chunk_size=chunk_size)
+        return jax.value_and_grad(f, has_aux=True)(params, rest, batch, t_state)
+
+    (l0, aux0), g0 = run(None)
+    (l1, aux1), g1 = run(3)
+    np.testing.assert_allclose(float(l1), float(l0), rtol=1e-5, atol=1e-6)
+    assert set(aux0) == {"entropy", "student_topk_mass", "clip_frac"} == set(aux1)
+    for k in aux0:
+        np.testing.assert_allclose(float(aux1[k]), float(aux0[k]), rtol=1e-5, atol=1e-6, err_msg=k)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g1, g0)
+    assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g0)) > 0
+
+
+def test_diagnostics_per_chunk_equal_the_full_logits_ones():
+    student, teacher = _model(14), _model(15)
+    batch = _batch(student, teacher)
+    stepper = OPDStepper(student, _loss_cfg("lsm"), _opt_cfg(), chunk_size=4)
+    logits = target_aligned_logits(student, batch.tokens_BxL, batch.positions_BxL, batch.attention_mask_BxL)
+    _, params, rest = nnx.split(student, nnx.Param, ...)
+    aux = stepper.loss_fn(params, rest, batch)[1]
+    np.testing.assert_allclose(float(aux["entropy"]), float(diagnostics.entropy(logits, batch.response_mask_BxL)),
+                               rtol=1e-5)
+    np.testing.assert_allclose(float(aux["student_topk_mass"]), float(diagnostics.student_topk_mass(
+        logits, batch.topk_ids_BxLxK, batch.response_mask_BxL)), rtol=1e-5)
+
+
+def _largest_f32_temporary(chunk_size, name, *, b=2, length=96, vocab=1024):
+    """Elements of the largest float32 array in the compiled update's optimized HLO."""
+    student, teacher = _model(0, vocab=vocab, hidden=32), _model(1, vocab=vocab, hidden=32)
+    stepper = OPDStepper(student, _loss_cfg(name), _opt_cfg(), chunk_size=chunk_size,
+                         teacher_graphdef=nnx.graphdef(teacher))
+    t_state = nnx.state(teacher) if name == "full_rkl" else None
+    fn = stepper._update_fn(stepper.teacher_graphdef if t_state is not None else None, t_state)[0]
+    spec = Batch(*(jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in (
+        ((b, length), jnp.int32), ((b, length), jnp.int32), ((b, length), jnp.int32),
+        ((b, length), jnp.float32), ((b, length), jnp.float32), ((b, length), jnp.float32),
+        ((b, length), jnp.float32), ((b, length, K), jnp.int32), ((b, length, K), jnp.float32))))
+    hlo = fn.lower(stepper.state, spec, t_state).compile().as_text()
+    sizes = [int(np.prod([int(d) for d in dims.split(",") if d])) for dims in re.findall(r"\bf32\[([\d,]*)\]", hlo)]
+    return max(sizes)
+
+
+def test_chunked_update_never_holds_batch_by_vocabulary_logits():
+    """The compiled update (forward, backward, AdamW) of full_rkl (student and teacher heads) with chunks of
+    8 positions has no float32 array a quarter the size of [B·L, V]; the unchunked one has [B·L, V] (so the
+    check can fail)."""
+    name, n_by_v = "full_rkl", 2 * 96 * 1024
+    assert _largest_f32_temporary(None, name) >= n_by_v
+    assert _largest_f32_temporary(8, name) < n_by_v // 4
+
+
 def test_special_token_mask_zeroes_first_occurrence_in_response_only():
     task = ArithmeticTask(digits=1, min_terms=2, max_terms=2)
     tok = task.tokenizer
-    from opd.train.loop import special_ids
-
-    ids = special_ids(tok)
+    ids = [tok.think_open_id, tok.think_close_id, tok.eos_id]
     assert tok.eos_id in ids and tok.think_open_id in ids and tok.think_close_id in ids
     prompt = [tok.think_open_id, 5, 6]  # a special id inside the prompt must not count
     resp = [tok.think_open_id, 7, tok.think_open_id, tok.think_close_id, 8, tok.eos_id, 0]
@@ -262,18 +332,18 @@ def test_checkpoint_cache_is_reused_not_retrained(tmp_path):
     sft = _sft_cfg()
     calls = []
     logs: list[str] = []
-    args = ("student", mc, mc.to_dict(), task, {"name": "arithmetic", "digits": 1}, sft, dict(sft))
-    m1, meta1 = prepare(*args, root=tmp_path, eval_fn=lambda m: calls.append(1) or {"acc": 0.5}, log=logs.append)
+    sections = {"model": mc.to_dict(), "task": {"name": "arithmetic", "digits": 1}, "sft": dict(sft)}
+    args = ("student", mc, [task], sections, sft)
+    m1, meta1 = prepare(*args, root=tmp_path, eval_fn=lambda m: calls.append(1) or ({"acc": 0.5}, {}), log=logs.append)
     assert meta1["trained"] and calls == [1]
     assert any("[sft student] step 3/3" in x for x in logs)
-    m2, meta2 = prepare(*args, root=tmp_path, eval_fn=lambda m: calls.append(1) or {}, log=logs.append)
+    m2, meta2 = prepare(*args, root=tmp_path, eval_fn=lambda m: calls.append(1) or ({}, {}), log=logs.append)
     assert not meta2["trained"] and calls == [1] and meta2["path"] == meta1["path"]
     assert meta2["sft_eval"] == {"acc": 0.5}
     jax.tree.map(np.testing.assert_array_equal, nnx.state(m1, nnx.Param), nnx.state(m2, nnx.Param))
     # a different SFT config is a different key
     sft2 = _sft_cfg(steps=2)
-    _, meta3 = prepare("student", mc, mc.to_dict(), task, {"name": "arithmetic", "digits": 1}, sft2, dict(sft2),
-                       root=tmp_path, log=logs.append)
+    _, meta3 = prepare("student", mc, [task], {**sections, "sft": dict(sft2)}, sft2, root=tmp_path, log=logs.append)
     assert meta3["trained"] and meta3["path"] != meta1["path"]
     # same config sections but demonstrations the task code now writes differently: a different key
     original = task.demonstration
@@ -285,13 +355,11 @@ def test_checkpoint_cache_is_reused_not_retrained(tmp_path):
 
 
 def test_sft_targets_end_with_exactly_one_eos():
-    from opd.train.sft import demonstration_batch
-
     task = _tiny_task()
-    problems = task.problems("train", 8, 0)
-    tokens, _, target = demonstration_batch(task, problems)
+    items = task.items("train", 8, 0)
+    tokens, _, target = task.demonstrations(items)
     eos = task.tokenizer.eos_id
-    for b in range(len(problems)):
+    for b in range(len(items)):
         fitted = tokens[b][target[b] > 0]
         assert fitted[-1] == eos and (fitted == eos).sum() == 1
 
@@ -307,49 +375,58 @@ def test_save_is_atomic_when_the_key_already_exists(tmp_path):
 
 
 def test_run_opd_rows_have_every_required_key(tmp_path):
+    from types import SimpleNamespace
+
     from opd.results import RunRecorder, read_rows
-    from opd.train.loop import TaskSpec, run_opd
+    from opd.train.loop import Route, run_opd
 
     task = _tiny_task()
     vocab = task.tokenizer.vocab_size
     student, teacher = _model(0, vocab), _model(1, vocab, hidden=32)
-    cfg = OmegaConf.create({
-        "loss": dict(_loss_cfg("lsm", rollout_top_p=0.9)), "optimizer": dict(_opt_cfg()),
-        "rollout": {"prompts_per_step": 2, "group_size": 2, "temperature": 1.0, "top_p": None, "max_new_tokens": None},
-        "steps": 2, "eval_every": 2, "seed": 0, "eval_seed": 1, "log_every": 1,
-    })
-    spec = TaskSpec(task=task, teacher=teacher, train_problems=task.problems("train", 8, 0),
-                    eval_problems=task.problems("eval", 4, 0), max_new_tokens=12)
+    cfg = SimpleNamespace(loss=_loss_cfg("lsm", rollout_top_p=0.9), optimizer=_opt_cfg(), seed=0, eval_seed=1, steps=2,
+             eval_every=2, eval_samples=1, eval_batch_size=4, log_every=1, diagnostics_every=0, diag_bucket_size=8,
+             rollout=SimpleNamespace(prompts_per_step=2, group_size=2, temperature=1.0, top_p=None))
+    route = Route("arithmetic", task, teacher, train_items=task.items("train", 8, 0),
+                  eval_items=task.items("eval", 4, 0))
     rec = RunRecorder(tmp_path, {})
     logs: list[str] = []
-    out = run_opd(cfg, student, spec, recorder=rec, log=logs.append, score_fn=_score)
+    out = run_opd(cfg, student, [route], recorder=rec, log=logs.append)
     rec.finish({})
     rows = read_rows(tmp_path)
     assert [r["step"] for r in rows] == [1, 2]
-    required = set(diagnostics.STEP_METRICS) | {"time/sample_s", "time/score_s", "time/update_s"}
+    required = set(diagnostics.STEP_METRICS) | {"clip_frac", "time/sample_s", "time/score_s", "time/update_s"}
     for row in rows:
         assert required <= set(row), required - set(row)
-        assert all(row[k] is not None for k in required)
-    assert {"eval/accuracy", "eval/greedy_accuracy"} <= set(rows[-1])
-    assert out["evals"][2]["eval/accuracy"] == rows[-1]["eval/accuracy"]
-    assert any(x.startswith("[opd lsm] step 2/2 loss") for x in logs)
+        bad = {k: row[k] for k in required if not (isinstance(row[k], float) and np.isfinite(row[k]))}
+        assert not bad, bad
+        assert row["grad_norm"] > 0 and 0 <= row["student_topk_mass"] <= 1 and row["entropy"] > 0
+    assert {"eval/arithmetic/accuracy", "eval/arithmetic/greedy_accuracy"} <= set(rows[-1])
+    assert out["evals"][2]["eval/arithmetic/accuracy"] == rows[-1]["eval/arithmetic/accuracy"]
+    assert len(logs) >= 2
 
 
-def test_generate_drops_ids_past_the_tokenizer():
+def test_rollout_drops_ids_past_the_tokenizer():
     """A checkpoint's padded embedding rows (vocab_size > tokenizer's) decode to nothing, not a crash."""
     from types import SimpleNamespace
 
-    from opd.train import evaluate as ev
-
     task = _tiny_task()
     tok = task.tokenizer
-    answer = tok.encode("7")
+    items = task.items("eval", 2, 0)
+    demos = [tok.encode(task.demonstration(p)) for p in items]
 
     def fake_sample(model, prompt_BxP, mask_BxP, key, cfg, eos_id):
         b, p = np.asarray(prompt_BxP).shape
-        resp = np.array([[answer[0], tok.vocab_size + 2, eos_id]] * b)
+        width = max(len(d) for d in demos) + 1
+        resp = np.zeros((b, width), np.int32)
+        rmask = np.zeros((b, width), np.int32)
+        for i, d in enumerate(demos):  # the correct solution with an id past the tokenizer before its EOS
+            row = d[:-1] + [tok.vocab_size + 2, d[-1]]
+            resp[i, :len(row)], rmask[i, :len(row)] = row, 1
         return SimpleNamespace(tokens_BxL=np.concatenate([prompt_BxP, resp], 1),
-                               response_mask_BxL=np.concatenate([np.zeros((b, p)), np.ones((b, 3))], 1))
+                               attention_mask_BxL=np.concatenate([mask_BxP, rmask], 1),
+                               response_mask_BxL=np.concatenate([np.zeros((b, p)), rmask], 1),
+                               logprobs_BxL=np.zeros((b, p + width)), response_len_B=rmask.sum(1),
+                               truncated_B=np.zeros(b, bool))
 
-    texts = ev.generate(None, task, ["1+2=", "3+4="], jax.random.key(0), None, sample_fn=fake_sample)
-    assert texts == [tok.decode(answer + [tok.eos_id])] * 2
+    out = task.rollout(None, items, jax.random.key(0), temperature=1.0, top_p=1.0, sample_fn=fake_sample)
+    np.testing.assert_array_equal(out.score, [1.0, 1.0])
