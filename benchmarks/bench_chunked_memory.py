@@ -1,8 +1,9 @@
 """Compiled peak temporary memory of objective + gradient: chunked vs unchunked large-vocabulary objectives.
 
 Paper scale (arXiv 2603.25562, Qwen2.5 student): N = 8,192 positions, V = 151,936, K = 32, hidden 896
-(Qwen2.5-0.5B's width; the memory of the [N, V] logits does not depend on it). For each objective, the
-loss (token mean of the per-position objective from `opd.losses`) and its gradient with respect to the
+(Qwen2.5-0.5B's width; the memory of the [N, V] logits does not depend on it). For each objective of the
+registry (opd/objectives.py), run through `opd.chunked.chunked_map` as the trainer's update runs it, the
+loss (token mean of the per-position objective) and its gradient with respect to the
 hidden states and the LM head are jitted and *compiled only* (`lower().compile()`), and XLA's memory
 analysis reports `temp_size_in_bytes` (peak scratch, excluding arguments and outputs). The unchunked
 version at full size needs more memory than this machine has, so values are compared by executing both
@@ -16,27 +17,28 @@ from __future__ import annotations
 
 import argparse
 import time
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from opd import chunked, losses
+from opd import chunked, losses, objectives
+
+CFG = SimpleNamespace(clip_eps=0.2, dual_clip=3.0)  # the sampled-token objective's constants (verl defaults)
 
 
 def make_loss(objective: str, chunk_size: int | None):
-    if objective == "token_logprobs":
+    """value_and_grad (hidden states, LM head) of the token mean of a registered objective, chunked or not."""
+    fn = objectives.get(objective).fn
 
-        def loss(h, w, ids, lq, tokens, mask):
-            lp, _ent = chunked.chunked_token_logprobs(h, w, tokens, chunk_size=chunk_size)
-            adv = jax.lax.stop_gradient(losses.sampled_token_log_ratio(lp, lq[:, 0]))
-            return losses.aggregate(losses.ppo_clip_loss(lp, jax.lax.stop_gradient(lp), adv), mask, "token_mean")
+    def per_chunk(logits, tokens, old_lp, teacher_lp, ids, lq):
+        return fn(logits, objectives.PositionInputs(tokens, old_lp, teacher_lp, ids, lq), CFG, None)
 
-    else:
-
-        def loss(h, w, ids, lq, tokens, mask):
-            values = chunked.chunked_map(getattr(losses, objective), h, w, ids, lq, chunk_size=chunk_size)
-            return losses.aggregate(values, mask, "token_mean")
+    def loss(h, w, ids, lq, tokens, mask):
+        old_lp, teacher_lp = lq[:, 0] - 0.5, lq[:, 0]  # off-policy enough that the clip is not trivial
+        values = chunked.chunked_map(per_chunk, h, w, tokens, old_lp, teacher_lp, ids, lq, chunk_size=chunk_size)
+        return losses.aggregate(values, mask, "token_mean")
 
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
 
@@ -73,7 +75,7 @@ def main() -> None:
     ap.add_argument("--value-n", type=int, default=1024, help="positions for the executed value check")
     ap.add_argument("--value-chunk", type=int, default=128)
     ap.add_argument(
-        "--objectives", default="token_logprobs,topk_reverse_kl_with_tail,topk_reverse_kl",
+        "--objectives", default="sampled_token,topk_tail,lsm",
         help="comma list; the LAST one's ratio is the last line",
     )
     args = ap.parse_args()

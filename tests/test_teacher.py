@@ -92,3 +92,31 @@ def test_k_equals_vocab_is_allowed(teacher):
     tokens, mask = _batch()
     out = score(teacher, tokens, mask, CFG.vocab_size)
     np.testing.assert_allclose(jnp.exp(out.topk_logprobs_BxLxK[:, 1:]).sum(-1), 1.0, atol=1e-5)
+
+
+def test_mesh_placement_gives_the_same_payload(teacher):
+    """mesh=None is the one-device mesh: the same program and values as passing that mesh explicitly."""
+    from opd import sharding
+
+    tokens, mask = _batch()
+    ref = score(teacher, tokens, mask, 4, chunk_size=3)
+    got = score(teacher, tokens, mask, 4, chunk_size=3, mesh=sharding.make_mesh(1, 1, 1))
+    for a, b in zip(got, ref):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_batch_not_divisible_over_the_mesh_is_refused(teacher):
+    from opd import sharding
+
+    # check_batch_divisible reads only the mesh's shape, so a mesh over one repeated device is enough here.
+    devices = np.asarray(jax.devices()[:1] * 4).reshape(2, 2, 1)
+    mesh = jax.sharding.Mesh(devices, sharding.AXES)
+    tokens, mask = _batch()  # B = 3
+    with pytest.raises(ValueError, match=r"tokens_BxL batch: 3 rows must be divisible by data\*fsdp=4"):
+        score(teacher, tokens, mask, 4, mesh=mesh)
+
+
+def test_bad_chunk_size_raises(teacher):
+    tokens, mask = _batch()
+    with pytest.raises(ValueError, match="chunk_size: expected null or a positive integer"):
+        score(teacher, tokens, mask, 4, chunk_size=0)
