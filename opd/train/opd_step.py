@@ -149,9 +149,9 @@ def make_loss_fn(student_graphdef, loss_cfg: Any, teacher_graphdef=None, *, chun
 # ---------------------------------------------------------------------------------------------------------
 
 
-def make_optimizer(student: nnx.Module, opt_cfg: Any) -> nnx.Optimizer:
+def make_optimizer(student: nnx.Module, opt_cfg: Any, *, skip_nonfinite: bool = False) -> nnx.Optimizer:
     """AdamW (decoupled weight decay, optional linear warmup) after global-norm clipping, over the
-    student's nnx.Param only."""
+    student's nnx.Param only. `skip_nonfinite`: an update whose gradient holds NaN/inf is not applied."""
     # Optional linear warmup from 0 (paper: none): a fresh Adam state makes the first updates ~lr * sign(grad).
     warmup = int(getattr(opt_cfg, "warmup_steps", 0) or 0)
     lr = optax.linear_schedule(0.0, opt_cfg.lr, warmup) if warmup > 0 else opt_cfg.lr
@@ -159,6 +159,8 @@ def make_optimizer(student: nnx.Module, opt_cfg: Any) -> nnx.Optimizer:
         optax.clip_by_global_norm(opt_cfg.grad_clip),
         optax.adamw(lr, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps, weight_decay=opt_cfg.weight_decay),
     )
+    if skip_nonfinite:  # parameters and moments stay untouched; the loop logs the step as skipped
+        tx = optax.apply_if_finite(tx, max_consecutive_errors=10**9)
     return nnx.Optimizer(student, tx, wrt=nnx.Param)
 
 
@@ -208,7 +210,7 @@ class OPDStepper:
     is passed to `update`; only objectives with teacher="logits" read it."""
 
     def __init__(self, student: nnx.Module, loss_cfg: Any, opt_cfg: Any, *, mesh: Mesh | None = None,
-                 chunk_size: int | None = None, teacher_graphdef=None):
+                 chunk_size: int | None = None, teacher_graphdef=None, skip_nonfinite: bool = False):
         self.objective = objectives.get(loss_cfg.name)
         chunked.check_chunk_size(chunk_size)
         minibatches = opt_cfg.minibatches_per_step
@@ -216,7 +218,7 @@ class OPDStepper:
             raise ValueError(f"optimizer.minibatches_per_step: expected a positive integer, got {minibatches!r}")
         self.student, self.loss_cfg, self.chunk_size, self.minibatches = student, loss_cfg, chunk_size, minibatches
         self.mesh = sharding.make_mesh(1, 1, 1) if mesh is None else mesh
-        self.optimizer = make_optimizer(student, opt_cfg)
+        self.optimizer = make_optimizer(student, opt_cfg, skip_nonfinite=skip_nonfinite)
         self.graphdef, state = nnx.split((student, self.optimizer))
         self.state_shardings = sharding.state_shardings(state, self.mesh)
         self.state = jax.device_put(state, self.state_shardings)
@@ -225,6 +227,7 @@ class OPDStepper:
         self.teacher_graphdef = teacher_graphdef
         self.loss_fn = make_loss_fn(self.student_graphdef, loss_cfg, teacher_graphdef, chunk_size=chunk_size)
         self._update_fns: dict[Any, Any] = {}
+        self._teachers: dict[int, tuple[Any, Any]] = {}
 
     def _update_fn(self, teacher_graphdef, teacher_state):
         leaves = jax.tree.leaves(teacher_state)
@@ -236,6 +239,19 @@ class OPDStepper:
             self._update_fns[key] = (make_update_fn(self.graphdef, loss_fn, self.minibatches, self.mesh,
                                                     self.state_shardings, t_sh), t_sh)
         return self._update_fns[key]
+
+    def load_state(self, state) -> None:
+        """Replace the train state (student + optimizer), e.g. from a checkpoint, placed on the mesh."""
+        self.state = jax.device_put(state, self.state_shardings)
+        nnx.update((self.student, self.optimizer), self.state)
+
+    def _placed_teacher(self, teacher_state, shardings):
+        """The teacher state on the mesh, placed once per state object (a route passes the same one each
+        step; placing it again would copy a large teacher every step)."""
+        cached = self._teachers.get(id(teacher_state))
+        if cached is None or cached[0] is not teacher_state:
+            cached = self._teachers[id(teacher_state)] = (teacher_state, jax.device_put(teacher_state, shardings))
+        return cached[1]
 
     def update(self, batch: Batch, teacher_state=None, *, teacher_graphdef=None) -> dict[str, jax.Array]:
         """One training step on `batch`; returns the metrics (device scalars, replicated)."""
@@ -250,7 +266,7 @@ class OPDStepper:
         fn, t_sh = self._update_fn(teacher_graphdef, teacher_state)
         batch = jax.device_put(batch, sharding.batch_sharding(self.mesh))
         if teacher_state is not None:
-            teacher_state = jax.device_put(teacher_state, t_sh)
+            teacher_state = self._placed_teacher(teacher_state, t_sh)
         self.state, metrics = fn(self.state, batch, teacher_state)
         nnx.update((self.student, self.optimizer), self.state)  # the sampler reads the module
         return metrics
