@@ -116,6 +116,15 @@ def nucleus_threshold_keep(logits_BxV: jax.Array, top_p: float) -> jax.Array:
 
 def select_tokens(logits_BxV: jax.Array, key: jax.Array, cfg: SamplingConfig) -> jax.Array:
     """Draw one token per row from softmax(logits / T) truncated to top-k, then to the top-p nucleus."""
+    first_key, rounds_key = jax.random.split(key)
+    u_BxR = jax.random.uniform(first_key, (logits_BxV.shape[0], _FIRST_PROPOSALS), jnp.float32)
+    return _select_with_uniforms(logits_BxV, u_BxR, lambda round_: jax.random.fold_in(rounds_key, round_), cfg)
+
+
+def _select_with_uniforms(logits_BxV: jax.Array, u_BxR: jax.Array, round_key, cfg: SamplingConfig) -> jax.Array:
+    """`select_tokens` given its first uniforms [B, _FIRST_PROPOSALS] (the sampler draws those for every step
+    at once, so a decode step runs no random-number generator) and `round_key(round)`, the key of a rare extra
+    top-p round, made only when a row needs one. Every draw is an inverse CDF of one uniform."""
     logits_BxV = logits_BxV.astype(jnp.float32)
     if cfg.temperature == 0:
         return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
@@ -125,11 +134,13 @@ def select_tokens(logits_BxV: jax.Array, key: jax.Array, cfg: SamplingConfig) ->
         x_BxK, index_BxK = jax.lax.top_k(x_BxV, cfg.top_k)  # sorted, descending
         if cfg.top_p < 1.0:
             x_BxK = jnp.where(nucleus_keep(x_BxK, cfg.top_p), x_BxK, -jnp.inf)
-        choice_B = jax.random.categorical(key, x_BxK, axis=-1)
-        return jnp.take_along_axis(index_BxK, choice_B[:, None], axis=-1)[:, 0].astype(jnp.int32)
+        no_floor_B = jnp.full(x_BxK.shape[:1], -1.0, jnp.float32)
+        choice_Bx1 = _draw_candidates(jax.nn.softmax(x_BxK, axis=-1), no_floor_B, u_BxR[:, :1])
+        return jnp.take_along_axis(index_BxK, choice_Bx1, axis=-1)[:, 0].astype(jnp.int32)
     if cfg.top_p < 1.0:
-        return _select_top_p(x_BxV, key, cfg.top_p)
-    return jax.random.categorical(key, x_BxV, axis=-1).astype(jnp.int32)
+        return _select_top_p(x_BxV, u_BxR, round_key, cfg.top_p)
+    no_floor_B = jnp.full(x_BxV.shape[:1], -1.0, jnp.float32)
+    return _draw_candidates(jax.nn.softmax(x_BxV, axis=-1), no_floor_B, u_BxR[:, :1])[:, 0]
 
 
 def _draw_candidates(probs_BxV: jax.Array, floor_B: jax.Array, u_BxR: jax.Array) -> jax.Array:
@@ -157,11 +168,12 @@ def _in_nucleus(probs_BxV: jax.Array, choice_BxR: jax.Array, top_p: float) -> tu
 _FIRST_PROPOSALS = 4
 
 
-def _select_top_p(x_BxV: jax.Array, key: jax.Array, top_p: float) -> jax.Array:
+def _select_top_p(x_BxV: jax.Array, u_BxR: jax.Array, round_key, top_p: float) -> jax.Array:
     """One draw per row from the renormalized nucleus of softmax(x), with no sort, no top-k and no threshold
     search: rejection sampling from supersets of the nucleus.
 
-    First, `_FIRST_PROPOSALS` independent draws per row from softmax(x) (inverse CDF, one cumulative sum);
+    First, `_FIRST_PROPOSALS` independent draws per row from softmax(x) (inverse CDF of the uniforms u_BxR,
+    one cumulative sum);
     the first that lies in the nucleus (`_in_nucleus`, one masked sum) is the row's token: rejection
     sampling, so it is distributed as softmax(x) renormalized over the nucleus. Rows where all miss (rare)
     go on in rounds: a rejected token c and every token at most as likely lie outside the nucleus (an upper
@@ -170,9 +182,7 @@ def _select_top_p(x_BxV: jax.Array, key: jax.Array, top_p: float) -> jax.Array:
     in the nucleus, so the rounds end."""
     B, _ = x_BxV.shape
     probs_BxV = jax.nn.softmax(x_BxV, axis=-1)
-    first_key, rounds_key = jax.random.split(key)
-    cand_BxR = _draw_candidates(probs_BxV, jnp.full((B,), -1.0, jnp.float32),
-                                jax.random.uniform(first_key, (B, _FIRST_PROPOSALS), jnp.float32))
+    cand_BxR = _draw_candidates(probs_BxV, jnp.full((B,), -1.0, jnp.float32), u_BxR)
     ok_BxR, p_BxR = _in_nucleus(probs_BxV, cand_BxR, top_p)
     choice_B = jnp.take_along_axis(cand_BxR, jnp.argmax(ok_BxR, axis=-1)[:, None], axis=-1)[:, 0]
     done_B = jnp.any(ok_BxR, axis=-1)
@@ -183,7 +193,7 @@ def _select_top_p(x_BxV: jax.Array, key: jax.Array, top_p: float) -> jax.Array:
 
     def body(state):
         round_, choice_B, done_B, floor_B = state
-        u_Bx1 = jax.random.uniform(jax.random.fold_in(rounds_key, round_), (B, 1), jnp.float32)
+        u_Bx1 = jax.random.uniform(round_key(round_), (B, 1), jnp.float32)
         cand_Bx1 = _draw_candidates(probs_BxV, floor_B, u_Bx1)
         ok_Bx1, p_Bx1 = _in_nucleus(probs_BxV, cand_Bx1, top_p)
         ok_B = ok_Bx1[:, 0] & ~done_B
@@ -207,9 +217,14 @@ class _LoopState(NamedTuple):
     cache: KVCache
 
 
-def _draw(state: _LoopState, rng: jax.Array, cfg: SamplingConfig, stop_S: jax.Array):
+def _draw(state: _LoopState, u_NxBxR: jax.Array, rounds_key: jax.Array, cfg: SamplingConfig,
+          stop_S: jax.Array):
     """Draw position `state.step` for every sequence; PAD (log-prob 0) for sequences already done."""
-    token_B = select_tokens(state.logits_BxV, jax.random.fold_in(rng, state.step), cfg)
+    u_BxR = jax.lax.dynamic_index_in_dim(u_NxBxR, state.step, axis=0, keepdims=False)
+    # The round is folded in first, so XLA cannot hoist the step's key out of the rare rounds' loop.
+    token_B = _select_with_uniforms(
+        state.logits_BxV, u_BxR,
+        lambda round_: jax.random.fold_in(jax.random.fold_in(rounds_key, round_), state.step), cfg)
     logp_BxV = jax.nn.log_softmax(state.logits_BxV, axis=-1)  # unmodified: temperature 1, no truncation
     logprob_B = jnp.take_along_axis(logp_BxV, token_B[:, None], axis=-1)[:, 0]
     live_B = ~state.done_B
@@ -231,6 +246,11 @@ def _sample_impl(graphdef, params, prompt_BxP, prompt_mask_BxP, rng, stop_S, cfg
     prompt_BxP = prompt_BxP.astype(jnp.int32)
     prompt_mask_BxP = prompt_mask_BxP.astype(jnp.int32)
 
+    # Every step's uniforms in one draw, so the decode loop runs no random-number generator (a rare extra
+    # top-p round folds the step into `rounds_key`).
+    first_key, rounds_key = jax.random.split(rng)
+    u_NxBxR = jax.random.uniform(first_key, (N, B, _FIRST_PROPOSALS), jnp.float32)
+
     # PREFILL: the whole left-padded prompt in one pass; its last position is real for every sequence.
     cache = KVCache.create(model.cfg, B, P + N)
     logits_BxPxV, cache = model(prompt_BxP, attention_mask_BxT=prompt_mask_BxP, cache=cache)
@@ -250,13 +270,13 @@ def _sample_impl(graphdef, params, prompt_BxP, prompt_mask_BxP, rng, stop_S, cfg
         return (state.step < N - 1) & ~jnp.all(state.done_B)
 
     def body(state: _LoopState) -> _LoopState:
-        state, token_B, live_B = _draw(state, rng, cfg, stop_S)
+        state, token_B, live_B = _draw(state, u_NxBxR, rounds_key, cfg, stop_S)
         logits_Bx1xV, cache = model(token_B[:, None], attention_mask_BxT=live_B[:, None], cache=state.cache)
         return state._replace(step=state.step + 1, logits_BxV=logits_Bx1xV[:, 0].astype(jnp.float32),
                               cache=cache)
 
     state = jax.lax.while_loop(cond, body, state)
-    state, _, _ = _draw(state, rng, cfg, stop_S)  # position N - 1, or PAD everywhere if all are done
+    state, _, _ = _draw(state, u_NxBxR, rounds_key, cfg, stop_S)  # position N - 1, or PAD if all are done
 
     response_mask_BxN = (jnp.arange(N, dtype=jnp.int32)[None, :] < state.length_B[:, None]).astype(jnp.int32)
     return Rollout(
@@ -278,7 +298,8 @@ def sample(model: Any, prompt_BxP: Any, prompt_mask_BxP: Any, rng: jax.Array, cf
     """Sample up to `cfg.max_new_tokens` tokens after each left-padded prompt (see module docstring).
 
     Prompts must be left-padded (the last column real for every row). `rng` is a PRNG key; the draw at
-    response position t uses fold_in(rng, t), so a rerun with the same key reproduces the rollout.
+    response position t uses row t of uniforms drawn once from it, so a rerun with the same key reproduces
+    the rollout.
     """
     if not isinstance(cfg, SamplingConfig):
         raise TypeError(f"cfg: expected a SamplingConfig, got {type(cfg).__name__}")
