@@ -8,15 +8,21 @@ column is zero while the other logits spread over several units, so it never ent
 that both sides generate exactly `--new` tokens per row; the script checks this and says so.
 
 Warm-up (our compile, HF's first call) is excluded from the timings and reported separately; then the two
-are timed alternately, `--repeats` times each, and the medians compared. The last line is the ratio.
+are timed alternately, `--repeats` times each, and the medians compared, for each batch size in `--batch`.
+Both sides use every core (torch.set_num_threads(os.cpu_count()); XLA's CPU client does by default).
 
-    python benchmarks/bench_sampler_vs_hf.py
-    python benchmarks/bench_sampler_vs_hf.py --batch 16 --prompt 32 --new 128 --hidden 128
+Each side's compute-floor fraction: the matmul FLOPs the generation needs (projections, MLP, LM head, and
+attention over the real context only), timed at the machine's jitted float32 matmul rate measured here,
+divided by the median wall time. The last line is the ratio per batch size.
+
+    python benchmarks/bench_sampler_vs_hf.py                       # the shapes of bench_vs_trl.py, batch 16, 32
+    python benchmarks/bench_sampler_vs_hf.py --batch 8 --hidden 64 --vocab 1024
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -49,28 +55,64 @@ def build_weights(args) -> tuple[transformers.PreTrainedModel, str]:
     return model, path
 
 
+def generation_flops(args, B: int) -> float:
+    """Matmul FLOPs of prefilling B prompts of --prompt tokens and decoding --new tokens, attention over the
+    real (causal) context only."""
+    D, L, V, H, K = args.hidden, args.layers, args.vocab, args.heads, args.kv_heads
+    E, F, P, N = D // H, 2 * D, args.prompt, args.new
+    weights = L * (D * H * E + 2 * D * K * E + H * E * D + 3 * D * F) + D * V
+    context = P * (P + 1) / 2 + sum(P + t for t in range(1, N))  # keys each query attends to
+    return 2.0 * B * (P + N - 1) * weights + 4.0 * B * L * H * E * context
+
+
+def matmul_peak_flops(n: int = 1024, repeats: int = 10) -> float:
+    """The best jitted float32 matmul rate of this machine (FLOP/s), [n, n] x [n, n]."""
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n**3 / best
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--prompt", type=int, default=16)
-    ap.add_argument("--new", type=int, default=64)
-    ap.add_argument("--vocab", type=int, default=1024)
-    ap.add_argument("--hidden", type=int, default=64)
+    ap.add_argument("--batch", default="16,32", help="comma-separated batch sizes")
+    ap.add_argument("--prompt", type=int, default=32)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--vocab", type=int, default=512)
+    ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--kv-heads", type=int, default=2)
-    ap.add_argument("--temperature", type=float, default=0.8)
+    ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--top-p", type=float, default=0.9)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--eos", type=int, default=1)
-    ap.add_argument("--torch-threads", type=int, default=0, help="torch.set_num_threads; 0 keeps torch's default")
+    ap.add_argument("--torch-threads", type=int, default=os.cpu_count(), help="torch.set_num_threads")
     args = ap.parse_args()
-    if args.torch_threads:
-        torch.set_num_threads(args.torch_threads)
+    torch.set_num_threads(args.torch_threads)
+    batches = [int(b) for b in args.batch.split(",")]
 
     ref, path = build_weights(args)
     ours = hf.load_pretrained(path)
-    B, P, N = args.batch, args.prompt, args.new
+    print(f"device: jax {jax.default_backend()} ({jax.devices()[0].device_kind}), torch CPU threads "
+          f"{torch.get_num_threads()}, {os.cpu_count()} cores; jax {jax.__version__}, torch {torch.__version__}, "
+          f"transformers {transformers.__version__}")
+    print(f"Qwen2 vocab={args.vocab} hidden={args.hidden} layers={args.layers} heads={args.heads}/{args.kv_heads}; "
+          f"prompt={args.prompt} new={args.new} temperature={args.temperature} top_p={args.top_p}")
+    peak = matmul_peak_flops()
+    print(f"compute floor: jitted float32 matmul peak {peak / 1e9:.0f} GFLOP/s (1024^3, best of 10)")
+    ratios = {B: run_batch(args, B, ref, ours, peak) for B in batches}
+    print("speedup ours vs HF generate (median wall time per call, same work): "
+          + ", ".join(f"batch {B} {r:.1f}x" for B, r in ratios.items()))
+
+
+def run_batch(args, B: int, ref, ours, peak: float) -> float:
+    P, N = args.prompt, args.new
     rng = np.random.default_rng(0)
     prompt = rng.integers(2, args.vocab, (B, P)).astype(np.int32)
     mask = np.ones((B, P), np.int32)
@@ -95,18 +137,13 @@ def main() -> None:
         gen = out[:, P:].numpy()
         return np.array([int(np.argmax(g == args.eos)) + 1 if (g == args.eos).any() else gen.shape[1] for g in gen])
 
-    print(f"device: jax {jax.default_backend()} ({jax.devices()[0].device_kind}), torch CPU threads "
-          f"{torch.get_num_threads()}; jax {jax.__version__}, torch {torch.__version__}, "
-          f"transformers {transformers.__version__}")
-    print(f"Qwen2 vocab={args.vocab} hidden={args.hidden} layers={args.layers} heads={args.heads}/{args.kv_heads}; "
-          f"batch={B} prompt={P} new={N} temperature={args.temperature} top_p={args.top_p}")
     t0 = time.perf_counter()
     lens_ours = run_ours(0)
     warm_ours = time.perf_counter() - t0
     t0 = time.perf_counter()
     lens_hf = run_hf(0)
     warm_hf = time.perf_counter() - t0
-    print(f"warm-up (excluded): ours {warm_ours:.2f} s (includes jit compile), HF {warm_hf:.2f} s")
+    print(f"batch {B}: warm-up (excluded): ours {warm_ours:.2f} s (includes jit compile), HF {warm_hf:.2f} s")
 
     t_ours, t_hf = [], []
     for r in range(1, args.repeats + 1):
@@ -117,14 +154,16 @@ def main() -> None:
         lens_hf = run_hf(r)
         t_hf.append(time.perf_counter() - t0)
     full = bool((lens_ours == N).all() and (lens_hf == N).all())
-    print(f"generated tokens per row: ours {lens_ours.tolist()}, HF {lens_hf.tolist()} "
-          f"({'all equal to --new' if full else 'NOT all equal to --new: lengths differ, compare tokens/s'})")
+    print(f"batch {B}: generated tokens per row {'all equal to --new' if full else 'NOT all equal to --new'} "
+          f"(ours min {lens_ours.min()}, HF min {lens_hf.min()})")
     m_ours, m_hf = statistics.median(t_ours), statistics.median(t_hf)
-    print(f"ours: median {m_ours * 1e3:.1f} ms/call ({B * N / m_ours:,.0f} tokens/s); runs "
+    floor = generation_flops(args, B) / peak
+    print(f"batch {B}: ours median {m_ours * 1e3:.1f} ms/call ({B * N / m_ours:,.0f} tokens/s, "
+          f"{100 * floor / m_ours:.1f}% of the compute floor {floor * 1e3:.2f} ms); runs "
           + ", ".join(f"{t * 1e3:.1f}" for t in t_ours))
-    print(f"HF:   median {m_hf * 1e3:.1f} ms/call ({B * N / m_hf:,.0f} tokens/s); runs "
-          + ", ".join(f"{t * 1e3:.1f}" for t in t_hf))
-    print(f"speedup ours vs HF generate (median wall time per call, same work): {m_hf / m_ours:.1f}x")
+    print(f"batch {B}: HF   median {m_hf * 1e3:.1f} ms/call ({B * N / m_hf:,.0f} tokens/s, "
+          f"{100 * floor / m_hf:.1f}% of the compute floor); runs " + ", ".join(f"{t * 1e3:.1f}" for t in t_hf))
+    return m_hf / m_ours
 
 
 if __name__ == "__main__":
