@@ -196,3 +196,48 @@ def test_bfloat16_runs():
     assert model.layers[0].mlp.up_proj.kernel[...].dtype == jnp.bfloat16
     logits = _fwd(model, _tokens(2, 5))
     assert logits.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits)))
+
+
+_CACHED_FORWARD = """
+import sys
+import jax, jax.numpy as jnp
+from jax._src import monitoring
+from flax import nnx
+from opd import compile_cache
+from opd.model import ModelConfig, Transformer
+hits = []
+monitoring.register_event_listener(lambda event, **kw: hits.append(event) if event.endswith("cache_hits") else None)
+compile_cache.enable(sys.argv[1])
+cfg = ModelConfig(vocab_size=32, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=32)
+model = Transformer(cfg, rngs=nnx.Rngs(0))
+nnx.jit(lambda m, t: m(t))(model, jnp.ones((2, 5), jnp.int32)).block_until_ready()
+print("HITS", len(hits))
+"""
+
+
+@pytest.mark.slow  # two fresh Python processes importing jax
+def test_compile_cache_reuses_programs_across_processes(tmp_path):
+    """A second process running the same program reads it from the persistent cache instead of compiling."""
+    import subprocess
+    import sys
+
+    def run() -> int:
+        out = subprocess.run([sys.executable, "-c", _CACHED_FORWARD, str(tmp_path / "xla")], capture_output=True,
+                             text=True, check=True)
+        return int(out.stdout.split("HITS")[-1])
+
+    assert run() == 0 and any((tmp_path / "xla").iterdir())
+    assert run() >= 1
+
+
+@pytest.mark.parametrize(("which", "kwargs", "key"), [("empty", {}, "path"), ("file", {}, "path"),
+                                                  ("new", {"min_compile_time_s": -1.0}, "min_compile_time_s")])
+def test_compile_cache_bad_arguments(tmp_path, which, kwargs, key):
+    """Checked before the global configuration changes."""
+    from opd import compile_cache
+
+    (tmp_path / "file").write_text("")
+    path = {"empty": "", "file": str(tmp_path / "file"), "new": str(tmp_path / "new")}[which]
+    with pytest.raises(ValueError, match=key):
+        compile_cache.enable(path, **kwargs)
+    assert jax.config.jax_compilation_cache_dir in (None, "")
