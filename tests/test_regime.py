@@ -21,7 +21,7 @@ from opd.train.config import register_configs
 CONF = Path(__file__).resolve().parents[1] / "conf"
 register_configs()
 
-_LINE = re.compile(r"^(\w+) ([a-z]) (\w+) (\d+)\+(\d+)=(\d+)( it (\d+))?$")
+_LINE = re.compile(r"^(\w+) ([a-z])(\d) (\w+) (\d+)\+(\d+)=(\d+)( it (\d+))?$")
 
 
 @pytest.fixture(scope="module")
@@ -63,10 +63,10 @@ def _check_worked(p, text):
     for label, x, line in zip("abcdefghijklmnopq", numbers, lines, strict=False):
         m = _LINE.match(line)
         assert m, line
-        opener, lab, link, a, b, new = m.group(1, 2, 3, 4, 5, 6)
-        assert opener in OPENERS and link in LINKS and lab == label
+        opener, lab, copied, link, a, b, new = m.group(1, 2, 3, 4, 5, 6, 7)
+        assert opener in OPENERS and link in LINKS and lab == label and int(copied) == x
         assert sorted([int(a), int(b)]) == sorted([total, x]) and int(new) == total + x
-        assert m.group(8) in (None, new)
+        assert m.group(9) in (None, new)
         total += x
     assert tail == f"{total}<eot>" and int(p.answer) == total
 
@@ -109,8 +109,8 @@ def test_demonstration_distribution_is_multimodal(teacher):
         for line in teacher.demonstration(p).split("</think>")[0][len("<think>"):].rstrip("\n").split("\n"):
             m = _LINE.match(line)
             openers[m.group(1)] += 1
-            first_addend[len(m.group(4)) > 1] += 1
-            check[m.group(7) is not None] += 1
+            first_addend[len(m.group(5)) > 1] += 1
+            check[m.group(8) is not None] += 1
     for counts, top in ((openers, 0.25), (first_addend, 0.6), (check, 0.6)):
         assert max(counts.values()) / sum(counts.values()) < top, counts
     assert set(openers) == set(OPENERS)

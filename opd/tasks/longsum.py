@@ -4,12 +4,14 @@ One problem space, two solution styles, one shared vocabulary (the default `Toke
 
     prompt:   a7 b5 c9 d3 ... =          (min_terms..max_terms labelled one-digit operands)
 
-    worked    (the teacher's, long and free; ~16-22 tokens per operand, median ~300 tokens at 13-17 terms)
-              <think>take a is 000+7=007
-              put b on 5+007=012 it 012
+    worked    (the teacher's, long and free; ~17-23 tokens per operand, median ~320 tokens at 13-17 terms)
+              <think>take a7 is 000+7=007
+              put b5 on 5+007=012 it 012
               ...
               </think>153<eot>
-      every line adds one operand to the running sum, with genuine freedom: an opening word (one of six), a
+      every line copies one operand next to its label (the lookup an induction head does; with the operand
+      only inside the sum, a 300-step tiny teacher learned the format but not the lookup) and adds it to the
+      running sum, with genuine freedom: an opening word (one of six), a
       linking word (one of four), the order of the two addends (`swap_prob`) and an optional check that
       repeats the new sum (`check_prob`). The freedom is drawn per item from a hash of its prompt, so the
       demonstration distribution is multimodal and the teacher's next-token distribution is too.
@@ -73,7 +75,7 @@ def worked_lines(numbers: list[int], width: int, choices: np.random.Generator, *
         if choices.random() < swap_prob:
             a, b = b, a
         check = f" it {new:0{width}d}" if choices.random() < check_prob else ""
-        lines.append(f"{opener} {label} {link} {a}+{b}={new:0{width}d}{check}\n")
+        lines.append(f"{opener} {label}{x} {link} {a}+{b}={new:0{width}d}{check}\n")
         total = new
     return "".join(lines)
 
