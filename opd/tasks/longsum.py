@@ -9,9 +9,9 @@ One problem space, two solution styles, one shared vocabulary (the default `Toke
               put b5 on 5+007=012 it 012
               ...
               </think>153<eot>
-      every line copies one operand next to its label (the lookup an induction head does; with the operand
-      only inside the sum, a 300-step tiny teacher learned the format but not the lookup) and adds it to the
-      running sum, with genuine freedom: an opening word (one of six), a
+      every line copies one operand next to its label (a fixed-offset lookup, what an induction head does;
+      an operand written only inside the sum sits at a variable offset and is much slower for a tiny model to
+      learn, notes/30_regime.md) and adds it to the running sum, with genuine freedom: an opening word (one of six), a
       linking word (one of four), the order of the two addends (`swap_prob`) and an optional check that
       repeats the new sum (`check_prob`). The freedom is drawn per item from a hash of its prompt, so the
       demonstration distribution is multimodal and the teacher's next-token distribution is too.
