@@ -3,9 +3,9 @@
 XLA_FLAGS must be set before JAX initializes its backend, so the multi-device run happens in a subprocess
 (this file run as a script) with `--xla_force_host_platform_device_count=8`. That process runs 3 updates of
 `opd.train.opd_step.OPDStepper` for lsm, sampled_token (2 minibatches) and full_rkl, chunked and unchunked,
-on a one-device mesh and on a data=2 x fsdp=4 mesh, from the same seeds and batches, and writes every
-metric and the final train state; the tests compare them. Teacher scoring and the sampler run on the
-placed model too.
+on a one-device mesh and on a data=2 x fsdp=4 mesh (full_rkl chunked also on data=2 x fsdp=2 x tensor=2),
+from the same seeds and batches, and writes every metric and the final train state; the tests compare
+them. Teacher scoring and the sampler run on the placed model too.
 """
 
 from __future__ import annotations
@@ -24,12 +24,13 @@ from jax.sharding import PartitionSpec as P
 from opd import sharding
 
 ROOT = Path(__file__).resolve().parents[1]
-MESHES = {"1dev": (1, 1, 1), "dp2_fsdp4": (2, 4, 1)}  # (data, fsdp, tensor)
+MESHES = {"1dev": (1, 1, 1), "dp2_fsdp4": (2, 4, 1), "dp2_fsdp2_tp2": (2, 2, 2)}  # (data, fsdp, tensor)
 RUNS = {  # name -> (objective, minibatches_per_step, chunk_size); chunk 5 over L=12: 3 chunks, the last padded
     "lsm": ("lsm", 1, None), "lsm_chunked": ("lsm", 1, 5),
     "sampled_token": ("sampled_token", 2, None), "sampled_token_chunked": ("sampled_token", 2, 5),
     "full_rkl": ("full_rkl", 1, None), "full_rkl_chunked": ("full_rkl", 1, 5),
 }
+TENSOR_RUNS = ("full_rkl_chunked",)  # the tensor-parallel mesh runs only these (student and teacher heads)
 STEPS, B, L, PROMPT, K = 3, 16, 12, 6, 4
 
 
@@ -96,14 +97,17 @@ def _worker(out_path: str) -> None:
     for mesh_name, shape in MESHES.items():
         mesh = sharding.make_mesh(*shape)
         for run, (objective, minibatches, chunk) in RUNS.items():
+            if mesh_name == "dp2_fsdp2_tp2" and run not in TENSOR_RUNS:
+                continue
             student, teacher = models()
             t_graphdef, t_state = nnx.split(teacher)
             stepper = OPDStepper(student, loss_cfg(objective), opt_cfg(minibatches), mesh=mesh, chunk_size=chunk,
                                  teacher_graphdef=t_graphdef)
-            if run == "lsm":  # the placed student and the teacher scoring, before any update
+            if f"{mesh_name}:q_shard" not in out:  # the placed student, before any update
                 q = student.layers[0].self_attn.q_proj.kernel[...]
                 out[f"{mesh_name}:q_shard"] = np.asarray(q.addressable_shards[0].data.shape)
                 out[f"{mesh_name}:q_devices"] = np.asarray(len(q.sharding.device_set))
+            if run == "lsm":  # the sampler and the teacher scoring on the placed model
                 prompt, pmask = sharding.shard_batch((data[0].tokens_BxL[:, :PROMPT],
                                                       data[0].attention_mask_BxL[:, :PROMPT]), mesh)
                 roll = sample(student, prompt, pmask, jax.random.key(0),
@@ -148,10 +152,10 @@ def _select(r: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in r.items() if k.startswith(prefix)}
 
 
-@pytest.mark.parametrize("run", RUNS)
-def test_trainer_on_eight_devices_matches_one_device(eight_device_results, run):
+@pytest.mark.parametrize("mesh,run", [("dp2_fsdp4", r) for r in RUNS] + [("dp2_fsdp2_tp2", r) for r in TENSOR_RUNS])
+def test_trainer_on_eight_devices_matches_one_device(eight_device_results, mesh, run):
     r = eight_device_results
-    ref, got = _select(r, f"1dev:{run}:"), _select(r, f"dp2_fsdp4:{run}:")
+    ref, got = _select(r, f"1dev:{run}:"), _select(r, f"{mesh}:{run}:")
     assert set(got) == set(ref)
     metrics = {k for k in ref if ":metric:" in k}
     names = {k.split(":metric:")[1] for k in metrics}
@@ -166,7 +170,7 @@ def test_trainer_on_eight_devices_matches_one_device(eight_device_results, run):
 @pytest.mark.parametrize("objective", ["lsm", "sampled_token", "full_rkl"])
 def test_chunked_update_matches_unchunked(eight_device_results, objective):
     r = eight_device_results
-    for mesh in MESHES:
+    for mesh in ("1dev", "dp2_fsdp4"):
         ref, got = _select(r, f"{mesh}:{objective}:"), _select(r, f"{mesh}:{objective}_chunked:")
         assert set(got) == set(ref)
         for k in sorted(ref):
@@ -183,10 +187,11 @@ def test_sampler_and_teacher_scoring_match_on_eight_devices(eight_device_results
 
 def test_parameters_really_are_sharded(eight_device_results):
     r = eight_device_results
-    assert int(r["1dev:q_devices"]) == 1 and int(r["dp2_fsdp4:q_devices"]) == 8
-    # q_proj kernel [D=32, H*E=32] under P("fsdp", "tensor"): one device holds a [32/fsdp, 32] block.
+    assert int(r["1dev:q_devices"]) == 1 and int(r["dp2_fsdp4:q_devices"]) == 8 == int(r["dp2_fsdp2_tp2:q_devices"])
+    # q_proj kernel [D=32, H*E=32] under P("fsdp", "tensor"): one device holds a [32/fsdp, 32/tensor] block.
     assert tuple(r["1dev:q_shard"]) == (32, 32)
     assert tuple(r["dp2_fsdp4:q_shard"]) == (8, 32)
+    assert tuple(r["dp2_fsdp2_tp2:q_shard"]) == (16, 16)
 
 
 def test_rules_and_fallbacks():
