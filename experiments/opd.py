@@ -24,6 +24,7 @@ rows) and that max_position_embeddings covers prompt + response.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -39,8 +40,44 @@ from opd.train.config import register_configs, to_container, validate
 register_configs()
 
 
-def run_experiment(cfg: Any, built: dict[str, Any], out_dir: Path, *, log: Callable[[str], None] = progress) -> dict:
-    """Everything after validation. Returns the final metrics written to metrics.json."""
+# Keys that may change between a run and its resumption (they do not change what is computed).
+RESUME_VOLATILE = ("resume", "log_every", "checkpoint_every", "keep_checkpoints", "wandb")
+
+
+def check_run_dir(cfg: Any, out_dir: Path) -> dict[str, Any]:
+    """Where the run writes and whether it resumes, checked before any computation: {'dir', 'resume_step',
+    'config'}. A directory holding a finished run, or rows without a checkpoint, is refused (never
+    overwritten); a checkpoint written by another configuration is refused naming what differs."""
+    from opd.cli import ConfigError
+    from opd.train import resume
+
+    run_dir = Path(str(cfg.resume)) if cfg.resume is not None else out_dir
+    key = "resume" if cfg.resume is not None else "hydra.run.dir"
+    config = {k: v for k, v in to_container(cfg).items() if k not in RESUME_VOLATILE}
+    if (run_dir / "metrics.json").exists():
+        raise ConfigError(f"{key}: {run_dir} already holds a finished run (metrics.json); choose another directory")
+    checkpoint = resume.latest(run_dir)
+    if checkpoint is None:
+        if cfg.resume is not None:
+            raise ConfigError(f"resume: {run_dir} holds no complete checkpoint (checkpoints/step_*/)")
+        if (run_dir / "metrics.jsonl").exists():
+            raise ConfigError(f"{key}: {run_dir} holds rows of a run but no checkpoint to resume from; choose "
+                              "another directory")
+        return {"dir": run_dir, "resume_step": None, "config": config}
+    saved = json.loads((checkpoint / resume.RUN_STATE).read_text())
+    differs = resume.config_differences(saved["config"], config)
+    if differs:
+        raise ConfigError(f"{key}: the checkpoint {checkpoint} was written by another configuration: "
+                          + "; ".join(differs[:5]) + (f" (+{len(differs) - 5} more)" if len(differs) > 5 else ""))
+    return {"dir": run_dir, "resume_step": int(saved["step"]), "config": config}
+
+
+def run_experiment(cfg: Any, built: dict[str, Any], out_dir: Path, *, log: Callable[[str], None] = progress,
+                   run: dict[str, Any] | None = None) -> dict:
+    """Everything after validation (and `check_run_dir`, whose result is `run`). Returns the final metrics
+    written to metrics.json."""
+    run = check_run_dir(cfg, out_dir) if run is None else run
+    out_dir = run["dir"]
     from opd.results import RunRecorder, write_jsonl
     from opd.train import evaluate as ev
     from opd.train.loop import Route, run_opd
@@ -50,12 +87,13 @@ def run_experiment(cfg: Any, built: dict[str, Any], out_dir: Path, *, log: Calla
     resolved = to_container(cfg)
     eval_key = jax.random.key(int(cfg.eval_seed))
     route_cfgs = built["routes"]
-    eval_items = {name: r["task"].items("eval", int(cfg.eval_problems), int(cfg.eval_seed))
+    eval_items = {name: r["task"].items(str(cfg.eval_split), int(cfg.eval_problems), int(cfg.eval_seed))
                   for name, r in route_cfgs.items()}
 
     def eval_spec(name: str, n: int) -> dict[str, Any]:
         """Everything a held-out evaluation's numbers depend on besides the model."""
-        return {"task": resolved["tasks"][name]["task"], "items": n, "eval_seed": int(cfg.eval_seed),
+        return {"task": resolved["tasks"][name]["task"], "split": str(cfg.eval_split), "items": n,
+                "eval_seed": int(cfg.eval_seed),
                 "samples": int(cfg.eval_samples), "batch_size": min(int(cfg.eval_batch_size), n)}
 
     def evaluate(model, name: str, task, n: int, prefix: str) -> tuple[dict[str, float], list]:
@@ -122,7 +160,7 @@ def run_experiment(cfg: Any, built: dict[str, Any], out_dir: Path, *, log: Calla
 
     resolved["effective_models"] = {"student": built["student"].to_dict(),
                                     **{f"teacher/{n}": r["teacher"].to_dict() for n, r in route_cfgs.items()}}
-    recorder = RunRecorder(out_dir, resolved)
+    recorder = RunRecorder(out_dir, resolved, resume_step=run["resume_step"])
     routes = [Route(name=name, task=r["task"], teacher=teachers[name], mapping=r["mapping"],
                     train_items=r["task"].items("train", int(cfg.train_problems), int(cfg.train_seed)),
                     eval_items=eval_items[name]) for name, r in route_cfgs.items()]
@@ -131,7 +169,10 @@ def run_experiment(cfg: Any, built: dict[str, Any], out_dir: Path, *, log: Calla
 
     mesh = make_mesh(int(cfg.mesh.data), int(cfg.mesh.fsdp), int(cfg.mesh.tensor))
     result = run_opd(cfg, student, routes, recorder=recorder, log=log, mesh=mesh, chunk_size=built["chunk_size"],
-                     diagnostics_path=out_dir / "diagnostics.json" if int(cfg.diagnostics_every) else None)
+                     diagnostics_path=out_dir / "diagnostics.json" if int(cfg.diagnostics_every) else None,
+                     run_dir=out_dir, checkpoint_every=int(cfg.checkpoint_every),
+                     keep_checkpoints=int(cfg.keep_checkpoints), run_config=run["config"],
+                     on_nonfinite=str(cfg.on_nonfinite))
     opd_s = time.time() - t_opd
 
     last_step = max(result["evals"])
@@ -177,7 +218,8 @@ _GROUPS = {"loss": "loss", "rollout": "rollout", "optimizer": "optimizer", "expe
 @entry_point
 def main(cfg: DictConfig) -> float:
     built = validate(cfg)  # ConfigError -> one line on stderr, exit 2, job dir removed
-    final = run_experiment(cfg, built, output_dir())
+    run = check_run_dir(cfg, output_dir())
+    final = run_experiment(cfg, built, output_dir(), run=run)
     return float(final["final/score"])
 
 

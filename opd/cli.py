@@ -16,6 +16,11 @@ class ConfigError(ValueError):
     """A configuration value that is not allowed. The message names the key and what is allowed."""
 
 
+class RunHaltedError(RuntimeError):
+    """A run stopped on purpose mid-way (e.g. a non-finite loss); the message is one line saying where and
+    what was kept. The entry point prints it and exits with status 3."""
+
+
 def require(condition: bool, key: str, allowed: str, got: Any) -> None:
     """Raise ConfigError('<key>: expected <allowed>, got <got>') unless `condition` holds."""
     if not condition:
@@ -34,6 +39,15 @@ def progress(msg: str) -> None:
         logging.getLogger("opd").info(msg)
     else:
         print(msg, flush=True)
+
+
+def progress_bar(total: int, *, initial: int = 0, desc: str = ""):
+    """A tqdm bar with rate and ETA when stderr is a terminal; disabled (no output) in log files and pipes,
+    where the progress lines are the record."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=not sys.stderr.isatty(),
+                dynamic_ncols=True, leave=False)
 
 
 def output_dir() -> Path:
@@ -98,6 +112,9 @@ def entry_point(fn: Callable[..., Any]) -> Callable[..., Any]:
                 first = str(err).splitlines()[0] if str(err) else type(err).__name__
                 print(f"error: job {HydraConfig.get().job.num}: {first} ({path})", file=sys.stderr, flush=True)
                 return float("nan")
+            if isinstance(err, RunHaltedError):
+                print(f"error: {err}", file=sys.stderr)
+                sys.exit(3)
             if not isinstance(err, ConfigError):
                 raise
             try:
@@ -166,29 +183,55 @@ def sweep_jobs(argv: list[str], config_name: str, conf_dir: Path = CONF_DIR) -> 
     return [list(job) for batch in batches for job in batch]
 
 
-def validate_sweep(argv: list[str], config_name: str, validate: Callable[[Any], Any],
-                   conf_dir: Path = CONF_DIR) -> None:
-    """Validate every job of a sweep before the first one runs: ConfigError naming the job's overrides."""
-    from hydra import compose, initialize_config_dir
+def composition_error(err: Exception) -> ConfigError:
+    """Hydra's/OmegaConf's multi-line composition report as one ConfigError line naming the key."""
+    import re
 
-    jobs = sweep_jobs(argv, config_name, conf_dir)
-    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
-        for num, job in enumerate(jobs):
-            try:
-                validate(compose(config_name=config_name, overrides=job))
-            except ConfigError as err:
-                raise ConfigError(f"{err} (sweep job {num}: {' '.join(job)}; no job was run)") from None
+    text = " ".join(str(err).split())
+    cause = err.__cause__ or err.__context__
+    detail = " ".join(str(cause).split()) if cause is not None else text
+    key = re.search(r"full_key: (\S+)", text + " " + detail) or re.search(r"override '([^']+)'", text) or \
+        re.search(r"Key '([^']+)'", text + " " + detail)
+    detail = re.split(r" full_key:| object_type=| To append", detail)[0].strip()
+    if "not in struct" in detail or "Could not append to config" in text:
+        detail = "not a key of this configuration (the schema is opd/train/config.py; no '+key=' additions)"
+    return ConfigError(f"{key.group(1) if key else 'overrides'}: {detail}")
+
+
+def validate_jobs(argv: list[str], config_name: str, validate: Callable[[Any], Any] | None,
+                  conf_dir: Path = CONF_DIR) -> None:
+    """Compose and validate every job the command line would run (one, or every job of a `-m` sweep) before
+    the first one starts: a ConfigError names the key (and, in a sweep, the job's overrides)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    sweep = "-m" in argv or "--multirun" in argv
+    try:
+        jobs = sweep_jobs(argv, config_name, conf_dir) if sweep else [[a for a in argv if not a.startswith("-")]]
+        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+            for num, job in enumerate(jobs):
+                try:
+                    cfg = compose(config_name=config_name, overrides=job)
+                    if validate is not None:
+                        validate(cfg)
+                except ConfigError as err:
+                    if not sweep:
+                        raise
+                    raise ConfigError(f"{err} (sweep job {num}: {' '.join(job)}; no job was run)") from None
+    except (HydraException, OmegaConfBaseException) as err:
+        raise composition_error(err) from None
 
 
 def run_main(main: Callable[[], Any], groups: dict[str, str], entry: str,
              validate: Callable[[Any], Any] | None = None) -> None:
-    """`python -m experiments.<entry>`: check the group choices on the command line and, for a sweep, every
-    job's config; then run Hydra."""
+    """`python -m experiments.<entry>`: check the group choices on the command line, compose and validate
+    every job (one line, exit status 2, nothing written, on a bad value); then run Hydra."""
     argv = sys.argv[1:]
     try:
         check_group_choices(argv, groups, entry)
-        if validate is not None and ("-m" in argv or "--multirun" in argv):
-            validate_sweep(argv, entry, validate)
+        if not any(a in argv for a in ("--cfg", "-c", "--info", "--help", "-h", "--hydra-help")):
+            validate_jobs(argv, entry, validate)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -104,6 +104,6 @@ def rollout_diagnostics(
 
 STEP_METRICS = (
     "loss", "grad_norm", "entropy", "response_len", "truncated_frac", "logprob_gap", "neg_reward_frac",
-    "not_in_topk_frac", "teacher_topk_mass", "student_topk_mass",
+    "not_in_topk_frac", "teacher_topk_mass", "student_topk_mass", "clip_frac",
 )
 """Keys every OPD metrics row carries (plus time/sample_s, time/score_s, time/update_s)."""

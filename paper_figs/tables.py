@@ -114,6 +114,10 @@ def score_matrix(jobs: list[dict], phase: str, task: str) -> tuple[np.ndarray, l
 
 def build(name: str, sweep: Path, *, min_seeds: int, min_items: int, command: str) -> dict[str, Any]:
     jobs, failed = load(sweep)
+    tuning = [str(j["dir"].relative_to(sweep)) for j in jobs if get(j["config"], "eval_split", "eval") != "eval"]
+    if tuning:
+        raise TableError(f"sweep_dir: {len(tuning)} jobs were evaluated on the validation split (tuning runs, e.g. "
+                         f"{tuning[0]}); a reported table reads the test split (eval_split=eval)")
     revisions = sorted({j["revision"] for j in jobs})
     if len(revisions) > 1:
         raise TableError(f"sweep_dir: rows from {len(revisions)} code revisions are mixed ({', '.join(revisions)}); "

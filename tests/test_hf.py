@@ -24,12 +24,6 @@ from opd.sampling import SamplingConfig, sample  # noqa: E402
 pytestmark = pytest.mark.hf
 
 
-@pytest.fixture(autouse=True)
-def _no_rank_promotion():
-    """Implicit rank promotion is a bug here (style.md E8): raise on it, in this module only."""
-    with jax.numpy_rank_promotion("raise"):
-        yield
-
 V = 101
 # name -> (architecture, config kwargs). Every case is GQA or MHA with distinctive options:
 CASES = {

@@ -102,7 +102,7 @@ def test_bad_options(tmp_path, tok):
         (dict(path=tmp_path / "missing.jsonl"), "is not a file"),
         (dict(path=_write(tmp_path, ["", " "], "empty.jsonl")), "no items"),
         (dict(max_prompt_len=0), "max_prompt_len: expected a positive integer"),
-        (dict(eval_fraction=1.0), "eval_fraction: expected a number in [0, 1)"),
+        (dict(eval_fraction=0.5), "eval_fraction: expected a number in [0, 0.5)"),
         (dict(context_len=100), "exceeds the model's context_len=100"),
         (dict(verifier="fuzzy"), "verifier: expected one of ['exact_match', 'none']"),
         (dict(verifier="no_such_module_xyz:f"), "verifier: cannot import"),
@@ -150,7 +150,9 @@ def test_splits_are_stable_disjoint_and_seeded(tmp_path, tok):
     task = JsonlTask(_write(tmp_path, lines), tok, max_prompt_len=128, max_response_len=16, eval_fraction=0.25)
     train = {it.source for it in task.items("train", len(task._splits["train"]), 0)}
     evals = {it.source for it in task.items("eval", len(task._splits["eval"]), 0)}
-    assert not train & evals and len(train | evals) == 60 and 5 <= len(evals) <= 25
+    val = {it.source for it in task.items("validation", len(task._splits["validation"]), 0)}
+    assert not train & evals and not val & (train | evals) and len(train | evals | val) == 60
+    assert 5 <= len(evals) <= 25 and 5 <= len(val) <= 25
     assert task.items("train", 5, 3) == task.items("train", 5, 3) != task.items("train", 5, 4)
     many = task.items("eval", 3 * len(evals), 1)  # repeats the split when asked for more
     assert len(many) == 3 * len(evals) and {it.source for it in many} == evals
@@ -159,7 +161,8 @@ def test_splits_are_stable_disjoint_and_seeded(tmp_path, tok):
     assert {it.answer for it in again._splits["eval"]} == {it.answer for it in task._splits["eval"]}
     with_eval = JsonlTask(_write(tmp_path, lines[:4], "a.jsonl"), tok, max_prompt_len=128, max_response_len=16,
                           eval_path=_write(tmp_path, lines[4:6], "b.jsonl"))
-    assert len(with_eval._splits["train"]) == 4 and len(with_eval._splits["eval"]) == 2
+    assert len(with_eval._splits["train"]) + len(with_eval._splits["validation"]) == 4
+    assert len(with_eval._splits["eval"]) == 2
     with pytest.raises(ValueError, match="split: expected one of"):
         task.items("test", 1, 0)
 

@@ -10,14 +10,6 @@ from flax import nnx
 
 from opd.model import KVCache, ModelConfig, Transformer, forward_logprobs
 
-
-@pytest.fixture(autouse=True)
-def _no_rank_promotion():
-    """Implicit rank promotion is a bug here (style.md E8): raise on it, in this module only."""
-    with jax.numpy_rank_promotion("raise"):
-        yield
-
-
 TINY = ModelConfig(vocab_size=40, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                    intermediate_size=64, max_seq_len=64)
 

@@ -94,6 +94,10 @@ BAD = {
     "mesh_not_device_count": (["mesh.data=2"], "mesh"),
     "multitask_unknown_objective": (["experiment=multitask", "loss.name=nope"], "loss.name"),
     "multitask_top_p": (["experiment=multitask", "rollout.top_p=1.5"], "rollout.top_p"),
+    "tuning_reads_the_test_split": (["tuning=true"], "eval_split"),
+    "unknown_top_level_key": (["+foo=1"], "foo"),
+    "non_finite_lr": (["optimizer.lr=inf"], "optimizer.lr"),
+    "wrong_type": (["steps=many"], "steps"),
 }
 
 

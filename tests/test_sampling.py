@@ -12,14 +12,6 @@ from opd import sampling
 from opd.model import ModelConfig, Transformer, forward_logprobs
 from opd.sampling import PAD_ID, Rollout, SamplingConfig, sample, select_tokens
 
-
-@pytest.fixture(autouse=True)
-def _no_rank_promotion():
-    """Implicit rank promotion is a bug here (style.md E8): raise on it, in this module only."""
-    with jax.numpy_rank_promotion("raise"):
-        yield
-
-
 CFG = ModelConfig(vocab_size=40, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                   intermediate_size=64, qk_norm=True)
 B, P, N = 8, 6, 8

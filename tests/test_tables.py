@@ -87,6 +87,15 @@ def test_too_small_a_sweep_is_refused(tmp_path, change, message):
         tables.build("table1", sweep, min_seeds=5, min_items=20, command="test")
 
 
+def test_tuning_runs_on_the_validation_split_are_not_a_reported_table(tmp_path):
+    sweep = _sweep(tmp_path / "s")
+    payload = json.loads((sweep / "lsm_0" / "metrics.json").read_text())
+    payload["config"]["eval_split"] = "validation"
+    (sweep / "lsm_0" / "metrics.json").write_text(json.dumps(payload))
+    with pytest.raises(tables.TableError, match="evaluated on the validation split"):
+        tables.build("table1", sweep, min_seeds=5, min_items=20, command="test")
+
+
 def test_mixed_revisions_are_refused_on_the_command_line_and_nothing_is_written(tmp_path):
     sweep = _sweep(tmp_path / "s")
     _job(sweep, "late", loss="lsm", seed=9, p=0.7, revision="def")

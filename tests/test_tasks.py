@@ -223,6 +223,10 @@ def test_train_eval_disjoint_and_partition(kw):
     # the partition is a function of the problem alone: other seeds never cross it either
     assert all(task.split_of(p) == "train" for p in task.problems("train", 500, 7))
     assert all(task.split_of(p) == "eval" for p in task.problems("eval", 500, 7))
+    # the validation split is disjoint from both
+    val_p = {p.prompt for p in task.problems("validation", 1000, 0)}
+    assert len(val_p) == 1000 and not val_p & train_p and not val_p & eval_p
+    assert all(task.split_of(p) == "validation" for p in val_p)
     # the eval share of random prompts is about eval_fraction
     rng = np.random.default_rng(0)
     shares = [

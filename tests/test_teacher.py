@@ -11,14 +11,6 @@ from flax import nnx
 from opd.model import ModelConfig, Transformer, forward_logprobs
 from opd.teacher import TeacherPayload, score
 
-
-@pytest.fixture(autouse=True)
-def _no_rank_promotion():
-    """Implicit rank promotion is a bug here (style.md E8): raise on it, in this module only."""
-    with jax.numpy_rank_promotion("raise"):
-        yield
-
-
 CFG = ModelConfig(vocab_size=40, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                   intermediate_size=64)
 

@@ -46,6 +46,7 @@ from opd.tasks.common import (
     encode_demonstrations,
     single_turn_rollout,
     special_token_ids,
+    split_index,
     split_of_key,
 )
 from opd.tasks.tokenizer import Tokenizer
@@ -129,8 +130,9 @@ class ArithmeticTask:
             raise ValueError(f"max_terms: at most 11 (partial sums are written with two digits), got {max_terms}")
         if style == "chain" and max_terms > len(LABELS):
             raise ValueError(f"max_terms: at most {len(LABELS)} (one letter label per operand), got {max_terms}")
-        if not 0.0 < eval_fraction < 1.0:
-            raise ValueError(f"eval_fraction: expected a value in (0, 1), got {eval_fraction}")
+        if not 0.0 < eval_fraction < 0.5:
+            raise ValueError(f"eval_fraction: expected a value in (0, 0.5) (validation takes as much again), "
+                             f"got {eval_fraction}")
         self.digits, self.min_terms, self.max_terms, self.style = digits, min_terms, max_terms, style
         self.sum_width = len(str(max_terms * (10**digits - 1)))
         self.eval_fraction = eval_fraction
@@ -173,7 +175,7 @@ class ArithmeticTask:
         check_split(split)
         if n < 0:
             raise ValueError(f"n: expected a non-negative count, got {n}")
-        rng = np.random.default_rng([int(seed), 0 if split == "train" else 1])
+        rng = np.random.default_rng([int(seed), split_index(split)])
 
         def draw() -> list[int]:
             k = int(rng.integers(self.min_terms, self.max_terms + 1))

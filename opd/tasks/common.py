@@ -80,12 +80,21 @@ def single_turn_rollout(task, model, items: Sequence, rng, *, temperature: float
                     score=np.asarray([task.score(it, t) for it, t in zip(items, texts)], np.float32))
 
 
-SPLITS = ("train", "eval")
+SPLITS = ("train", "validation", "eval")
+"""Disjoint splits of every task: train (SFT demonstrations and OPD prompts), validation (every choice a
+study makes: learning rates, steps, K) and eval, the test split, evaluated once per reported run."""
 
 
 def check_split(split: str) -> None:
     if split not in SPLITS:
         raise ValueError(f"split: expected one of {list(SPLITS)}, got {split!r}")
+
+
+def split_index(split: str) -> int:
+    """A per-split integer for seeding draws (train 0, eval 1, validation 2: train/eval draws predate
+    the validation split and keep their seeds)."""
+    check_split(split)
+    return {"train": 0, "eval": 1, "validation": 2}[split]
 
 
 def hash_bucket(key: str, buckets: int) -> int:
@@ -94,8 +103,13 @@ def hash_bucket(key: str, buckets: int) -> int:
 
 
 def split_of_key(key: str, eval_fraction: float) -> str:
-    """Hash partition of a problem space: the same key is always in the same split."""
-    return "eval" if hash_bucket(key, 1_000_000) < round(eval_fraction * 1_000_000) else "train"
+    """Hash partition of a problem space: the same key is always in the same split. A share `eval_fraction`
+    of keys is eval (test), the next share of the same size validation, the rest train."""
+    if not 0.0 <= eval_fraction < 0.5:
+        raise ValueError(f"eval_fraction: expected a number in [0, 0.5) (validation takes as much again), "
+                         f"got {eval_fraction}")
+    bucket, cut = hash_bucket(key, 1_000_000), round(eval_fraction * 1_000_000)
+    return "eval" if bucket < cut else "validation" if bucket < 2 * cut else "train"
 
 
 def draw_distinct(n: int, draw, key, keep, *, error: str) -> list:

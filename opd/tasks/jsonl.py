@@ -205,8 +205,9 @@ class JsonlTask:
         for key, value in (("max_prompt_len", max_prompt_len), ("max_response_len", max_response_len)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{key}: expected a positive integer, got {value!r}")
-        if not 0.0 <= float(eval_fraction) < 1.0:
-            raise ValueError(f"eval_fraction: expected a number in [0, 1), got {eval_fraction!r}")
+        if not 0.0 <= float(eval_fraction) < 0.5:
+            raise ValueError(f"eval_fraction: expected a number in [0, 0.5) (validation takes as much again), "
+                             f"got {eval_fraction!r}")
         if getattr(tokenizer, "chat_template", None) is None:
             raise ValueError("tokenizer: has no chat template (JSONL prompts are rendered through one)")
         if tokenizer.eos_id is None:
@@ -222,14 +223,13 @@ class JsonlTask:
         self.max_response_len = max_response_len
         needs = self.verifier is not None
         main = read_jsonl(path, tokenizer, max_prompt_len=max_prompt_len, needs_answer=needs)
-        if eval_path is not None:
-            evals = read_jsonl(eval_path, tokenizer, max_prompt_len=max_prompt_len, needs_answer=needs)
-            self._splits = {"train": main, "eval": evals}
-        else:
-            self._splits = {"train": [], "eval": []}
-            for it in main:
-                key = json.dumps([it.messages, it.target, it.answer], sort_keys=True)
-                self._splits[split_of_key(key, float(eval_fraction))].append(it)
+        self._splits = {"train": [], "validation": [], "eval": []}
+        for it in main:
+            key = json.dumps([it.messages, it.target, it.answer], sort_keys=True)
+            self._splits[split_of_key(key, float(eval_fraction))].append(it)
+        if eval_path is not None:  # the test split is that file; hash-eval lines of the main file train
+            self._splits["train"] += self._splits["eval"]
+            self._splits["eval"] = read_jsonl(eval_path, tokenizer, max_prompt_len=max_prompt_len, needs_answer=needs)
 
     def __len__(self) -> int:
         return sum(len(v) for v in self._splits.values())

@@ -50,6 +50,7 @@ from opd.tasks.common import (
     hash_bucket,
     single_turn_rollout,
     special_token_ids,
+    split_index,
     split_of_key,
 )
 from opd.tasks.tokenizer import Tokenizer
@@ -120,8 +121,9 @@ class LongSumTask:
                 raise ValueError(f"{key}: expected a probability in [0, 1], got {value}")
         if not budget_factor >= 1.0:
             raise ValueError(f"budget_factor: expected a number >= 1, got {budget_factor}")
-        if not 0.0 < eval_fraction < 1.0:
-            raise ValueError(f"eval_fraction: expected a value in (0, 1), got {eval_fraction}")
+        if not 0.0 < eval_fraction < 0.5:
+            raise ValueError(f"eval_fraction: expected a value in (0, 0.5) (validation takes as much again), "
+                             f"got {eval_fraction}")
         self.min_terms, self.max_terms = int(min_terms), int(max_terms)
         self.style, self.teacher_style, self.teacher_conventions = style, teacher_style, teacher_conventions
         self.swap_prob, self.check_prob = float(swap_prob), float(check_prob)
@@ -182,7 +184,7 @@ class LongSumTask:
         check_split(split)
         if n < 0:
             raise ValueError(f"n: expected a non-negative count, got {n}")
-        rng = np.random.default_rng([int(seed), 0 if split == "train" else 1])
+        rng = np.random.default_rng([int(seed), split_index(split)])
 
         def draw() -> list[int]:
             k = int(rng.integers(self.min_terms, self.max_terms + 1))

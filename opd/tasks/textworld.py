@@ -55,7 +55,15 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from opd.tasks.common import Rollouts, check_split, draw_distinct, pad_sequences, special_token_ids, split_of_key
+from opd.tasks.common import (
+    Rollouts,
+    check_split,
+    draw_distinct,
+    pad_sequences,
+    special_token_ids,
+    split_index,
+    split_of_key,
+)
 from opd.tasks.tokenizer import Tokenizer
 
 ERROR_OBSERVATION = "Nothing happens."
@@ -357,7 +365,7 @@ class TextWorldTask:
             ("max_tokens", max_tokens > max_prompt_len, "an integer > max_prompt_len"),
             ("min_rooms/max_rooms", 1 <= min_rooms <= max_rooms <= len(ROOMS), f"1 <= min <= max <= {len(ROOMS)}"),
             ("min_objects/max_objects", 1 <= min_objects <= max_objects <= len(OBJECTS), "1 <= min <= max"),
-            ("eval_fraction", 0.0 < eval_fraction < 1.0, "a value in (0, 1)"),
+            ("eval_fraction", 0.0 < eval_fraction < 0.5, "a value in (0, 0.5) (validation takes as much again)"),
         ]
         for key, ok, allowed in checks:
             if not ok:
@@ -398,7 +406,7 @@ class TextWorldTask:
         train and eval never share a world) and the expert solves it within the limits.
         """
         check_split(split)
-        rng = np.random.default_rng([int(seed), 0 if split == "train" else 1, 31])
+        rng = np.random.default_rng([int(seed), split_index(split), 31])
         return draw_distinct(
             n, lambda: int(rng.integers(0, 2**31 - 1)), lambda s: self.world(s).signature(),
             lambda s, sig: split_of_key(sig, self.eval_fraction) == split and self.fits(s),

@@ -14,6 +14,7 @@ comes from the checkpoint (opd.model.hf), and the experiment loads it as is inst
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,7 +138,10 @@ class OPDConfig:
     chunk_size: int | None = None
     steps: int = 60  # OPD training steps (multi-task: one route per step, in turn)
     eval_every: int = 10  # evaluate held-out pass@1 every this many steps (and at the last)
-    eval_problems: int = 128  # held-out items per task (task "eval" split, fixed seed shared by every run)
+    eval_problems: int = 128  # held-out items per task (fixed seed shared by every run)
+    # validation: tuning runs, where every choice is made | eval: the test split, read once per reported run
+    eval_split: str = "eval"
+    tuning: bool = False  # a run that makes a choice (lr, steps, K): refused on the test split
     eval_samples: int = 1  # sampled pass@1 = mean over this many samples per item
     eval_seed: int = 1234
     eval_batch_size: int = 32
@@ -150,6 +154,14 @@ class OPDConfig:
     checkpoint_root: str = ".cache/opd/checkpoints"  # SFT checkpoint cache
     student_checkpoint: str | None = None  # an existing checkpoint dir replaces student SFT
     name: str = "opd"  # a label for figures and logs
+    # Long runs (opd/train/resume.py): the run state is checkpointed in <run dir>/checkpoints every N steps
+    # (0: never) and the newest `keep_checkpoints` kept; rerunning in the same directory, or resume=<run dir>,
+    # continues from the newest one.
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    resume: str | None = None
+    on_nonfinite: str = "halt"  # halt: stop at a NaN/inf loss or gradient | skip: log it and skip the update
+    wandb: bool = False  # also log rows to Weights & Biases (needs `pip install wandb`; TensorBoard always)
 
 
 def register_configs() -> None:
@@ -248,8 +260,8 @@ def build_task(section: Any, key: str = "task", **extra):
 
 
 def _positive(value: Any, key: str) -> None:
-    require(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0, key, "a number > 0",
-            value)
+    require(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0,
+            key, "a finite number > 0", value)
 
 
 def _count(cfg: Any, key: str, minimum: int = 1) -> None:
@@ -271,6 +283,11 @@ def make_tokenizer(student: str, teacher: str = "same"):
 
 
 def _check_scalars(cfg: Any) -> None:
+    known = {f.name for f in dataclasses.fields(OPDConfig)}
+    unknown = sorted(k for k in cfg.keys() if k not in known and k != "hydra")
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: not a key of this configuration (the schema is opd/train/config.py "
+                          "OPDConfig; '+key=' additions are refused)")
     require_choice("loss.name", cfg.loss.name, LOSSES)
     require_choice("loss.aggregation", cfg.loss.aggregation, AGGREGATION_MODES)
     for key, value in (("loss.rollout_top_p", cfg.loss.rollout_top_p), ("rollout.top_p", cfg.rollout.top_p)):
@@ -295,6 +312,20 @@ def _check_scalars(cfg: Any) -> None:
     _positive(cfg.optimizer.lr, "optimizer.lr")
     _positive(cfg.optimizer.grad_clip, "optimizer.grad_clip")
     require_choice("tokenizer", cfg.tokenizer, STUDENT_TOKENIZERS)
+    require_choice("on_nonfinite", cfg.on_nonfinite, ("halt", "skip"))
+    require_choice("eval_split", cfg.eval_split, ("validation", "eval"))
+    require(not (cfg.tuning and cfg.eval_split == "eval"), "eval_split",
+            "validation in a tuning run (tuning=true): choices are made on validation, the test split (eval) is "
+            "read once per reported run", cfg.eval_split)
+    if cfg.wandb:
+        import importlib.util
+
+        require(importlib.util.find_spec("wandb") is not None, "wandb",
+                "false, or true with the wandb package installed (pip install wandb)", cfg.wandb)
+    _count(cfg, "checkpoint_every", 0)
+    _count(cfg, "keep_checkpoints")
+    if cfg.resume is not None:
+        require(Path(str(cfg.resume)).is_dir(), "resume", "an existing run directory (or null)", cfg.resume)
     chunk = cfg.chunk_size
     require(chunk is None or (isinstance(chunk, int) and not isinstance(chunk, bool) and chunk >= 0),
             "chunk_size", "null (auto), 0 (off) or a positive integer", chunk)

@@ -29,6 +29,7 @@ from flax import nnx
 
 from opd import failure_modes as fm
 from opd import objectives
+from opd.cli import RunHaltedError, progress_bar
 from opd.train import evaluate as ev
 from opd.train.batch import build_batch
 
@@ -132,6 +133,14 @@ def step_row(metrics: dict, rollouts, batch, route: Route) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------
 
 
+class NonFiniteError(RunHaltedError):
+    """The loss or the gradient became NaN/inf; the message names the step, the quantity and the last good
+    checkpoint (which is intact: non-finite states are never checkpointed)."""
+
+
+ON_NONFINITE = ("halt", "skip")
+
+
 def run_opd(
     cfg: Any,
     student: nnx.Module,
@@ -142,20 +151,33 @@ def run_opd(
     diagnostics_path: str | Path | None = None,
     mesh=None,
     chunk_size: int | None = None,
+    run_dir: str | Path | None = None,
+    checkpoint_every: int = 0,
+    keep_checkpoints: int = 2,
+    run_config: dict[str, Any] | None = None,
+    on_nonfinite: str = "halt",
     sample_fn=None,
     score_fn=None,
 ) -> dict[str, Any]:
     """Train `student` in place for cfg.steps steps, route `(step − 1) mod len(routes)` at each step.
 
+    With `run_dir` and `checkpoint_every` > 0 the run state (student, optimizer, every key and cursor) is
+    checkpointed every `checkpoint_every` steps (opd/train/resume.py), tagged with `run_config`; when
+    `run_dir` already holds a checkpoint the run continues from it. A non-finite loss or gradient norm halts
+    the run with NonFiniteError (`on_nonfinite="halt"`) or, with "skip", is logged and the update skipped
+    (the optimizer then applies only finite updates).
+
     Returns {'rows': [...], 'evals': {step: {...}}, 'eval_items': {step: {route: per-item rows}},
     'records': failure-mode records}."""
+    from opd.train import resume
     from opd.train.opd_step import OPDStepper
 
     objective = objectives.get(cfg.loss.name)
     # Only objectives that read the teacher's logits inside the update get its graph and weights there; each
     # route passes its own (teachers may differ in architecture).
     teachers = {r.name: nnx.split(r.teacher) if objective.teacher == "logits" else (None, None) for r in routes}
-    stepper = OPDStepper(student, cfg.loss, cfg.optimizer, mesh=mesh, chunk_size=chunk_size)
+    stepper = OPDStepper(student, cfg.loss, cfg.optimizer, mesh=mesh, chunk_size=chunk_size,
+                         skip_nonfinite=on_nonfinite == "skip")
     k = int(cfg.loss.k)
     rng = jax.random.key(int(cfg.seed))
     pick = np.random.default_rng(int(cfg.seed))
@@ -167,6 +189,14 @@ def run_opd(
     eval_items: dict[int, dict[str, list]] = {}
     records: list[dict[str, Any]] = []
     counts = {r.name: 0 for r in routes}
+    start, last_checkpoint = 1, None
+    if run_dir is not None and (checkpoint := resume.latest(run_dir)) is not None:
+        state, saved = resume.restore(checkpoint, stepper.state)
+        stepper.load_state(state)
+        rng, counts, start = resume.key_from_json(saved["rng"]), saved["counts"], saved["step"] + 1
+        pick.bit_generator.state = saved["pick"]
+        last_checkpoint = checkpoint
+        log(f"[resume] continuing after step {saved['step']} from {checkpoint}")
 
     def do_eval(step: int) -> dict[str, float]:
         out, items = {}, {}
@@ -179,7 +209,8 @@ def run_opd(
         evals[step], eval_items[step] = out, items
         return out
 
-    for step in range(1, steps + 1):
+    bar = progress_bar(steps, initial=start - 1, desc=f"opd {cfg.loss.name}")
+    for step in range(start, steps + 1):
         route = routes[(step - 1) % len(routes)]
         counts[route.name] += 1
         idx = pick.integers(0, len(route.train_items), n_prompts)
@@ -197,7 +228,13 @@ def run_opd(
         metrics = jax.block_until_ready(stepper.update(batch, state, teacher_graphdef=graphdef))
         t3 = time.perf_counter()
 
+        bad = [k for k in ("loss", "grad_norm") if not np.isfinite(float(metrics[k]))]
+        if bad and on_nonfinite == "halt":
+            raise NonFiniteError(f"step {step} ({route.name}): non-finite {' and '.join(bad)} "
+                                 f"({', '.join(f'{k}={float(metrics[k])}' for k in bad)}); rows up to step {step - 1} "
+                                 f"are in metrics.jsonl; last good checkpoint: {last_checkpoint or 'none'}")
         row = step_row(metrics, rollouts, batch, route)
+        row["skipped_update"] = float(bool(bad))
         row.update({"task_step": counts[route.name],
                     "time/sample_s": t1 - t0, "time/score_s": t2 - t1, "time/update_s": t3 - t2})
         if step % int(cfg.eval_every) == 0 or step == steps:
@@ -213,8 +250,15 @@ def run_opd(
         rows.append(row)
         if recorder is not None:
             recorder.log(step, **row)
+        if run_dir is not None and checkpoint_every and (step % checkpoint_every == 0 or step == steps):
+            last_checkpoint = resume.save(
+                run_dir, step, stepper.state, {"rng": resume.key_to_json(rng), "pick": pick.bit_generator.state,
+                                               "counts": counts, "config": run_config}, keep=keep_checkpoints)
+        bar.update(1)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", task=route.name)
         if step % int(cfg.log_every) == 0 or step == steps or any(k_.startswith("eval/") for k_ in row):
             log(progress_line(cfg, step, steps, row, (t1 - t0, t2 - t1, t3 - t2)))
+    bar.close()
     return {"rows": rows, "evals": evals, "eval_items": eval_items, "records": records}
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from opd.cli import progress_bar
 from opd.train import checkpoints
 from opd.train.batch import positions_from_mask
 
@@ -78,7 +79,9 @@ def train_sft(model: nnx.Module, tasks: list, cfg, *, label: str = "sft",
     rng = np.random.default_rng(int(cfg.seed))
     losses: list[float] = []
     t0 = time.time()
+    bar = progress_bar(int(cfg.steps), desc=f"sft {label}")
     for i in range(1, int(cfg.steps) + 1):
+        bar.update(1)
         tokens, attn, target = data[(i - 1) % len(data)]
         idx = rng.integers(0, len(tokens), int(cfg.batch_size))
         state, loss = step(state, jnp.asarray(tokens[idx]), jnp.asarray(attn[idx]), jnp.asarray(target[idx]))
@@ -86,6 +89,7 @@ def train_sft(model: nnx.Module, tasks: list, cfg, *, label: str = "sft",
             losses.append(float(loss))
             log(f"[sft {label}] step {i}/{cfg.steps} ({tasks[(i - 1) % len(tasks)].name}) loss {float(loss):.4f} "
                 f"({time.time() - t0:.0f}s)")
+    bar.close()
     nnx.update((model, optimizer), state)
     return losses
 
