@@ -59,6 +59,18 @@ def _require_topk_shapes(student_logits: Array, topk_ids: Array, teacher_topk: A
     if not jnp.issubdtype(topk_ids.dtype, jnp.integer):
         raise ValueError(f"topk_ids must be an integer array, got dtype {topk_ids.dtype}")
     _require_ids_in_range("topk_ids", topk_ids, vocab)
+    _require_no_nan("student_logits", student_logits)
+    _require_no_nan("teacher_topk_logprobs", teacher_topk)
+
+
+def _require_no_nan(name: str, x: Array) -> None:
+    """Eager calls only (values are unknown while tracing): NaN input is a caller's bug, refused in one line.
+    -inf is allowed (masked or padded vocabulary entries)."""
+    if isinstance(x, jax.core.Tracer):
+        return
+    if np.isnan(np.asarray(x)).any():
+        raise ValueError(f"{name}: expected no NaN values (-inf is allowed for masked entries), got "
+                         f"{int(np.isnan(np.asarray(x)).sum())} NaN of {np.asarray(x).size}")
 
 
 def _require_ids_in_range(name: str, ids: Array, vocab: int) -> None:
@@ -211,6 +223,8 @@ def full_reverse_kl(
     """
     student_logits, teacher_logits = jnp.asarray(student_logits), jnp.asarray(teacher_logits)
     _require_same_shape("student_logits", student_logits, "teacher_logits", teacher_logits)
+    _require_no_nan("student_logits", student_logits)
+    _require_no_nan("teacher_logits", teacher_logits)
     logp = jax.nn.log_softmax(_f32(student_logits), axis=-1)
     logq = jax.nn.log_softmax(_f32(teacher_logits), axis=-1)
     return _kl(logp, logq)

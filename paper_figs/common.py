@@ -27,6 +27,14 @@ def setup_style() -> None:
     })
 
 
+def fail(message: str) -> None:
+    """A figure or table command's bad input: one `error: ...` line on stderr, exit status 2, nothing written."""
+    import sys
+
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def load_jobs(root: str | Path) -> list[dict[str, Any]]:
     """Every finished job under `root`: {'dir', 'config', 'metrics', 'rows'}, sorted by directory."""
     jobs = []
@@ -35,7 +43,7 @@ def load_jobs(root: str | Path) -> list[dict[str, Any]]:
         jobs.append({"dir": summary.parent, "config": payload.get("config", {}),
                      "metrics": payload.get("metrics", {}), "rows": read_rows(summary.parent)})
     if not jobs:
-        raise SystemExit(f"no finished jobs (metrics.json) under {root}")
+        fail(f"sweep_dir: no finished jobs (metrics.json) under {root}")
     return jobs
 
 

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from paper_figs.common import PALETTE, get, mapped_teacher, plt, read_rows, save, setup_style
+from paper_figs.common import PALETTE, fail, get, mapped_teacher, plt, read_rows, save, setup_style
 
 
 def load_diagnostics(root: str | Path) -> list[dict[str, Any]]:
@@ -44,7 +44,7 @@ def load_diagnostics(root: str | Path) -> list[dict[str, Any]]:
         jobs.append({"dir": path.parent, "config": config, "records": payload.get("records", []),
                      "label": job_label(config, path.parent)})
     if not jobs:
-        raise SystemExit(f"no diagnostics.json under {root}")
+        fail(f"results_dir: no diagnostics.json under {root}")
     return jobs
 
 

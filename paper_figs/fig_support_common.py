@@ -13,6 +13,8 @@ from typing import Any
 import matplotlib.pyplot as plt
 import numpy as np
 
+from paper_figs.common import fail
+
 TOPK_VARIANTS = ["lsm", "lsm_no_renorm", "stop_grad_topk", "topk_tail", "v2", "v3", "v4", "v5"]
 VOPD_TOPK = ["vopd_topk_teacher", "vopd_topk_student"]
 SCALAR = ["full_rkl", "sampled_token", "vopd_full", "box_cox", "constant"]
@@ -41,7 +43,7 @@ COLORS = {name: _CMAP(i) for i, name in enumerate(TOPK_VARIANTS + VOPD_TOPK + SC
 def load_rows(root: str | Path) -> list[dict[str, Any]]:
     path = Path(root) / "rows.jsonl"
     if not path.exists():
-        raise SystemExit(f"no rows at {path}: run `python -m synthetic.support_study --out {root}` first")
+        fail(f"rows_dir: no rows at {path}: run `python -m synthetic.support_study --out {root}` first")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
