@@ -40,12 +40,9 @@ import numpy as np
 
 from opd.tasks.common import (
     Problem,
-    Rollouts,
+    SingleTurnTask,
     check_split,
     draw_distinct,
-    encode_demonstrations,
-    single_turn_rollout,
-    special_token_ids,
     split_index,
     split_of_key,
 )
@@ -105,7 +102,7 @@ def parse_answer(response_text: str) -> int | None:
     return int(m.group(1))
 
 
-class ArithmeticTask:
+class ArithmeticTask(SingleTurnTask):
     """Sums of `min_terms..max_terms` zero-padded `digits`-digit numbers (see the module docstring)."""
 
     name = "arithmetic"
@@ -199,33 +196,6 @@ class ArithmeticTask:
         stripped by decode); 0.0 otherwise, including malformed responses."""
         got = parse_answer(response_text)
         return 1.0 if got is not None and got == int(p.answer) else 0.0
-
-    # -- the trainer's Task protocol (opd.tasks.common.Task) -----------------------------------------
-
-    def items(self, split: str, n: int, seed: int) -> list[Problem]:
-        return self.problems(split, n, seed)
-
-    def prompt_of(self, p: Problem) -> str:
-        return p.prompt
-
-    def rollout(self, model, items, rng, *, temperature: float, top_p: float, top_k: int = 0,
-                sample_fn=None) -> Rollouts:
-        return single_turn_rollout(self, model, items, rng, temperature=temperature, top_p=top_p, top_k=top_k,
-                                   sample_fn=sample_fn)
-
-    def sequence_length(self) -> int:
-        return int(self.max_prompt_len + self.max_response_len)
-
-    def demonstrations(self, items) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(tokens_BxL, attention_mask_BxL, target_mask_BxL): left-padded prompt, then the demonstration
-        (ending in EOS) right-padded to max_response_len; target_mask is 1 on the demonstration tokens."""
-        tokens, target, attn = encode_demonstrations(
-            self.tokenizer, [p.prompt for p in items], [self.demonstration(p) for p in items],
-            self.max_prompt_len, self.max_response_len)
-        return tokens, attn, target
-
-    def special_ids(self) -> dict[str, int]:
-        return special_token_ids(self.tokenizer)
 
     def __repr__(self) -> str:
         return (

@@ -60,6 +60,41 @@ def special_token_ids(tokenizer: Tokenizer) -> dict[str, int]:
     return {k: int(getattr(tokenizer, a)) for k, a in names.items() if getattr(tokenizer, a, None) is not None}
 
 
+class SingleTurnTask:
+    """The Task protocol for a single-turn task built on `Problem`s: a subclass provides `problems(split, n,
+    seed)`, `demonstration(problem) -> text`, `score(problem, response_text)`, `tokenizer` and the length
+    limits; the protocol methods follow from them."""
+
+    def items(self, split: str, n: int, seed: int) -> list[Problem]:
+        return self.problems(split, n, seed)
+
+    def prompt_of(self, p: Problem) -> str:
+        return p.prompt
+
+    def rollout(self, model, items, rng, *, temperature: float, top_p: float, top_k: int = 0,
+                sample_fn=None) -> Rollouts:
+        return single_turn_rollout(self, model, items, rng, temperature=temperature, top_p=top_p, top_k=top_k,
+                                   sample_fn=sample_fn)
+
+    def sequence_length(self) -> int:
+        return int(self.max_prompt_len + self.max_response_len)
+
+    def demonstration_length(self) -> int:
+        """Width the SFT demonstrations are padded to (the response budget unless a task knows better)."""
+        return int(self.max_response_len)
+
+    def demonstrations(self, items) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(tokens_BxL, attention_mask_BxL, target_mask_BxL): left-padded prompt, then the demonstration
+        (ending in EOS) right-padded to `demonstration_length()`; target_mask is 1 on the demonstration."""
+        tokens, target, attn = encode_demonstrations(
+            self.tokenizer, [p.prompt for p in items], [self.demonstration(p) for p in items],
+            self.max_prompt_len, self.demonstration_length())
+        return tokens, attn, target
+
+    def special_ids(self) -> dict[str, int]:
+        return special_token_ids(self.tokenizer)
+
+
 def single_turn_rollout(task, model, items: Sequence, rng, *, temperature: float, top_p: float, top_k: int = 0,
                         sample_fn=None) -> Rollouts:
     """One sampled response per item after its left-padded prompt, scored by `task.score(item, text)`."""
