@@ -125,12 +125,12 @@ def run_experiment(cfg: Any, built: dict[str, Any], out_dir: Path, *, log: Calla
             out.update(metrics)
         return out, items
 
-    def prepare_model(label, model_cfg, hf_dir, names_tasks, sections, sft_cfg, checkpoint, n_of):
-        if hf_dir is not None:  # a Hugging Face checkpoint replaces SFT preparation
+    def prepare_model(label, model_cfg, hf_dir, names_tasks, sections, sft_cfg, checkpoint, n_of, hf_sft=False):
+        if hf_dir is not None and not hf_sft:  # a Hugging Face checkpoint replaces SFT preparation
             return load_hf(label, hf_dir, model_cfg, log=log)
         eval_fn, spec = sft_eval(names_tasks, n_of)
         return prepare(label, model_cfg, [t for _, t in names_tasks], sections, sft_cfg, root=cfg.checkpoint_root,
-                       checkpoint=checkpoint, eval_fn=eval_fn, eval_spec=spec, log=log)
+                       checkpoint=checkpoint, eval_fn=eval_fn, eval_spec=spec, log=log, init_from=hf_dir)
 
     teachers, teacher_scores, item_rows = {}, {}, []
     for name, r in route_cfgs.items():
@@ -139,7 +139,8 @@ def run_experiment(cfg: Any, built: dict[str, Any], out_dir: Path, *, log: Calla
                     "tokenizer": [cfg.tokenizer, rc.teacher_tokenizer], "sft": resolved["tasks"][name]["sft"]}
         teachers[name], tmeta = prepare_model(
             f"teacher/{name}", r["teacher"], r["hf_teacher"], [(name, r["teacher_task"])], sections, rc.sft,
-            rc.teacher_checkpoint, lambda _n, rc=rc: min(int(rc.sft.eval_problems), int(cfg.eval_problems)))
+            rc.teacher_checkpoint, lambda _n, rc=rc: min(int(rc.sft.eval_problems), int(cfg.eval_problems)),
+            hf_sft=r["teacher_sft"])
         scores, items = held_out(teachers[name], tmeta, [(name, r["teacher_task"])], "teacher/")
         teacher_scores.update(scores)
         item_rows += [{"phase": "teacher", "task": name, **row} for row in items.get(name, [])]

@@ -35,7 +35,21 @@ def _longsum(**kwargs):
     return LongSumTask(**kwargs)
 
 
-TASKS = {"arithmetic": _arithmetic, "textworld": _textworld, "longsum": _longsum}
+def _jsonl(path=None, generate=None, data_dir=".cache/opd/data", **kwargs):
+    """A JsonlTask (opd.tasks.jsonl) on `path`, or on the file `generate` (a opd.tasks.chat_data spec)
+    writes under `data_dir`; exactly one of the two."""
+    from opd.tasks.chat_data import write_jsonl_data
+    from opd.tasks.jsonl import JsonlTask
+
+    if (path is None) == (generate is None):
+        raise ValueError("path: expected exactly one of path (a JSONL file) or generate (a data spec), got "
+                         + ("both" if path is not None else "neither"))
+    if generate is not None:
+        path = write_jsonl_data(dict(generate), data_dir)
+    return JsonlTask(path, **kwargs)
+
+
+TASKS = {"arithmetic": _arithmetic, "textworld": _textworld, "longsum": _longsum, "jsonl": _jsonl}
 
 
 def make_task(name: str, **kwargs):

@@ -26,6 +26,7 @@ is one ValueError naming the file, the line and the key.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import math
@@ -190,6 +191,20 @@ def read_jsonl(path: str | os.PathLike, tokenizer: Any, *, max_prompt_len: int, 
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _with_id_to_token(tokenizer: Any) -> Any:
+    """The tokenizer with an `id_to_token` (the failure-mode records label loop tokens with it): an
+    HFTokenizer lacks one, so a copy of it as a subclass that reads its `tokenizers` vocabulary."""
+    if hasattr(tokenizer, "id_to_token") or not dataclasses.is_dataclass(tokenizer):
+        return tokenizer
+
+    @dataclasses.dataclass
+    class _Labelled(type(tokenizer)):
+        def id_to_token(self, i: int) -> str:
+            return str(self.tokenizer.id_to_token(int(i)))
+
+    return _Labelled(**{f.name: getattr(tokenizer, f.name) for f in dataclasses.fields(tokenizer)})
+
+
 class JsonlTask:
     """Prompts from JSONL files through the tokenizer's chat template (an `opd.model.hf.HFTokenizer`).
 
@@ -216,7 +231,7 @@ class JsonlTask:
             raise ValueError(f"max_prompt_len + max_response_len = {max_prompt_len + max_response_len} exceeds "
                              f"the model's context_len={context_len}")
         self.name = name
-        self.tokenizer = tokenizer
+        self.tokenizer = _with_id_to_token(tokenizer)
         self.verifier = resolve_verifier(verifier)
         self.metric = "accuracy" if self.verifier is not None else "none"
         self.max_prompt_len = max_prompt_len

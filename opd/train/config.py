@@ -95,7 +95,10 @@ class SFTConfig:
 
 TEACHER_TOKENIZERS = ("same", "variant")
 TOKEN_MAPPINGS = (None, "surface", "role")
-STUDENT_TOKENIZERS = ("basic", "spaced")
+STUDENT_TOKENIZERS = ("basic", "spaced", "hf")
+HF_VARIANT_EOS = "<|endoftext|>"
+"""The end of turn of an HF `variant` teacher (failure mode 3 on real tokens): its assistant turns end with
+this token instead of the student's EOS (SmolLM2/Qwen: "<|im_end|>"); the rest of the template is shared."""
 
 
 @dataclass
@@ -109,6 +112,10 @@ class RouteConfig:
     teacher_tokenizer: str = "same"
     token_mapping: str | None = None  # null | surface | role (opd.tasks.TokenMapping.from_tokenizers specials=)
     teacher_checkpoint: str | None = None  # an existing checkpoint directory replaces the teacher's SFT
+    # With a Hugging Face teacher section (model=hf): true SFTs it on this route's demonstrations starting
+    # from the checkpoint's weights (cached by config hash and the checkpoint's fingerprint), the way the
+    # paper's teacher is an SFT of its student's base; false loads it as is.
+    teacher_sft: bool = False
     sft: SFTConfig = field(default_factory=lambda: SFTConfig(seed=0))  # the teacher's SFT on this task
 
 
@@ -126,7 +133,9 @@ class OPDConfig:
     """The whole run: `python -m experiments.opd` composes conf/opd.yaml onto this schema."""
 
     student: Any = MISSING  # conf/model/* mapping -> opd.model.ModelConfig
-    tokenizer: str = "basic"  # the student's vocabulary: basic | spaced (word pieces with their leading space)
+    # the student's vocabulary: basic | spaced (word pieces with their leading space) | hf (the HF student
+    # checkpoint's own tokenizer and chat template; for task=jsonl)
+    tokenizer: str = "basic"
     tasks: dict[str, RouteConfig] = field(default_factory=dict)  # route name -> route
     loss: LossConfig = field(default_factory=LossConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -173,6 +182,19 @@ def register_configs() -> None:
     cs.store(group="loss", name="base_loss", node=LossConfig)
     cs.store(group="rollout", name="base_rollout", node=RolloutConfig)
     cs.store(group="optimizer", name="base_optimizer", node=OptimizerConfig)
+    if not OmegaConf.has_resolver("opd_gguf"):
+        OmegaConf.register_new_resolver("opd_gguf", gguf_checkpoint)
+
+
+def gguf_checkpoint(source: str, cache_root: str = ".cache/opd/models") -> str:
+    """`${opd_gguf:smollm2-135m}` in a config: the Hugging Face directory of a GGUF model (a path, or the
+    name of a packaged one), converted under `cache_root` on first use (opd.model.gguf.converted_checkpoint)."""
+    from opd.model import gguf
+
+    try:
+        return str(gguf.converted_checkpoint(source, cache_root))
+    except ValueError as err:
+        raise ConfigError(f"opd_gguf: {err}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -272,14 +294,57 @@ def _count(cfg: Any, key: str, minimum: int = 1) -> None:
             f"an integer >= {minimum}", node)
 
 
-def make_tokenizer(student: str, teacher: str = "same"):
-    """The student's tokenizer (`basic` | `spaced`), or a teacher's (`same` | `variant`) built on it."""
+def make_tokenizer(student: str, teacher: str = "same", *, hf_dir: str | None = None):
+    """The student's tokenizer (`basic` | `spaced` | `hf`: the checkpoint `hf_dir`'s), or a teacher's
+    (`same` | `variant`) built on it."""
     from opd.tasks import Tokenizer
 
+    if student == "hf":
+        return _hf_tokenizer(hf_dir, teacher)
     spaced = student == "spaced"
     if teacher == "same":
         return Tokenizer.spaced() if spaced else Tokenizer()
     return Tokenizer.variant(think_as_pieces=True, eos_token="<|endoftext|>", spaced=spaced, name="teacher-variant")
+
+
+def _hf_tokenizer(hf_dir: str | None, teacher: str):
+    """A checkpoint's tokenizer (opd.model.hf.HFTokenizer); the `variant` teacher's ends its turns with
+    HF_VARIANT_EOS instead (same vocabulary and ids, another EOS)."""
+    import dataclasses as dc
+
+    from opd.model import hf
+
+    require(hf_dir is not None, "tokenizer", "basic | spaced, or hf with a Hugging Face student "
+            "(model@student=hf student.path=DIR)", "hf")
+    try:
+        tok = hf.load_tokenizer(hf_dir)
+    except ValueError as err:
+        raise ConfigError(f"tokenizer: hf: {err}") from None
+    require(tok.eos_id is not None and tok.chat_template is not None, "tokenizer",
+            "hf with a student checkpoint whose tokenizer has an EOS token and a chat template", hf_dir)
+    if teacher == "same":
+        return tok
+    eos = tok.tokenizer.token_to_id(HF_VARIANT_EOS)
+    require(eos is not None and eos != tok.eos_id, "teacher_tokenizer",
+            f"same, or variant with a student vocabulary holding {HF_VARIANT_EOS!r} apart from its EOS", teacher)
+    return dc.replace(tok, special_ids={**tok.special_ids, "eos": int(eos)})
+
+
+def hf_token_mapping(student: Any, teacher: Any, specials: str):
+    """The declared mapping between an HF student tokenizer and its `variant` teacher (one vocabulary, another
+    EOS): `surface` spells every student token by its own string, so the student's EOS stays the teacher's
+    end-of-turn-less token (identity; the teacher scores it as it would "<|im_end|>" in its text), `role` maps
+    the student's EOS to the teacher's EOS. Different vocabularies are refused (no cross-vocabulary HF map)."""
+    from opd.tasks import TokenMapping
+
+    sv = student.tokenizer.get_vocab(with_added_tokens=True)
+    if sv != teacher.tokenizer.get_vocab(with_added_tokens=True):
+        raise ValueError("teacher and student HF tokenizers have different vocabularies; only one vocabulary "
+                         "with different special-token roles can be mapped")
+    table = [(i,) for i in range(student.vocab_size)]
+    if specials == "role":
+        table[student.eos_id] = (teacher.eos_id,)
+    return TokenMapping(tuple(table), student.vocab_size, teacher.vocab_size)
 
 
 def _check_scalars(cfg: Any) -> None:
@@ -366,8 +431,12 @@ def validate(cfg: Any) -> dict[str, Any]:
     require(len(cfg.tasks) >= 1, "tasks", "at least one route {name: {task, teacher, ...}}", dict(cfg.tasks))
     _check_batch(cfg)
     objective = objectives.get(cfg.loss.name)
-    student_tok = make_tokenizer(cfg.tokenizer)
     hf_student = hf_path(cfg.student)
+    if cfg.tokenizer == "hf":
+        require(hf_student is not None, "tokenizer", "basic | spaced, or hf with a Hugging Face student "
+                "(model@student=hf student.path=DIR)", cfg.tokenizer)
+        model_config(cfg.student, "student")  # the directory is checked before its tokenizer is read
+    student_tok = make_tokenizer(cfg.tokenizer, hf_dir=hf_student)
     if hf_student is not None:
         require(cfg.student_checkpoint is None, "student_checkpoint",
                 "null when the student is a Hugging Face checkpoint (student.path is loaded as is)",
@@ -387,11 +456,19 @@ def validate(cfg: Any) -> dict[str, Any]:
             require(not OmegaConf.is_missing(rc, part) and rc[part] is not None, f"{key}.{part}", allowed, None)
         for field_ in ("steps", "batch_size", "lr"):
             _positive(rc.sft[field_], f"{key}.sft.{field_}")
-        teacher_tok = make_tokenizer(cfg.tokenizer, rc.teacher_tokenizer)
-        declared = (None if rc.token_mapping is None else
-                    TokenMapping.from_tokenizers(student_tok, teacher_tok, specials=rc.token_mapping))
+        teacher_tok = make_tokenizer(cfg.tokenizer, rc.teacher_tokenizer, hf_dir=hf_student)
+        if cfg.tokenizer == "hf":
+            require(rc.teacher_tokenizer == "same" or rc.token_mapping is not None, f"{key}.token_mapping",
+                    f"surface | role: the variant teacher ends its turns with {HF_VARIANT_EOS!r}, not the "
+                    "student's EOS", rc.token_mapping)
         try:
-            mapping = require_compatible(student_tok, teacher_tok, declared)
+            if cfg.tokenizer == "hf":
+                mapping = (TokenMapping.identity(student_tok.vocab_size) if rc.token_mapping is None else
+                           hf_token_mapping(student_tok, teacher_tok, rc.token_mapping))
+            else:
+                declared = (None if rc.token_mapping is None else
+                            TokenMapping.from_tokenizers(student_tok, teacher_tok, specials=rc.token_mapping))
+                mapping = require_compatible(student_tok, teacher_tok, declared)
         except ValueError as err:
             raise ConfigError(f"{key}.token_mapping: {err}") from None
         mapping = None if mapping.is_identity else mapping
@@ -399,10 +476,18 @@ def validate(cfg: Any) -> dict[str, Any]:
             raise ConfigError(f"{key}.token_mapping: a teacher with another vocabulary supplies only sampled-token "
                               f"log-probs, but loss.name={objective.name} needs its {objective.teacher} (use an "
                               f"objective whose teacher supplies 'sampled', e.g. sampled_token)")
-        task = build_task(rc.task, f"{key}.task", tokenizer=student_tok)
+        task_name = task_kwargs(rc.task)[0]
+        extra: dict[str, Any] = {}
+        if task_name == "jsonl":
+            require(cfg.tokenizer == "hf", "tokenizer", "hf for a jsonl task (its prompts go through the student "
+                    "checkpoint's chat template)", cfg.tokenizer)
+            extra["context_len"] = student.max_seq_len
+        task = build_task(rc.task, f"{key}.task", tokenizer=student_tok, **extra)
         teacher_task = task if rc.teacher_tokenizer == "same" else build_task(rc.task, f"{key}.task",
-                                                                              tokenizer=teacher_tok)
+                                                                              tokenizer=teacher_tok, **extra)
         hf_teacher = hf_path(rc.teacher)
+        require(not rc.teacher_sft or hf_teacher is not None, f"{key}.teacher_sft",
+                f"false unless {key}.teacher is a Hugging Face checkpoint (model@{key}.teacher=hf)", rc.teacher_sft)
         if hf_teacher is not None:
             require(rc.teacher_checkpoint is None, f"{key}.teacher_checkpoint",
                     f"null when the teacher is a Hugging Face checkpoint ({key}.teacher.path is loaded as is)",
@@ -410,7 +495,8 @@ def validate(cfg: Any) -> dict[str, Any]:
         _checkpoint_dir(rc.teacher_checkpoint, f"{key}.teacher_checkpoint")
         teacher = model_config(rc.teacher, f"{key}.teacher")
         routes[name] = {"task": task, "teacher_task": teacher_task, "teacher": teacher, "mapping": mapping,
-                        "hf_teacher": hf_teacher, "teacher_vocab": teacher_tok.vocab_size}
+                        "hf_teacher": hf_teacher, "teacher_sft": bool(rc.teacher_sft),
+                        "teacher_vocab": teacher_tok.vocab_size}
     student = _check_models(cfg, student, hf_student, student_tok.vocab_size, routes)
     return {"student": student, "tokenizer": student_tok, "hf_student": hf_student, "routes": routes,
             "chunk_size": _chunk_size(cfg.chunk_size, student.vocab_size)}

@@ -5,7 +5,9 @@ are context), AdamW with linear warmup and cosine decay, global-norm clipping. O
 nnx.split state of (model, optimizer).
 
 `prepare(...)` is what experiments call: it returns a model loaded from the checkpoint cache when the key
-(model config + task config + SFT config) is there, and otherwise trains, evaluates and saves it. The
+(model config + task config + SFT config, and the starting checkpoint's fingerprint when SFT starts from a
+Hugging Face checkpoint's weights instead of a random init) is there, and otherwise trains, evaluates and
+saves it. The
 student is made *deliberately weaker* by its config (smaller model, fewer SFT steps) so that OPD has room
 to improve it.
 """
@@ -100,6 +102,37 @@ def new_model(model_cfg, seed: int) -> nnx.Module:
     return Transformer(model_cfg, rngs=nnx.Rngs(seed))
 
 
+FINGERPRINT_SAMPLE_BYTES = 1 << 20
+
+
+def init_fingerprint(path: str | Path) -> str:
+    """What a Hugging Face checkpoint directory holds, for the cache key of an SFT that starts from it:
+    config.json, and of every weight file its name, size, header (tensor names, shapes, dtypes) and a
+    1 MiB sample from its middle; cheaper than hashing the weights, and any re-save changes it."""
+    import hashlib
+
+    path = Path(path)
+    h = hashlib.sha256((path / "config.json").read_bytes())
+    for f in sorted(path.glob("*.safetensors")):
+        size = f.stat().st_size
+        with f.open("rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            h.update(f.name.encode() + size.to_bytes(8, "little") + fh.read(min(n, size)))
+            fh.seek(max(size // 2 - FINGERPRINT_SAMPLE_BYTES // 2, 0))
+            h.update(fh.read(FINGERPRINT_SAMPLE_BYTES))
+    return h.hexdigest()
+
+
+def sft_cache_key(sections: dict[str, Any], tasks: list, seed: int, init_from: str | Path | None = None) -> str:
+    """The cache key of an SFT: its config sections, a sample of the demonstrations (so changed task code
+    retrains) and, when it starts from a checkpoint, that checkpoint's fingerprint."""
+    sample = _demonstrations(tasks, FINGERPRINT_PROBLEMS, seed)
+    keyed = {**sections, "data": checkpoints.data_fingerprint(*(a for s in sample for a in s))}
+    if init_from is not None:
+        keyed["init_from"] = init_fingerprint(init_from)
+    return checkpoints.cache_key(keyed)
+
+
 def prepare(
     label: str,
     model_cfg,
@@ -112,6 +145,7 @@ def prepare(
     eval_fn: Callable[[nnx.Module], tuple[dict[str, float], dict[str, list]]] | None = None,
     eval_spec: dict[str, Any] | None = None,
     log: Callable[[str], None] = print,
+    init_from: str | Path | None = None,
 ) -> tuple[nnx.Module, dict[str, Any]]:
     """A prepared model and its meta ({'key', 'path', 'trained', 'sft_eval', ...}), SFT'd on the
     demonstrations of `tasks` (one task or several, steps alternating).
@@ -120,15 +154,24 @@ def prepare(
     `sections` (everything the model depends on: model, tasks, SFT settings) and of a sample of the
     demonstrations (so changed task code retrains); a complete cached checkpoint is loaded, else the model is
     trained, evaluated with `eval_fn` -> (scores, per-item outcomes), both stored in meta.json with `eval_spec`,
-    what they depend on, so a caller measuring the same way can reuse them, and saved atomically."""
-    model = new_model(model_cfg, int(sft_cfg.seed))
+    what they depend on, so a caller measuring the same way can reuse them, and saved atomically.
+
+    init_from: a Hugging Face checkpoint directory whose weights (at `model_cfg.dtype`) start the SFT instead
+    of a random init; `model_cfg` must be that checkpoint's config."""
+    if init_from is not None:
+        from opd.model import hf
+
+        model = hf.load_pretrained(init_from, dtype=model_cfg.dtype)
+        if model.cfg != model_cfg:
+            raise ValueError(f"init_from: {init_from} holds another model than model_cfg ({model.cfg} vs {model_cfg})")
+    else:
+        model = new_model(model_cfg, int(sft_cfg.seed))
     if checkpoint is not None:
         checkpoints.load_model(model, checkpoint)
         meta = checkpoints.read_meta(checkpoint) if (Path(checkpoint) / checkpoints.META).exists() else {}
         log(f"[sft {label}] loaded {checkpoint}")
         return model, {**meta, "path": str(checkpoint), "trained": False}
-    sample = _demonstrations(tasks, FINGERPRINT_PROBLEMS, int(sft_cfg.seed))
-    key = checkpoints.cache_key({**sections, "data": checkpoints.data_fingerprint(*(a for s in sample for a in s))})
+    key = sft_cache_key(sections, tasks, int(sft_cfg.seed), init_from)
     path = Path(root) / key
     if checkpoints.is_complete(path):
         checkpoints.load_model(model, path)
@@ -140,7 +183,7 @@ def prepare(
     sft_eval, sft_items = eval_fn(model) if eval_fn is not None else ({}, {})
     if sft_eval:
         log(f"[sft {label}] held-out " + " ".join(f"{k} {v:.3f}" for k, v in sft_eval.items()))
-    meta = {"key": key, "label": label, **sections,
+    meta = {"key": key, "label": label, **sections, "init_from": None if init_from is None else str(init_from),
             "final_loss": losses[-1] if losses else None, "sft_eval": sft_eval, "sft_eval_spec": eval_spec,
             "sft_eval_items": sft_items,
             "train_time_s": round(time.time() - t0, 1)}
