@@ -4,6 +4,7 @@
     python paper_figs/tables.py <sweep_dir> --table table1            # Table 1: single task
     python paper_figs/tables.py <sweep_dir> --table table2            # Table 2: multi-task, a column per task
     python paper_figs/tables.py <sweep_dir> --table table3            # objective vs rollout top-p
+    python paper_figs/tables.py <sweep_dir> --table baselines         # also ablation_renorm, ablation_k, ...
     python paper_figs/tables.py <sweep_dir> --table NAME --min-seeds 1 --min-items 16   # a smaller analysis
 
 Reads every job under <sweep_dir> (metrics.json, eval_items.jsonl); never imports `opd`. A cell is the final
@@ -37,6 +38,11 @@ TABLES = {
     "table1": "Table 1 analog: single-task OPD",
     "table2": "Table 2 analog: multi-task OPD, one teacher per task, tasks alternate per step",
     "table3": "Components: the objective vs the rollout top-p",
+    "ablation_renorm": "Ablation: LSM with and without renormalization",
+    "ablation_k": "Ablation: LSM's support size K (and the full vocabulary)",
+    "ablation_top_p": "Ablation: rollout top-p for LSM and sampled-token OPD",
+    "support_variants": "Support variants V1-V5",
+    "baselines": "Baselines: every objective side by side, with its cost",
 }
 NAMES = {"sampled_token": "Sampled-token OPD", "lsm": "LSM (teacher top-K)"}
 HEADLINE = ("lsm", "sampled_token")  # A − B, both without mask at the paper's top-p
@@ -51,9 +57,12 @@ class TableError(ValueError):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def method_key(config: dict[str, Any]) -> str:
-    """loss name, + ' + mask', + ' @ top-p P' when the rollout top-p was set explicitly."""
+def method_key(config: dict[str, Any], *, with_k: bool = False) -> str:
+    """loss name, + ' K=k' when the sweep varies K, + ' + mask', + ' @ top-p P' when the rollout top-p was set
+    explicitly."""
     key = str(get(config, "loss.name", "?"))
+    if with_k:
+        key += f" K={get(config, 'loss.k')}"
     if get(config, "loss.mask_special_tokens", False):
         key += " + mask"
     top_p = get(config, "rollout.top_p")
@@ -124,8 +133,9 @@ def build(name: str, sweep: Path, *, min_seeds: int, min_items: int, command: st
                          "a table summarizes one revision")
     tasks = list(get(jobs[0]["config"], "tasks", {}) or {})
     groups: dict[str, list[dict]] = {}
+    with_k = len({get(j["config"], "loss.k") for j in jobs}) > 1
     for j in jobs:
-        groups.setdefault(method_key(j["config"]), []).append(j)
+        groups.setdefault(method_key(j["config"], with_k=with_k), []).append(j)
     rows: list[dict[str, Any]] = []
     matrices: dict[tuple[str, str], tuple[np.ndarray, list[int]]] = {}
     for task in tasks:
@@ -141,7 +151,7 @@ def build(name: str, sweep: Path, *, min_seeds: int, min_items: int, command: st
                                  f"items; the protocol asks for >= {min_seeds} seeds and >= {min_items} items "
                                  "(--min-seeds, --min-items)")
             matrices[(key, task)] = (x, seeds)
-            rows.append(_row(label(key), task, x, samples, key=key))
+            rows.append({**_row(label(key), task, x, samples, key=key), **_cost(members)})
     headline = []
     for task in tasks:
         a, b = matrices.get((HEADLINE[0], task)), matrices.get((HEADLINE[1], task))
@@ -157,6 +167,13 @@ def build(name: str, sweep: Path, *, min_seeds: int, min_items: int, command: st
             "rows": rows, "headline": headline}
 
 
+def _cost(members: list[dict]) -> dict[str, float | None]:
+    """Seconds per training step (sample + score + update, mean over the method's jobs, compile excluded)."""
+    stages = ("mean_time/sample_s", "mean_time/score_s", "mean_time/update_s")
+    steps = [sum(j["metrics"][s] for s in stages) for j in members if all(s in j["metrics"] for s in stages)]
+    return {"step_s": float(np.mean(steps)) if steps else None}
+
+
 def _row(method: str, task: str, x: np.ndarray, samples: int, key: str | None = None) -> dict[str, Any]:
     mean, low, high = mean_ci(x)
     return {"method": method, "key": key, "task": task, "mean": mean, "ci_low": low, "ci_high": high,
@@ -168,10 +185,12 @@ def markdown(table: dict[str, Any]) -> str:
     lines = [f"### {table['title']}", "",
              f"`{table['command']}` at revision `{table['revision']}`, {table['date']}; {table['jobs']} jobs. "
              f"Cells: final held-out sampled pass@1 (%), mean [{table['interval']}].", "",
-             "| Method | Task | Score | 95% interval | Seeds | Items × samples |", "|---|---|---|---|---|---|"]
+             "| Method | Task | Score | 95% interval | Seeds | Items × samples | s / step |",
+             "|---|---|---|---|---|---|---|"]
     for r in table["rows"]:
+        cost = "–" if r.get("step_s") is None else f"{r['step_s']:.2f}"
         lines.append(f"| {r['method']} | {r['task']} | {100 * r['mean']:.1f} | [{100 * r['ci_low']:.1f}, "
-                     f"{100 * r['ci_high']:.1f}] | {r['seeds']} | {r['items']} × {r['samples']} |")
+                     f"{100 * r['ci_high']:.1f}] | {r['seeds']} | {r['items']} × {r['samples']} | {cost} |")
     for h in table["headline"]:
         gain = "n/a" if h["relative_gain"] is None else f"{h['relative_gain']:+.1%}"
         lines += ["", f"**{h['a']} − {h['b']}** on {h['task']}, paired by seed and item: "

@@ -109,3 +109,16 @@ def test_mixed_revisions_are_refused_on_the_command_line_and_nothing_is_written(
 
 def test_results_md_regenerates_byte_identically_from_the_committed_rows():
     assert (ROOT / "RESULTS.md").read_text() == results_md.render(ROOT)
+
+
+def test_a_k_sweep_keeps_each_k_apart(tmp_path):
+    sweep = tmp_path / "s"
+    for s in range(5):
+        for k in (1, 4):
+            _job(sweep, f"k{k}_{s}", loss="lsm", seed=s, p=0.3 + 0.1 * k)
+    for path in sweep.glob("k*_*/metrics.json"):
+        payload = json.loads(path.read_text())
+        payload["config"]["loss"]["k"] = int(path.parent.name[1])
+        path.write_text(json.dumps(payload))
+    t = tables.build("ablation_k", sweep, min_seeds=5, min_items=20, command="test")
+    assert {r["key"] for r in t["rows"] if r["key"]} == {"lsm K=1", "lsm K=4"}
