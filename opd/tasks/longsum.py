@@ -43,13 +43,10 @@ import numpy as np
 from opd.tasks.arithmetic import LABELS, parse_answer
 from opd.tasks.common import (
     Problem,
-    Rollouts,
+    SingleTurnTask,
     check_split,
     draw_distinct,
-    encode_demonstrations,
     hash_bucket,
-    single_turn_rollout,
-    special_token_ids,
     split_index,
     split_of_key,
 )
@@ -89,7 +86,7 @@ def direct_lines(numbers: list[int]) -> str:
     return " ".join(parts)
 
 
-class LongSumTask:
+class LongSumTask(SingleTurnTask):
     """Sums of `min_terms..max_terms` labelled one-digit operands in a short (student) or long worked
     (teacher) style; see the module docstring."""
 
@@ -238,34 +235,11 @@ class LongSumTask:
         got = parse_answer(response_text)
         return 1.0 if got is not None and got == int(p.answer) else 0.0
 
-    # -- the trainer's Task protocol (opd.tasks.common.Task) -----------------------------------------
+    # -- the trainer's Task protocol: SingleTurnTask, with SFT demonstrations padded to this style's longest
+    # (not the whole budget: SFT never pays for the budget's padding)
 
-    def items(self, split: str, n: int, seed: int) -> list[Problem]:
-        return self.problems(split, n, seed)
-
-    def prompt_of(self, p: Problem) -> str:
-        return p.prompt
-
-    def rollout(self, model, items, rng, *, temperature: float, top_p: float, top_k: int = 0,
-                sample_fn=None) -> Rollouts:
-        return single_turn_rollout(self, model, items, rng, temperature=temperature, top_p=top_p, top_k=top_k,
-                                   sample_fn=sample_fn)
-
-    def sequence_length(self) -> int:
-        return int(self.max_prompt_len + self.max_response_len)
-
-    def demonstrations(self, items) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(tokens_BxL, attention_mask_BxL, target_mask_BxL), the demonstration right-padded to this style's
-        longest (not the whole budget: SFT never pays for the budget's padding)."""
-        tokens, target, attn = encode_demonstrations(
-            self.tokenizer, [p.prompt for p in items], [self.demonstration(p) for p in items],
-            self.max_prompt_len, self.demo_len)
-        return tokens, attn, target
-
-    def special_ids(self) -> dict[str, int]:
-        """The special ids of this side's conventions; on the student's side, the ids the paper masks (at their
-        first occurrence) because the teacher's conventions differ on each of them."""
-        return special_token_ids(self.tokenizer)
+    def demonstration_length(self) -> int:
+        return int(self.demo_len)
 
     def __repr__(self) -> str:
         return (f"LongSumTask(style={self.style!r}, terms={self.min_terms}..{self.max_terms}, "
