@@ -233,13 +233,19 @@ def test_real_tokenizer_opd_end_to_end_on_a_tiny_checkpoint(ckpt, tmp_path):
     assert record["gap_by_bucket"] and "eos" in record["special_tokens"]
     assert np.isfinite(final["final/loss"])
 
-    # failure mode 3: the role-mapped variant teacher, sampled-token; its own (cached separately) SFT
-    final, rows, diag, lines = _run([*_overrides(ckpt, tmp_path), "loss=sampled_token",
-                                     "tasks.arithmetic.teacher_tokenizer=variant",
-                                     "tasks.arithmetic.token_mapping=role", "diagnostics_every=1"], tmp_path / "fm3")
-    assert any(x.startswith("[sft teacher/arithmetic] saved") for x in lines), lines  # a new teacher
+
+@pytest.mark.slow
+def test_variant_teacher_with_a_role_mapping_end_to_end(ckpt, tmp_path):
+    """Failure mode 3 on a real tokenizer: the role-mapped variant teacher (its turns end with <|endoftext|>),
+    sampled-token; its SFT is a separate cache entry, and the EOS log-prob it gives is reported."""
+    _, rows, diag, lines = _run([*_overrides(ckpt, tmp_path), "loss=sampled_token",
+                                 "tasks.arithmetic.teacher_tokenizer=variant",
+                                 "tasks.arithmetic.token_mapping=role", "diagnostics_every=1"], tmp_path / "fm3")
+    assert any(x.startswith("[sft teacher/arithmetic] saved") for x in lines), lines
     steps = [r for r in rows if "loss" in r]
     assert len(steps) == 2 and all(np.isfinite(r["loss"]) and "not_in_topk_frac" not in r for r in steps)
+    eos = diag["records"][0]["special_tokens"]["eos"]
+    assert eos["id"] == 2 and len(eos["teacher_logprob"]) == len(eos["student_logprob"])
 
 
 @pytest.mark.slow
