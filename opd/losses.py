@@ -569,7 +569,8 @@ def mask_first_occurrences(
     ids = [int(i) for i in special_ids]
     if not ids:
         return mask
-    hit_xTxS = tokens[..., None] == jnp.asarray(ids, dtype=tokens.dtype)
+    ids_S = jnp.asarray(ids, dtype=tokens.dtype).reshape((1,) * tokens.ndim + (len(ids),))
+    hit_xTxS = tokens[..., None] == ids_S
     # First occurrence: a hit with no earlier hit of the same id (exclusive cumulative count == 0).
     earlier_hits = jnp.cumsum(hit_xTxS, axis=-2) - hit_xTxS
     first_xT = jnp.any(hit_xTxS & (earlier_hits == 0), axis=-1)
