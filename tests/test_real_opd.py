@@ -61,10 +61,10 @@ def _overrides(ckpt: Path, root: Path) -> list[str]:
             f"checkpoint_root={root / 'ckpt'}", f"tasks.arithmetic.task.data_dir={root / 'data'}",
             "tasks.arithmetic.task.generate.n=60", "tasks.arithmetic.task.generate.max_value=9",
             "tasks.arithmetic.task.generate.max_terms=2", "tasks.arithmetic.task.generate.min_terms=2",
-            "tasks.arithmetic.task.max_prompt_len=128", "tasks.arithmetic.task.max_response_len=40",
+            "tasks.arithmetic.task.max_prompt_len=128", "tasks.arithmetic.task.max_response_len=24",
             "tasks.arithmetic.sft.steps=2",
             "tasks.arithmetic.sft.train_problems=16", "tasks.arithmetic.sft.lr=1e-3",
-            "train_problems=8", "eval_problems=2", "eval_batch_size=2", "steps=2", "eval_every=2",
+            "train_problems=8", "eval_problems=4", "eval_batch_size=4", "steps=2", "eval_every=2",
             "diagnostics_every=1", "optimizer.lr=1e-3"]
 
 
