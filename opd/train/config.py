@@ -294,20 +294,21 @@ def _count(cfg: Any, key: str, minimum: int = 1) -> None:
             f"an integer >= {minimum}", node)
 
 
-def make_tokenizer(student: str, teacher: str = "same", *, hf_dir: str | None = None):
+def make_tokenizer(student: str, teacher: str = "same", *, hf_dir: str | None = None,
+                   key: str = "teacher_tokenizer"):
     """The student's tokenizer (`basic` | `spaced` | `hf`: the checkpoint `hf_dir`'s), or a teacher's
     (`same` | `variant`) built on it."""
     from opd.tasks import Tokenizer
 
     if student == "hf":
-        return _hf_tokenizer(hf_dir, teacher)
+        return _hf_tokenizer(hf_dir, teacher, key)
     spaced = student == "spaced"
     if teacher == "same":
         return Tokenizer.spaced() if spaced else Tokenizer()
     return Tokenizer.variant(think_as_pieces=True, eos_token="<|endoftext|>", spaced=spaced, name="teacher-variant")
 
 
-def _hf_tokenizer(hf_dir: str | None, teacher: str):
+def _hf_tokenizer(hf_dir: str | None, teacher: str, key: str):
     """A checkpoint's tokenizer (opd.model.hf.HFTokenizer); the `variant` teacher's ends its turns with
     HF_VARIANT_EOS instead (same vocabulary and ids, another EOS)."""
     import dataclasses as dc
@@ -325,7 +326,7 @@ def _hf_tokenizer(hf_dir: str | None, teacher: str):
     if teacher == "same":
         return tok
     eos = tok.tokenizer.token_to_id(HF_VARIANT_EOS)
-    require(eos is not None and eos != tok.eos_id, "teacher_tokenizer",
+    require(eos is not None and eos != tok.eos_id, key,
             f"same, or variant with a student vocabulary holding {HF_VARIANT_EOS!r} apart from its EOS", teacher)
     return dc.replace(tok, special_ids={**tok.special_ids, "eos": int(eos)})
 
@@ -456,7 +457,8 @@ def validate(cfg: Any) -> dict[str, Any]:
             require(not OmegaConf.is_missing(rc, part) and rc[part] is not None, f"{key}.{part}", allowed, None)
         for field_ in ("steps", "batch_size", "lr"):
             _positive(rc.sft[field_], f"{key}.sft.{field_}")
-        teacher_tok = make_tokenizer(cfg.tokenizer, rc.teacher_tokenizer, hf_dir=hf_student)
+        teacher_tok = make_tokenizer(cfg.tokenizer, rc.teacher_tokenizer, hf_dir=hf_student,
+                                     key=f"{key}.teacher_tokenizer")
         if cfg.tokenizer == "hf":
             require(rc.teacher_tokenizer == "same" or rc.token_mapping is not None, f"{key}.token_mapping",
                     f"surface | role: the variant teacher ends its turns with {HF_VARIANT_EOS!r}, not the "

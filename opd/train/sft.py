@@ -158,14 +158,7 @@ def prepare(
 
     init_from: a Hugging Face checkpoint directory whose weights (at `model_cfg.dtype`) start the SFT instead
     of a random init; `model_cfg` must be that checkpoint's config."""
-    if init_from is not None:
-        from opd.model import hf
-
-        model = hf.load_pretrained(init_from, dtype=model_cfg.dtype)
-        if model.cfg != model_cfg:
-            raise ValueError(f"init_from: {init_from} holds another model than model_cfg ({model.cfg} vs {model_cfg})")
-    else:
-        model = new_model(model_cfg, int(sft_cfg.seed))
+    model = new_model(model_cfg, int(sft_cfg.seed))  # the structure a saved checkpoint is restored into
     if checkpoint is not None:
         checkpoints.load_model(model, checkpoint)
         meta = checkpoints.read_meta(checkpoint) if (Path(checkpoint) / checkpoints.META).exists() else {}
@@ -178,6 +171,13 @@ def prepare(
         meta = checkpoints.read_meta(path)
         log(f"[sft {label}] reusing cached checkpoint {path}")
         return model, {**meta, "path": str(path), "trained": False}
+    if init_from is not None:
+        from opd.model import hf
+
+        model = hf.load_pretrained(init_from, dtype=model_cfg.dtype)
+        if model.cfg != model_cfg:
+            raise ValueError(f"init_from: {init_from} holds another model than model_cfg ({model.cfg} vs {model_cfg})")
+        log(f"[sft {label}] starting from the weights of {init_from}")
     t0 = time.time()
     losses = train_sft(model, tasks, sft_cfg, label=label, log=log)
     sft_eval, sft_items = eval_fn(model) if eval_fn is not None else ({}, {})
