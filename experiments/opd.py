@@ -15,7 +15,10 @@ sample), diagnostics.json (failure-mode records, when diagnostics_every > 0) and
 final and teacher scores per task, the resolved config, the git revision).
 
 Hugging Face checkpoints (conf/model/hf.yaml, `<section>.path=DIR`, optional `<section>.dtype`) are loaded
-as is with opd.model.hf.load_pretrained, with no SFT. Validation checks before anything runs that the
+as is with opd.model.hf.load_pretrained, with no SFT; `tasks.<r>.teacher_sft=true` instead SFTs an HF teacher
+from its checkpoint's weights (cached like every SFT), and `tokenizer=hf` makes the HF student's own tokenizer
+and chat template the run's, for the jsonl task (experiment=smollm2_smoke: SmolLM2-135M-Instruct on CPU).
+Validation checks before anything runs that the
 directory holds config.json and matching safetensors, that an HF teacher and an HF student share one
 vocabulary, that the checkpoint's vocab_size covers the task tokenizer's (the generated tasks speak
 opd.tasks.Tokenizer ids; sampled ids above it decode to nothing, as HF tokenizers treat padded embedding

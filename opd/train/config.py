@@ -8,7 +8,9 @@ paths) are checked by `validate` before any computation and raise `opd.cli.Confi
 Model and task groups belong to their modules (conf/model, conf/task); they are kept as plain mappings
 here and turned into `opd.model.ModelConfig` / `opd.tasks.make_task(...)` by `model_config` / `build_task`.
 A model section with a `path` (conf/model/hf.yaml) is a Hugging Face checkpoint directory: its ModelConfig
-comes from the checkpoint (opd.model.hf), and the experiment loads it as is instead of preparing it by SFT.
+comes from the checkpoint (opd.model.hf), and the experiment loads it as is instead of preparing it by SFT (a
+teacher with `teacher_sft: true` is SFT'd starting from the checkpoint's weights). `tokenizer: hf` is the HF
+student's own tokenizer (opd.model.hf.HFTokenizer), which the jsonl task renders prompts with.
 """
 
 from __future__ import annotations
