@@ -54,15 +54,23 @@ def _final_state(run_dir: Path) -> list[np.ndarray]:
     return [np.asarray(x) for x in jax.tree.leaves(state)]
 
 
+def _cached_env(cache: Path) -> dict[str, str]:
+    """The processes of one test share a persistent compilation cache: the second and third runs of the same
+    programs load them instead of compiling (opd.compile_cache does the same through its API)."""
+    return {**_env(), "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
 def test_killed_run_resumes_to_the_uninterrupted_rows_and_parameters(tmp_path):
     ckpt = f"checkpoint_root={tmp_path / 'sft'}"
+    env = _cached_env(tmp_path / "xla")
     ref, killed = tmp_path / "ref", tmp_path / "killed"
-    proc = subprocess.run(_cmd(*SMOKE, ckpt, f"hydra.run.dir={ref}"), cwd=ROOT, env=_env(), capture_output=True,
+    proc = subprocess.run(_cmd(*SMOKE, ckpt, f"hydra.run.dir={ref}"), cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # the same command, killed with SIGKILL at a random step after the first checkpoint (step 2)
     kill_after = random.Random().choice([3, 4, 5])
-    child = subprocess.Popen(_cmd(*SMOKE, ckpt, f"hydra.run.dir={killed}"), cwd=ROOT, env=_env(),
+    child = subprocess.Popen(_cmd(*SMOKE, ckpt, f"hydra.run.dir={killed}"), cwd=ROOT, env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     while time.time() < deadline and child.poll() is None:
@@ -75,7 +83,7 @@ def test_killed_run_resumes_to_the_uninterrupted_rows_and_parameters(tmp_path):
     assert child.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (killed / "metrics.json").exists() and resume.latest(killed) is not None
     # rerun the same command in the same directory: it continues from the newest checkpoint
-    proc = subprocess.run(_cmd(*SMOKE, ckpt, f"hydra.run.dir={killed}"), cwd=ROOT, env=_env(), capture_output=True,
+    proc = subprocess.run(_cmd(*SMOKE, ckpt, f"hydra.run.dir={killed}"), cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[resume] continuing after step" in proc.stdout + proc.stderr
@@ -91,7 +99,7 @@ def test_killed_run_resumes_to_the_uninterrupted_rows_and_parameters(tmp_path):
     for a, b in zip(_final_state(killed), _final_state(ref), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
     # a finished run is never overwritten: the same command again is refused with one line
-    again = subprocess.run(_cmd(*SMOKE, ckpt, f"hydra.run.dir={killed}"), cwd=ROOT, env=_env(), capture_output=True,
+    again = subprocess.run(_cmd(*SMOKE, ckpt, f"hydra.run.dir={killed}"), cwd=ROOT, env=env, capture_output=True,
                            text=True, timeout=300)
     lines = [x for x in again.stderr.splitlines() if x.strip()]
     assert again.returncode == 2 and len(lines) == 1 and "already holds a finished run" in lines[0], lines
