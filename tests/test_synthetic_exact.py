@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tabular_cases import log_softmax, random_pair
 
 from synthetic import bounds, exact, tabular
 
@@ -15,22 +16,11 @@ SIZES = [(2, 1), (2, 3), (3, 3), (2, 6), (4, 2), (3, 4)]
 GAMMAS = [0.0, 0.25, 0.5, 0.75, 1.0, None]
 
 
-def _pair(seed, vocab, horizon, scale=1.5):
-    rng = np.random.default_rng(seed)
-    rows = tabular.num_prefixes(vocab, horizon)
-    return scale * rng.normal(size=(rows, vocab)), scale * rng.normal(size=(rows, vocab))
-
-
-def _log_softmax(x):
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-
 def _brute_force(student, teacher, gamma):
     """Plain-loop reference: every sequence's dense ĝ [R, V]; returns (probs, estimates)."""
     vocab = student.shape[1]
     horizon = tabular.horizon_from_rows(student.shape[0], vocab)
-    logp, logq = _log_softmax(student), _log_softmax(teacher)
+    logp, logq = log_softmax(student), log_softmax(teacher)
     probs, ests = [], []
     for seq in itertools.product(range(vocab), repeat=horizon):
         rows = [tabular.prefix_row(seq[:t], vocab) for t in range(horizon)]
@@ -82,7 +72,7 @@ def test_canonical_prefix_order(vocab, horizon):
 @pytest.mark.parametrize("vocab,horizon", [(2, 1), (3, 3), (2, 6)])
 def test_unbiased_means_equal_enumerated_kl_gradient(vocab, horizon):
     for seed in range(3):
-        student, teacher = _pair(seed, vocab, horizon)
+        student, teacher = random_pair(seed, vocab, horizon)
         ref = _enumerated_kl_grad(student, teacher)
         kl, dp_grad = exact.sequence_kl_and_grad(student, teacher)
         np.testing.assert_allclose(dp_grad, ref, atol=1e-6, rtol=0)
@@ -98,8 +88,8 @@ def test_unbiased_means_equal_enumerated_kl_gradient(vocab, horizon):
 def test_token_level_bias_is_the_future_coupling_term(vocab, horizon):
     """Paper App. B.1: E[ĝ_seq] − E[ĝ_tok] = E[Σ_t Σ_{t'>t} r_{t'} g_t], computed here by a plain loop."""
     for seed in range(3):
-        student, teacher = _pair(100 + seed, vocab, horizon)
-        logp, logq = _log_softmax(student), _log_softmax(teacher)
+        student, teacher = random_pair(100 + seed, vocab, horizon)
+        logp, logq = log_softmax(student), log_softmax(teacher)
         coupling = np.zeros_like(student)
         for seq in itertools.product(range(vocab), repeat=horizon):
             rows = [tabular.prefix_row(seq[:t], vocab) for t in range(horizon)]
@@ -118,7 +108,7 @@ def test_token_level_bias_is_the_future_coupling_term(vocab, horizon):
 @pytest.mark.parametrize("gamma", [0.0, 0.6, 1.0, None])
 def test_moments_match_plain_loop(vocab, horizon, chunk, gamma):
     """Mean and centred variance equal a per-sequence dense loop (odd chunk sizes exercise padding)."""
-    student, teacher = _pair(7, vocab, horizon)
+    student, teacher = random_pair(7, vocab, horizon)
     probs, ests = _brute_force(student, teacher, gamma)
     assert probs.sum() == pytest.approx(1.0, abs=1e-12)
     mean = np.einsum("n,nrv->rv", probs, ests)
@@ -153,7 +143,7 @@ def test_tied_moments_match_plain_loop():
 @pytest.mark.parametrize("vocab,horizon", [(2, 1), (3, 3), (2, 6), (4, 2)])
 def test_exact_variance_below_bounds(vocab, horizon):
     for seed in range(20):
-        student, teacher = _pair(1000 + seed, vocab, horizon, scale=0.5 + 0.25 * (seed % 8))
+        student, teacher = random_pair(1000 + seed, vocab, horizon, scale=0.5 + 0.25 * (seed % 8))
         for gamma in GAMMAS:
             m = exact.estimator_moments(student, teacher, gamma)
             args = (horizon, m.b_r, m.b_g)
@@ -186,9 +176,9 @@ def test_shared_parameter_variance_below_bounds():
 
 
 def test_exact_constants():
-    student, teacher = _pair(5, 3, 3)
+    student, teacher = random_pair(5, 3, 3)
     m = exact.estimator_moments(student, teacher, 0.0)
-    logp, logq = _log_softmax(student), _log_softmax(teacher)
+    logp, logq = log_softmax(student), log_softmax(teacher)
     assert m.b_r == pytest.approx(np.abs(logp - logq).max(), abs=1e-12)
     pi = np.exp(logp)
     norms = [np.linalg.norm(np.eye(3)[y] - pi[r]) for r in range(pi.shape[0]) for y in range(3)]
@@ -239,7 +229,7 @@ def test_tabular_token_variance_is_linear_in_T():
 
 
 def test_bad_input_raises_before_computing():
-    ok_s, ok_q = _pair(0, 2, 3)
+    ok_s, ok_q = random_pair(0, 2, 3)
     with pytest.raises(ValueError, match="vocab V"):
         exact.estimator_moments(np.zeros((3, 1)), np.zeros((3, 1)), 0.0)
     with pytest.raises(ValueError, match="horizon T"):

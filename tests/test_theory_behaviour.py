@@ -12,27 +12,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tabular_cases import log_softmax, random_pair
 
 from opd.sampling import SamplingConfig, nucleus_keep, nucleus_threshold_keep, select_tokens
 from synthetic import behaviour, exact, tabular
-
-
-def _pair(seed, vocab, horizon, scale=1.5):
-    rng = np.random.default_rng(seed)
-    rows = tabular.num_prefixes(vocab, horizon)
-    return scale * rng.normal(size=(rows, vocab)), scale * rng.normal(size=(rows, vocab))
-
-
-def _log_softmax(x):
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
 def _brute_force(student, teacher, gamma, beta, weighted):
     """Plain loop: every sequence's probability under β and its dense estimate (× π(y)/β(y) if weighted)."""
     vocab = student.shape[1]
     horizon = tabular.horizon_from_rows(student.shape[0], vocab)
-    logp, logq = _log_softmax(student), _log_softmax(teacher)
+    logp, logq = log_softmax(student), log_softmax(teacher)
     probs, ests = [], []
     for seq in itertools.product(range(vocab), repeat=horizon):
         rows = [tabular.prefix_row(seq[:t], vocab) for t in range(horizon)]
@@ -61,11 +51,11 @@ def _brute_force(student, teacher, gamma, beta, weighted):
 
 @pytest.mark.parametrize("top_p", [0.3, 0.6, 0.85, 0.95])
 def test_top_p_table_keeps_the_samplers_nucleus(top_p):
-    student, _ = _pair(0, 6, 3, scale=2.0)
+    student, _ = random_pair(0, 6, 3, scale=2.0)
     table = behaviour.behaviour_table(student, top_p=top_p)
     keep = np.asarray(nucleus_threshold_keep(jnp.asarray(student, jnp.float32), top_p))
     np.testing.assert_array_equal(table > 0, keep)
-    pi = np.exp(_log_softmax(student))
+    pi = np.exp(log_softmax(student))
     np.testing.assert_allclose(table, np.where(keep, pi, 0) / np.where(keep, pi, 0).sum(-1, keepdims=True),
                                rtol=1e-12)
     assert (table > 0).sum(-1).min() >= 1 and (table > 0).sum(-1).max() < 6  # truncation happened
@@ -73,7 +63,7 @@ def test_top_p_table_keeps_the_samplers_nucleus(top_p):
 
 @pytest.mark.parametrize("top_k,top_p,temperature", [(3, 1.0, 1.0), (4, 0.7, 1.0), (3, 0.8, 0.5), (6, 1.0, 2.0)])
 def test_top_k_and_temperature_table(top_k, top_p, temperature):
-    student, _ = _pair(1, 6, 3, scale=2.0)
+    student, _ = random_pair(1, 6, 3, scale=2.0)
     table = behaviour.behaviour_table(student, top_k=top_k, top_p=top_p, temperature=temperature)
     x = student / temperature
     if top_k < 6:
@@ -89,7 +79,7 @@ def test_top_k_and_temperature_table(top_k, top_p, temperature):
 
 
 def test_greedy_table_is_the_argmax():
-    student, _ = _pair(2, 4, 3)
+    student, _ = random_pair(2, 4, 3)
     table = behaviour.behaviour_table(student, temperature=0.0)
     np.testing.assert_array_equal(np.argmax(table, -1), np.argmax(student, -1))
     np.testing.assert_array_equal(table.max(-1), 1.0)
@@ -117,8 +107,8 @@ def test_table_matches_sampler_draw_frequencies(cfg):
 @pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0, None])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_off_policy_moments_match_brute_force(gamma, weighted):
-    student, teacher = _pair(4, 3, 3)
-    old, _ = _pair(5, 3, 3)
+    student, teacher = random_pair(4, 3, 3)
+    old, _ = random_pair(5, 3, 3)
     beta = behaviour.stale_table(old)
     m = exact.estimator_moments(student, teacher, gamma, behaviour_probs=beta, importance_weights=weighted,
                                 chunk_size=7)
@@ -133,7 +123,7 @@ def test_off_policy_moments_match_brute_force(gamma, weighted):
 @pytest.mark.parametrize("gamma", [0.0, 1.0, None])
 def test_truncated_behaviour_matches_brute_force(gamma):
     """Top-p behaviour (zero mass on some tokens, so some prefixes are never reached), no weights."""
-    student, teacher = _pair(6, 3, 4)
+    student, teacher = random_pair(6, 3, 4)
     beta = behaviour.behaviour_table(student, top_p=0.7)
     assert (beta == 0).any()
     m = exact.estimator_moments(student, teacher, gamma, behaviour_probs=beta, chunk_size=11)
@@ -143,8 +133,8 @@ def test_truncated_behaviour_matches_brute_force(gamma):
 
 
 def test_importance_weighted_mean_is_the_on_policy_mean_and_student_behaviour_is_on_policy():
-    student, teacher = _pair(7, 2, 5)
-    old, _ = _pair(8, 2, 5, scale=0.7)
+    student, teacher = random_pair(7, 2, 5)
+    old, _ = random_pair(8, 2, 5, scale=0.7)
     for gamma in (0.75, None):
         on = exact.estimator_moments(student, teacher, gamma)
         iw = exact.estimator_moments(student, teacher, gamma, behaviour_probs=behaviour.stale_table(old),
@@ -160,7 +150,7 @@ def test_importance_weighted_mean_is_the_on_policy_mean_and_student_behaviour_is
 
 
 def test_prefix_estimators_take_a_behaviour():
-    student, teacher = _pair(9, 3, 3)
+    student, teacher = random_pair(9, 3, 3)
     beta = behaviour.behaviour_table(student, top_k=2)
     m = exact.prefix_estimator_moments(student, teacher, "full_rkl", behaviour_probs=beta)
     on = exact.prefix_estimator_moments(student, teacher, "full_rkl")
@@ -171,7 +161,7 @@ def test_prefix_estimators_take_a_behaviour():
 
 
 def test_bad_behaviour_raises_one_line():
-    student, teacher = _pair(0, 2, 3)
+    student, teacher = random_pair(0, 2, 3)
     ok = behaviour.stale_table(student)
     cases = [
         (dict(behaviour_probs=ok[:-1]), r"^behaviour_probs must have the logits' shape \(7, 2\), got \(6, 2\)$"),
