@@ -2,10 +2,10 @@
 sampler code: `sample` (prefill + decode loop, top-p), a teacher-sized forward pass (scoring), and the
 student's forward + backward (the update's gradient), at the shapes of benchmarks/bench_vs_trl.py.
 
-`--impl DIR` imports `opd` from DIR (e.g. `git archive HEAD opd | tar -x -C /tmp/base`), so two trees can
+`--impl DIR` imports `opd` from DIR (e.g. `git archive HEAD opd | tar -x -C ../base`), so two trees can
 be timed in alternating processes on a shared machine:
 
-    for i in 1 2 3; do python benchmarks/bench_model_ab.py --impl /tmp/base; python benchmarks/bench_model_ab.py; done
+    for i in 1 2 3; do python benchmarks/bench_model_ab.py --impl ../base; python benchmarks/bench_model_ab.py; done
 
 Prints one line per program (median ms over --repeats calls, compile excluded) and, for the sampler, the
 number of instructions XLA runs per decode step (the while-loop body of the optimized HLO).
