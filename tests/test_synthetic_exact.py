@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tabular_cases import log_softmax, random_pair
+from tabular_cases import brute_force_estimates, log_softmax, random_pair
 
 from synthetic import bounds, exact, tabular
 
@@ -18,23 +18,8 @@ GAMMAS = [0.0, 0.25, 0.5, 0.75, 1.0, None]
 
 def _brute_force(student, teacher, gamma):
     """Plain-loop reference: every sequence's dense ĝ [R, V]; returns (probs, estimates)."""
-    vocab = student.shape[1]
-    horizon = tabular.horizon_from_rows(student.shape[0], vocab)
-    logp, logq = log_softmax(student), log_softmax(teacher)
-    probs, ests = [], []
-    for seq in itertools.product(range(vocab), repeat=horizon):
-        rows = [tabular.prefix_row(seq[:t], vocab) for t in range(horizon)]
-        r = np.array([logp[rows[t], seq[t]] - logq[rows[t], seq[t]] for t in range(horizon)])
-        if gamma is None:
-            c = np.full(horizon, r.sum())
-        else:
-            c = np.array([sum(gamma ** (s - t) * r[s] for s in range(t, horizon)) for t in range(horizon)])
-        g = np.zeros_like(student)
-        for t in range(horizon):
-            g[rows[t]] += c[t] * (np.eye(vocab)[seq[t]] - np.exp(logp[rows[t]]))
-        probs.append(np.exp(sum(logp[rows[t], seq[t]] for t in range(horizon))))
-        ests.append(g)
-    return np.array(probs), np.array(ests)
+    probs, _, ests = brute_force_estimates(student, teacher, gamma)
+    return probs, ests
 
 
 def _enumerated_kl_grad(student, teacher):

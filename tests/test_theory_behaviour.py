@@ -6,13 +6,11 @@ draws; the engine's moments under β against a plain loop over every sequence (f
 
 from __future__ import annotations
 
-import itertools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tabular_cases import log_softmax, random_pair
+from tabular_cases import brute_force_estimates, log_softmax, random_pair
 
 from opd.sampling import SamplingConfig, nucleus_keep, nucleus_threshold_keep, select_tokens
 from synthetic import behaviour, exact, tabular
@@ -20,27 +18,10 @@ from synthetic import behaviour, exact, tabular
 
 def _brute_force(student, teacher, gamma, beta, weighted):
     """Plain loop: every sequence's probability under β and its dense estimate (× π(y)/β(y) if weighted)."""
-    vocab = student.shape[1]
-    horizon = tabular.horizon_from_rows(student.shape[0], vocab)
-    logp, logq = log_softmax(student), log_softmax(teacher)
-    probs, ests = [], []
-    for seq in itertools.product(range(vocab), repeat=horizon):
-        rows = [tabular.prefix_row(seq[:t], vocab) for t in range(horizon)]
-        p_beta = np.prod([beta[rows[t], seq[t]] for t in range(horizon)])
-        p_pi = np.exp(sum(logp[rows[t], seq[t]] for t in range(horizon)))
-        r = np.array([logp[rows[t], seq[t]] - logq[rows[t], seq[t]] for t in range(horizon)])
-        if gamma is None:
-            c = np.full(horizon, r.sum())
-        else:
-            c = np.array([sum(gamma ** (s - t) * r[s] for s in range(t, horizon)) for t in range(horizon)])
-        g = np.zeros_like(student)
-        for t in range(horizon):
-            g[rows[t]] += c[t] * (np.eye(vocab)[seq[t]] - np.exp(logp[rows[t]]))
-        if weighted and p_beta > 0:
-            g *= p_pi / p_beta
-        probs.append(p_beta)
-        ests.append(g)
-    probs, ests = np.array(probs), np.array(ests)
+    p_pi, probs, ests = brute_force_estimates(student, teacher, gamma, beta)
+    if weighted:
+        scale = np.where(probs > 0, p_pi / np.where(probs > 0, probs, 1.0), 1.0)
+        ests = ests * scale[:, None, None]
     mean = np.einsum("n,nrv->rv", probs, ests)
     var = np.einsum("n,n->", probs, ((ests - mean) ** 2).sum(axis=(1, 2)))
     return mean, var
