@@ -138,11 +138,6 @@ def report_line(r: dict[str, Any], passed: list[str]) -> str:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def teacher_task_of(task):
-    """The teacher's side of a task: `task.teacher_view()` when the task has one, else the task itself."""
-    return task.teacher_view() if hasattr(task, "teacher_view") else task
-
-
 def step1(cfg: Any, student, route, *, log: Callable[[str], None] = progress) -> dict[str, Any]:
     """Step 1 of the configured OPD run, measured: the trainer's sample, score and (unmasked) batch stages on
     one batch of training prompts, then R4-R7's statistics of it."""
@@ -195,7 +190,7 @@ def measure(cfg: Any, built: dict[str, Any], *, log: Callable[[str], None] = pro
     name, r = next(iter(built["routes"].items()))
     rc = cfg.tasks[name]
     task = r["task"]
-    teacher_task = teacher_task_of(r["teacher_task"])
+    teacher_task = r["teacher_task"]  # the teacher's style and conventions (validate applies teacher_view)
     n_eval = int(cfg.eval_problems)
     eval_key = jax.random.key(int(cfg.eval_seed))
 

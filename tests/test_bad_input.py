@@ -38,6 +38,7 @@ OPD_CASES = {  # overrides -> the key the one error line must name
     "unknown_model_key": (["+student.foo=1"], "student"),
     "unknown_task": (["tasks.arithmetic.task.name=nope"], "tasks.arithmetic.task.name"),
     "unknown_task_option": (["task@tasks.arithmetic.task=nope"], "task@tasks.arithmetic.task"),
+    "jsonl_task_without_hf_tokenizer": (["task@tasks.arithmetic.task=jsonl"], "tokenizer"),
     "unknown_model_option": (["model@student=nope"], "model@student"),
     "unknown_experiment": (["experiment=nope"], "experiment"),
     "teacher_vocab_mismatch": (["tasks.arithmetic.teacher.vocab_size=500"], "tasks.arithmetic.teacher.vocab_size"),

@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from experiments import regime
 from opd.tasks import Tokenizer, make_task
 from opd.tasks.longsum import LINKS, OPENERS, LongSumTask
-from opd.train.config import register_configs
+from opd.train.config import register_configs, validate
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 register_configs()
@@ -81,6 +81,15 @@ def test_demonstrations_are_correct_and_scored(task, teacher):
         assert sums == list(np.cumsum(task.operands(p))) and task.score(p, text) == 1.0
         assert task.score(p, text.replace(f"</think>{p.answer}", f"</think>{int(p.answer) + 1}")) == 0.0
         assert task.score(p, text[len("<think>"):]) == 0.0  # malformed
+    chain = LongSumTask(style="chain", width=4)
+    for p in chain.items("train", 40, 0):
+        lines = chain.demonstration(p)[len("<think>"):].split("</think>")[0].rstrip("\n").split("\n")
+        total = 0
+        assert len(lines) == len(chain.operands(p))
+        for label, x, line in zip("abcdefghijklmnopq", chain.operands(p), lines, strict=False):
+            assert line == f"{label}:{total:04d}+{x}={total + x:04d}"
+            total += x
+        assert chain.score(p, chain.tokenizer.decode(chain.tokenizer.encode(chain.demonstration(p)))) == 1.0
     # the same prompts on both sides; splits never overlap
     assert [p.prompt for p in task.items("eval", 20, 3)] == [p.prompt for p in teacher.items("eval", 20, 3)]
     assert not {p.prompt for p in task.items("train", 300, 0)} & {p.prompt for p in task.items("eval", 300, 0)}
@@ -122,7 +131,7 @@ def test_demonstration_distribution_is_multimodal(teacher):
 @pytest.mark.parametrize("kwargs, match", [
     ({"style": "long"}, "style"), ({"teacher_conventions": "qwen"}, "teacher_conventions"),
     ({"min_terms": 9, "max_terms": 8}, "min_terms"), ({"check_prob": 1.5}, "check_prob"),
-    ({"budget_factor": 0.5}, "budget_factor"), ({"max_terms": 27}, "max_terms")])
+    ({"budget_factor": 0.5}, "budget_factor"), ({"max_terms": 27}, "max_terms"), ({"width": 1}, "width")])
 def test_bad_task_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         make_task("longsum", **kwargs)
@@ -135,6 +144,10 @@ def test_regime_config_composes():
     task = make_task("longsum", **{k: v for k, v in cfg.tasks.arithmetic.task.items() if k != "name"})
     assert cfg.student.max_seq_len >= task.sequence_length() and cfg.tasks.arithmetic.teacher.max_seq_len >= (
         task.sequence_length())
+    route = validate(cfg)["routes"]["arithmetic"]  # the teacher is prepared on its own style and conventions
+    assert (route["task"].style, route["teacher_task"].style) == ("chain", "worked")
+    assert route["teacher_task"].tokenizer.eos_id != route["task"].tokenizer.eos_id
+    assert route["task"].max_response_len >= 2 * route["task"].median_teacher_len() >= 512
 
 
 # -- the report's measurements -------------------------------------------------------------------------
@@ -211,7 +224,7 @@ def test_measure_on_tiny_models_prints_every_key(monkeypatch, tmp_path):
     monkeypatch.setattr(sft, "prepare", fake_prepare)
     r = regime.measure(cfg, built, log=lambda _m: None)
     ctx = r.pop("_context")
-    assert prepared == [("teacher/arithmetic", "worked"), ("student/arithmetic", "direct"),
+    assert prepared == [("teacher/arithmetic", "worked"), ("student/arithmetic", "chain"),
                         ("capacity/arithmetic", "worked")]
     assert ctx["shared_vocabulary"] and ctx["conventions_differ"]
     line = json.loads(regime.report_line(r, regime.passes(r, **{k: ctx[k] for k in (

@@ -6,6 +6,9 @@ into the left-padded int32 batches of docs/interfaces.md.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 from opd.tasks.common import (
     SPLITS,
     Problem,
@@ -49,7 +52,25 @@ def _jsonl(path=None, generate=None, data_dir=".cache/opd/data", **kwargs):
     return JsonlTask(path, **kwargs)
 
 
-TASKS = {"arithmetic": _arithmetic, "textworld": _textworld, "longsum": _longsum, "jsonl": _jsonl}
+@dataclass(frozen=True)
+class Registered:
+    """A task's factory and what it needs from the run, read by the config check (which names no task).
+
+    tokenizer: the student tokenizer the task requires (None: any); takes_context_len: the factory takes the
+    student's max_seq_len as `context_len` and checks its length limits against it."""
+
+    build: Callable
+    tokenizer: str | None = None
+    takes_context_len: bool = False
+
+
+TASKS = {
+    "arithmetic": Registered(_arithmetic),
+    "textworld": Registered(_textworld),
+    "longsum": Registered(_longsum),
+    # prompts go through the student checkpoint's chat template
+    "jsonl": Registered(_jsonl, tokenizer="hf", takes_context_len=True),
+}
 
 
 def make_task(name: str, **kwargs):
@@ -61,7 +82,7 @@ def make_task(name: str, **kwargs):
         raise ValueError(f"task: unknown task {name!r}, allowed: {sorted(TASKS)}")
     kwargs.pop("name", None)
     try:
-        return TASKS[name](**kwargs)
+        return TASKS[name].build(**kwargs)
     except TypeError as e:  # an unknown difficulty field
         raise ValueError(f"task {name!r}: {e}") from None
 

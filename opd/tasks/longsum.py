@@ -16,11 +16,19 @@ One problem space, two solution styles, one shared vocabulary (the default `Toke
       repeats the new sum (`check_prob`). The freedom is drawn per item from a hash of its prompt, so the
       demonstration distribution is multimodal and the teacher's next-token distribution is too.
 
-    direct    (the student's, short: ~4 tokens per operand, ~70 tokens)
+    chain     (a student's, terse: the worked line's steps with no freedom and no words; ~14 tokens per
+              operand at width 4)
+              <think>a:0000+7=0007
+              b:0007+5=0012
+              ...
+              </think>153<eos>
+
+    direct    (a student's, short: ~4 tokens per operand, ~70 tokens)
               <think>a7 b12 c21 ...</think>153<eos>
       running sums only, unpadded: each step is a lookup and an addition with nothing written down to check.
 
-`LongSumTask` is the student's side of a route (`style="direct"`, the student's conventions);
+Sums are zero-padded to `width` digits (default: the largest sum's). `LongSumTask` is the student's side of a
+route (`style`, the student's conventions);
 `teacher_view()` is the same problem space as the teacher writes it (`teacher_style`, and with
 `teacher_conventions="paper"` the teacher's special-token conventions read from the SAME vocabulary through
 `Tokenizer.shared_conventions`: "<think>"/"</think>" spelled as ordinary pieces, "<eot>" ending the text,
@@ -52,7 +60,7 @@ from opd.tasks.common import (
 )
 from opd.tasks.tokenizer import Tokenizer
 
-STYLES = ("direct", "worked")
+STYLES = ("direct", "chain", "worked")
 CONVENTIONS = ("paper", "same")
 # Single-token pieces of the default vocabulary (the tests check that each encodes as one id).
 OPENERS = ("take", "put", "and", "go", "look", "open")
@@ -75,6 +83,16 @@ def worked_lines(numbers: list[int], width: int, choices: np.random.Generator, *
         check = f" it {new:0{width}d}" if choices.random() < check_prob else ""
         lines.append(f"{opener} {label}{x} {link} {a}+{b}={new:0{width}d}{check}\n")
         total = new
+    return "".join(lines)
+
+
+def chain_lines(numbers: list[int], width: int) -> str:
+    """The terse chain style: one fixed-format line per operand, "a:0000+7=0007" (label, running sum, operand,
+    new sum), the same steps as the worked style with no freedom and no words."""
+    lines, total = [], 0
+    for label, x in zip(LABELS, numbers, strict=False):
+        lines.append(f"{label}:{total:0{width}d}+{x}={total + x:0{width}d}\n")
+        total += x
     return "".join(lines)
 
 
@@ -104,6 +122,7 @@ class LongSumTask(SingleTurnTask):
         check_prob: float = 0.5,
         budget_factor: float = 2.0,
         eval_fraction: float = 0.1,
+        width: int | None = None,
         tokenizer: Tokenizer | None = None,
     ):
         for key, value, allowed in (("style", style, STYLES), ("teacher_style", teacher_style, STYLES),
@@ -125,7 +144,10 @@ class LongSumTask(SingleTurnTask):
         self.style, self.teacher_style, self.teacher_conventions = style, teacher_style, teacher_conventions
         self.swap_prob, self.check_prob = float(swap_prob), float(check_prob)
         self.budget_factor, self.eval_fraction = float(budget_factor), float(eval_fraction)
-        self.width = len(str(9 * self.max_terms))
+        least = len(str(9 * self.max_terms))
+        if width is not None and not least <= int(width) <= 8:
+            raise ValueError(f"width: expected null or {least}..8 digits (the largest sum has {least}), got {width}")
+        self.width = least if width is None else int(width)
         self.tokenizer = tokenizer if tokenizer is not None else Tokenizer()
         self.max_prompt_len = 1 + len(self.tokenizer.encode(self.format_prompt([9] * self.max_terms)))
         # Demonstrations are padded to this style's longest; rollouts get the whole budget.
@@ -136,7 +158,7 @@ class LongSumTask(SingleTurnTask):
     def _kwargs(self) -> dict:
         return {"min_terms": self.min_terms, "max_terms": self.max_terms, "swap_prob": self.swap_prob,
                 "check_prob": self.check_prob, "budget_factor": self.budget_factor,
-                "eval_fraction": self.eval_fraction, "teacher_style": self.teacher_style}
+                "eval_fraction": self.eval_fraction, "teacher_style": self.teacher_style, "width": self.width}
 
     def teacher_view(self) -> LongSumTask:
         """The same problems as the teacher writes them: `teacher_style`, and the teacher's special-token
@@ -161,6 +183,8 @@ class LongSumTask(SingleTurnTask):
             prompt = self.format_prompt(numbers)
             choices = np.random.default_rng(hash_bucket("longsum:" + prompt, 2**63))
             body = worked_lines(numbers, self.width, choices, swap_prob=self.swap_prob, check_prob=self.check_prob)
+        elif style == "chain":
+            body = chain_lines(numbers, self.width)
         else:
             body = direct_lines(numbers)
         return "<think>" + body + "</think>" + str(sum(numbers)) + "<eos>"
@@ -199,8 +223,8 @@ class LongSumTask(SingleTurnTask):
     def _worst_len(self, style: str) -> int:
         """Longest response of `style` in this tokenizer: every operand 9, every check written."""
         numbers = [9] * self.max_terms
-        if style == "direct":
-            return self._encoded_len(self.solution_text(numbers, "direct"))
+        if style != "worked":
+            return self._encoded_len(self.solution_text(numbers, style))
         lines = worked_lines(numbers, self.width, np.random.default_rng(0), swap_prob=0.0, check_prob=1.0)
         longest = max(len(self.tokenizer.encode(w)) for w in OPENERS + LINKS)
         extra = 2 * (longest - 1) * self.max_terms  # opener and link of one token each here; bound anyway

@@ -428,7 +428,7 @@ def validate(cfg: Any) -> dict[str, Any]:
      'routes': {name: {'task', 'teacher_task', 'teacher': ModelConfig, 'mapping', 'hf_teacher'}}}.
 
     Raises ConfigError('<key>: expected <allowed>, got <value>') on the first bad value."""
-    from opd.tasks import TokenMapping, require_compatible
+    from opd.tasks import TASKS, TokenMapping, require_compatible
 
     _check_scalars(cfg)
     require(len(cfg.tasks) >= 1, "tasks", "at least one route {name: {task, teacher, ...}}", dict(cfg.tasks))
@@ -481,14 +481,18 @@ def validate(cfg: Any) -> dict[str, Any]:
                               f"log-probs, but loss.name={objective.name} needs its {objective.teacher} (use an "
                               f"objective whose teacher supplies 'sampled', e.g. sampled_token)")
         task_name = task_kwargs(rc.task)[0]
+        entry = TASKS.get(task_name) if isinstance(task_name, str) else None  # unknown: build_task says so
         extra: dict[str, Any] = {}
-        if task_name == "jsonl":
-            require(cfg.tokenizer == "hf", "tokenizer", "hf for a jsonl task (its prompts go through the student "
-                    "checkpoint's chat template)", cfg.tokenizer)
+        if entry is not None and entry.tokenizer is not None:
+            require(cfg.tokenizer == entry.tokenizer, "tokenizer", f"{entry.tokenizer} for a {task_name} task",
+                    cfg.tokenizer)
+        if entry is not None and entry.takes_context_len:
             extra["context_len"] = student.max_seq_len
         task = build_task(rc.task, f"{key}.task", tokenizer=student_tok, **extra)
         teacher_task = task if rc.teacher_tokenizer == "same" else build_task(rc.task, f"{key}.task",
                                                                               tokenizer=teacher_tok, **extra)
+        if hasattr(teacher_task, "teacher_view"):  # a task whose teacher writes another style/conventions
+            teacher_task = teacher_task.teacher_view()
         hf_teacher = hf_path(rc.teacher)
         require(not rc.teacher_sft or hf_teacher is not None, f"{key}.teacher_sft",
                 f"false unless {key}.teacher is a Hugging Face checkpoint (model@{key}.teacher=hf)", rc.teacher_sft)
