@@ -44,7 +44,7 @@ register_configs()
 
 
 # Keys that may change between a run and its resumption (they do not change what is computed).
-RESUME_VOLATILE = ("resume", "log_every", "checkpoint_every", "keep_checkpoints", "wandb")
+RESUME_VOLATILE = ("resume", "log_every", "checkpoint_every", "keep_checkpoints", "wandb", "compile_cache")
 
 
 def check_run_dir(cfg: Any, out_dir: Path) -> dict[str, Any]:
@@ -223,6 +223,10 @@ _GROUPS = {"loss": "loss", "rollout": "rollout", "optimizer": "optimizer", "expe
 def main(cfg: DictConfig) -> float:
     built = validate(cfg)  # ConfigError -> one line on stderr, exit 2, job dir removed
     run = check_run_dir(cfg, output_dir())
+    if cfg.compile_cache is not None:  # before the first compilation
+        from opd import compile_cache
+
+        compile_cache.enable(cfg.compile_cache)
     final = run_experiment(cfg, built, output_dir(), run=run)
     return float(final["final/score"])
 

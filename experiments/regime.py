@@ -260,6 +260,10 @@ def measure(cfg: Any, built: dict[str, Any], *, log: Callable[[str], None] = pro
 @entry_point
 def main(cfg: DictConfig) -> None:
     built = validate(cfg)  # ConfigError -> one line on stderr, exit 2
+    if cfg.compile_cache is not None:  # before the first compilation
+        from opd import compile_cache
+
+        compile_cache.enable(cfg.compile_cache)
     r = measure(cfg, built)
     ctx = r.pop("_context")
     passed = passes(r, budget=ctx["budget"], shared_vocabulary=ctx["shared_vocabulary"],

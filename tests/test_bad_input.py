@@ -58,6 +58,7 @@ OPD_CASES = {  # overrides -> the key the one error line must name
     "unknown_nonfinite_policy": (["on_nonfinite=ignore"], "on_nonfinite"),
     "resume_missing_dir": (["resume=/nonexistent/run"], "resume"),
     "keep_no_checkpoints": (["keep_checkpoints=0"], "keep_checkpoints"),
+    "compile_cache_empty_path": (["compile_cache=''"], "compile_cache"),
     "student_sft_lr_zero": (["sft_student.lr=0"], "sft_student.lr"),
     "sweep_with_a_bad_job": (["-m", "loss.k=4,0"], "loss.k"),
     "multitask_bad_top_p": (["experiment=multitask", "rollout.top_p=1.5"], "rollout.top_p"),

@@ -163,6 +163,9 @@ class OPDConfig:
     diagnostics_every: int = 0  # failure-mode records every N steps of a task (and its first and last); 0: off
     diag_bucket_size: int = 16
     checkpoint_root: str = ".cache/opd/checkpoints"  # SFT checkpoint cache
+    # A persistent XLA compilation cache directory (opd/compile_cache.py): later runs and sweep jobs with the
+    # same programs load them instead of compiling. null: off.
+    compile_cache: str | None = None
     student_checkpoint: str | None = None  # an existing checkpoint dir replaces student SFT
     name: str = "opd"  # a label for figures and logs
     # Long runs (opd/train/resume.py): the run state is checkpointed in <run dir>/checkpoints every N steps
@@ -381,6 +384,10 @@ def _check_scalars(cfg: Any) -> None:
     _positive(cfg.optimizer.grad_clip, "optimizer.grad_clip")
     require_choice("tokenizer", cfg.tokenizer, STUDENT_TOKENIZERS)
     require_choice("on_nonfinite", cfg.on_nonfinite, ("halt", "skip"))
+    if cfg.compile_cache is not None:
+        path = Path(str(cfg.compile_cache)).expanduser()
+        require(str(cfg.compile_cache) != "" and not (path.exists() and not path.is_dir()), "compile_cache",
+                "null or a directory path (created if missing)", cfg.compile_cache)
     require_choice("eval_split", cfg.eval_split, ("validation", "eval"))
     require(not (cfg.tuning and cfg.eval_split == "eval"), "eval_split",
             "validation in a tuning run (tuning=true): choices are made on validation, the test split (eval) is "
