@@ -2,9 +2,26 @@
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
+import os
+import shutil
+import tempfile
 
 import pytest
+
+# Cheaper CPU code generation for the whole session (and the experiment processes tests start, which inherit
+# the environment): most of the suite's time is XLA compiling many small programs, and no test measures
+# speed. Set before JAX initializes its backend, which reads XLA_FLAGS once; a user's flags are kept.
+FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+if FAST_COMPILE_FLAGS not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE_FLAGS).strip()
+
+# One compilation cache per session for the experiment processes tests start (tests/processes.py); set here,
+# before pytest-xdist starts its workers, so that they share it. Removed by the process that made it.
+if "OPD_TEST_XLA_CACHE" not in os.environ:
+    os.environ["OPD_TEST_XLA_CACHE"] = tempfile.mkdtemp(prefix="opd-test-xla-")
+    atexit.register(shutil.rmtree, os.environ["OPD_TEST_XLA_CACHE"], True)
 
 # Implicit rank promotion is a bug in the model, sampler, objectives and trainer (style.md E8): their tests
 # raise on it. The sandbox tests broadcast on purpose and are left out.

@@ -1,12 +1,12 @@
-"""Long runs that survive: a run killed mid-way resumes to exactly the rows and parameters of an uninterrupted
-one; a non-finite loss halts cleanly (or is skipped); one failing job does not end a sweep; a sweep with a bad
-job is refused before any job runs; a finished run is never overwritten."""
+"""The smoke experiment end to end (it learns and writes complete results), and long runs that survive: the
+same run killed mid-way resumes to exactly its rows and parameters; a non-finite loss halts cleanly (or is
+skipped); one failing job does not end a sweep; a sweep with a bad job is refused before any job runs; a
+finished run is never overwritten."""
 
 from __future__ import annotations
 
 import json
-import os
-import random
+import math
 import signal
 import subprocess
 import sys
@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from processes import experiment_env
 
 from opd.model import ModelConfig, Transformer
 from opd.tasks import make_task
@@ -27,14 +28,12 @@ from opd.train.loop import NonFiniteError, Route, run_opd
 
 ROOT = Path(__file__).resolve().parents[1]
 VOLATILE = ("time_s", "time/sample_s", "time/score_s", "time/update_s")
-SMOKE = ["experiment=smoke", "steps=6", "eval_every=100", "eval_problems=4", "checkpoint_every=2", "log_every=1"]
-
-
-def _env():
-    env = dict(os.environ)
-    env.setdefault("JAX_PLATFORMS", "cpu")
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
+# The smoke experiment (4 steps, held-out evaluations at steps 2 and 4), checkpointed every 2 steps.
+SMOKE = ["experiment=smoke", "eval_samples=2", "checkpoint_every=2", "log_every=1"]
+REQUIRED_ROW_KEYS = {
+    "loss", "grad_norm", "entropy", "response_len", "truncated_frac", "logprob_gap", "neg_reward_frac",
+    "not_in_topk_frac", "teacher_topk_mass", "student_topk_mass", "time/sample_s", "time/score_s", "time/update_s",
+}
 
 
 def _cmd(*args: str) -> list[str]:
@@ -54,23 +53,68 @@ def _final_state(run_dir: Path) -> list[np.ndarray]:
     return [np.asarray(x) for x in jax.tree.leaves(state)]
 
 
-def _cached_env(cache: Path) -> dict[str, str]:
-    """The processes of one test share a persistent compilation cache: the second and third runs of the same
-    programs load them instead of compiling (opd.compile_cache does the same through its API)."""
-    return {**_env(), "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+def _sft_losses(out: str, label: str) -> list[float]:
+    return [float(line.split(" loss ")[1].split()[0]) for line in out.splitlines() if f"[sft {label}] step" in line]
 
 
-def test_killed_run_resumes_to_the_uninterrupted_rows_and_parameters(tmp_path):
-    ckpt = f"checkpoint_root={tmp_path / 'sft'}"
-    env = _cached_env(tmp_path / "xla")
-    ref, killed = tmp_path / "ref", tmp_path / "killed"
-    proc = subprocess.run(_cmd(*SMOKE, ckpt, f"hydra.run.dir={ref}"), cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """One uninterrupted `python -m experiments.opd experiment=smoke` run: its directory, output, and the
+    overrides (SFT cache, compilation cache) later runs of the same configuration share with it."""
+    root = tmp_path_factory.mktemp("smoke")
+    shared = (f"checkpoint_root={root / 'sft'}", f"compile_cache={root / 'xla'}")
+    proc = subprocess.run(_cmd(*SMOKE, *shared, f"hydra.run.dir={root / 'ref'}"), cwd=ROOT, env=experiment_env(),
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # the same command, killed with SIGKILL at a random step after the first checkpoint (step 2)
-    kill_after = random.Random().choice([3, 4, 5])
-    child = subprocess.Popen(_cmd(*SMOKE, ckpt, f"hydra.run.dir={killed}"), cwd=ROOT, env=env,
+    return SimpleNamespace(dir=root / "ref", root=root, shared=shared, out=proc.stdout + proc.stderr)
+
+
+def test_smoke_experiment_learns_and_writes_complete_results(smoke_run):
+    run_dir, ckpt, out = smoke_run.dir, smoke_run.root / "sft", smoke_run.out
+    assert "[opd lsm] step 4/4 arithmetic: loss" in out and "results:" in out
+    # learning: the teacher's SFT cross-entropy falls over its 30 steps
+    teacher_losses = _sft_losses(out, "teacher/arithmetic")
+    assert len(teacher_losses) == 3 and teacher_losses[-1] < 0.8 * teacher_losses[0], teacher_losses
+    payload = json.loads((run_dir / "metrics.json").read_text())
+    m = payload["metrics"]
+    for phase in ("teacher", "initial", "final"):
+        for key in ("accuracy", "greedy_accuracy"):
+            assert f"{phase}/arithmetic/{key}" in m, (phase, key)
+    assert m["final/score"] == m["final/arithmetic/accuracy"]
+    assert payload["config"]["loss"]["name"] == "lsm" and payload["git_revision"]
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and {r["task"] for r in rows} == {"arithmetic"}
+    for row in rows:
+        assert REQUIRED_ROW_KEYS <= set(row), REQUIRED_ROW_KEYS - set(row)
+        assert all(math.isfinite(row[k]) for k in REQUIRED_ROW_KEYS), row
+    assert "eval/arithmetic/accuracy" in rows[1] and "eval/arithmetic/accuracy" not in rows[2]
+    assert rows[-1]["eval/arithmetic/accuracy"] == m["final/arithmetic/accuracy"]
+    # every held-out outcome, per item and sample: 16 items x (2 sampled + 1 greedy) for each phase
+    items = [json.loads(x) for x in (run_dir / "eval_items.jsonl").read_text().splitlines()]
+    final = [r for r in items if r["phase"] == "final"]
+    assert len(final) == 16 * 3 and {r["sample"] for r in final} == {-1, 0, 1}
+    sampled = [r["correct"] for r in final if r["sample"] >= 0]
+    assert sum(sampled) / len(sampled) == m["final/arithmetic/accuracy"]
+    cached = [p for p in ckpt.iterdir() if not p.name.startswith(".")]
+    assert len(cached) == 2  # teacher + student cached
+    # the SFT evaluation was measured exactly as the run's (same items, key, samples, batch): stored with its
+    # spec and reused as the teacher/ and initial/ scores instead of being measured again
+    metas = {json.loads((p / "meta.json").read_text())["label"]: json.loads((p / "meta.json").read_text())
+             for p in cached}
+    for label, prefix in (("teacher/arithmetic", "teacher/"), ("student", "initial/")):
+        assert metas[label]["sft_eval_spec"]["arithmetic"]["items"] == payload["config"]["eval_problems"]
+        assert metas[label]["sft_eval"]["arithmetic/accuracy"] == m[prefix + "arithmetic/accuracy"]
+        assert f"[eval] {prefix.rstrip('/')}: the held-out scores measured after SFT" in out
+    assert any((smoke_run.root / "xla").iterdir())  # `compile_cache` stored the run's programs
+
+
+def test_killed_run_resumes_to_the_uninterrupted_rows_and_parameters(smoke_run, tmp_path):
+    # the processes share the reference run's SFT and compilation caches: they load its models and programs
+    shared, env = smoke_run.shared, experiment_env()
+    ref, killed = smoke_run.dir, tmp_path / "killed"
+    # the same command, killed with SIGKILL after step 3 (the newest checkpoint is step 2's)
+    kill_after = 3
+    child = subprocess.Popen(_cmd(*SMOKE, *shared, f"hydra.run.dir={killed}"), cwd=ROOT, env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     while time.time() < deadline and child.poll() is None:
@@ -83,12 +127,12 @@ def test_killed_run_resumes_to_the_uninterrupted_rows_and_parameters(tmp_path):
     assert child.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (killed / "metrics.json").exists() and resume.latest(killed) is not None
     # rerun the same command in the same directory: it continues from the newest checkpoint
-    proc = subprocess.run(_cmd(*SMOKE, ckpt, f"hydra.run.dir={killed}"), cwd=ROOT, env=env, capture_output=True,
+    proc = subprocess.run(_cmd(*SMOKE, *shared, f"hydra.run.dir={killed}"), cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[resume] continuing after step" in proc.stdout + proc.stderr
     got, want = _rows(killed), _rows(ref)
-    assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6]  # no duplicated or missing steps
+    assert [r["step"] for r in got] == [1, 2, 3, 4]  # no duplicated or missing steps
     for a, b in zip(got, want, strict=True):
         assert a.keys() == b.keys()
         for k in a:
@@ -99,7 +143,7 @@ def test_killed_run_resumes_to_the_uninterrupted_rows_and_parameters(tmp_path):
     for a, b in zip(_final_state(killed), _final_state(ref), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
     # a finished run is never overwritten: the same command again is refused with one line
-    again = subprocess.run(_cmd(*SMOKE, ckpt, f"hydra.run.dir={killed}"), cwd=ROOT, env=env, capture_output=True,
+    again = subprocess.run(_cmd(*SMOKE, *shared, f"hydra.run.dir={killed}"), cwd=ROOT, env=env, capture_output=True,
                            text=True, timeout=300)
     lines = [x for x in again.stderr.splitlines() if x.strip()]
     assert again.returncode == 2 and len(lines) == 1 and "already holds a finished run" in lines[0], lines
@@ -172,8 +216,8 @@ def test_skip_mode_logs_the_bad_step_and_leaves_the_parameters_finite(tmp_path):
 
 def test_a_sweep_with_a_bad_job_is_refused_before_any_job_runs(tmp_path):
     proc = subprocess.run(_cmd("-m", "experiment=smoke", "loss.k=4,0,4", f"hydra.sweep.dir={tmp_path / 'sweep'}",
-                               f"checkpoint_root={tmp_path / 'sft'}"), cwd=ROOT, env=_env(), capture_output=True,
-                          text=True, timeout=300)
+                               f"checkpoint_root={tmp_path / 'sft'}"), cwd=ROOT, env=experiment_env(),
+                          capture_output=True, text=True, timeout=300)
     lines = [x for x in proc.stderr.splitlines() if x.strip()]
     assert proc.returncode == 2 and len(lines) == 1, lines
     assert lines[0].startswith("error: loss.k: expected an integer >= 1, got 0") and "sweep job 1" in lines[0]
@@ -189,8 +233,8 @@ def test_one_failing_job_does_not_end_the_sweep_and_the_table_lists_it(tmp_path)
     proc = subprocess.run(_cmd("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "experiment=smoke",
                                "steps=2", "eval_every=100", "eval_problems=4",
                                f"tasks.arithmetic.teacher_checkpoint=null,{bad}", f"hydra.sweep.dir={sweep}",
-                               f"checkpoint_root={tmp_path / 'sft'}"), cwd=ROOT, env=_env(), capture_output=True,
-                          text=True, timeout=900)
+                               f"checkpoint_root={tmp_path / 'sft'}"), cwd=ROOT, env=experiment_env(),
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = sorted(p.parent for p in sweep.rglob(".hydra"))
     assert len(jobs) == 2 and (jobs[0] / "metrics.json").exists()
