@@ -222,6 +222,8 @@ _GROUPS = {"loss": "loss", "rollout": "rollout", "optimizer": "optimizer", "expe
 @entry_point
 def main(cfg: DictConfig) -> float:
     built = validate(cfg)  # ConfigError -> one line on stderr, exit 2, job dir removed
+    if cfg.loss.name in cfg.tuned_lr:  # the validation choice (paper_figs/tune.py); the run records it
+        cfg.optimizer.lr = float(cfg.tuned_lr[cfg.loss.name])
     run = check_run_dir(cfg, output_dir())
     if cfg.compile_cache is not None:  # before the first compilation
         from opd import compile_cache

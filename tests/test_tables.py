@@ -122,3 +122,59 @@ def test_a_k_sweep_keeps_each_k_apart(tmp_path):
         path.write_text(json.dumps(payload))
     t = tables.build("ablation_k", sweep, min_seeds=5, min_items=20, command="test")
     assert {r["key"] for r in t["rows"] if r["key"]} == {"lsm K=1", "lsm K=4"}
+
+
+# -- the validation choice (paper_figs/tune.py) -----------------------------------------------------------
+
+
+def _tuning_sweep(root: Path, best: dict[str, float], lrs=(1e-4, 3e-4, 1e-3), split="validation") -> Path:
+    """Two seeds per (objective, lr); the `best` lr of each objective scores 0.7 on validation, others 0.3."""
+    for loss, chosen in best.items():
+        for lr in lrs:
+            for seed in (0, 1):
+                name = f"{loss}_{lr:g}_{seed}"
+                _job(root, name, loss=loss, seed=seed, p=0.7 if lr == chosen else 0.3, items=50)
+                payload = json.loads((root / name / "metrics.json").read_text())
+                payload["config"].update(eval_split=split, tuning=True, optimizer={"lr": lr})
+                (root / name / "metrics.json").write_text(json.dumps(payload))
+    return root
+
+
+def test_tune_chooses_each_objectives_best_validation_lr_and_the_table_preset_reads_it(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf, open_dict
+
+    from opd.train.config import register_configs, validate
+    from paper_figs import tune
+
+    best = {"lsm": 1e-3, "sampled_token": 3e-4}
+    sweep = _tuning_sweep(tmp_path / "sweep", best)
+    conf, res = tmp_path / "conf", tmp_path / "res"
+    assert tune.main([str(sweep), "--name", "regime", "--conf-out", str(conf), "--out", str(res)]) == 0
+    record = json.loads((res / "regime.json").read_text())
+    assert record["choices"] == best and record["split"] == "validation"
+    rows = {r["lr"]: r for r in record["objectives"]["lsm"]}
+    assert sorted(rows) == [1e-4, 3e-4, 1e-3] and rows[1e-3]["mean"] > rows[1e-4]["mean"] + 0.2
+    assert rows[1e-3]["per_task"]["arithmetic"]["ci_low"] < rows[1e-3]["mean"]
+    # the generated file is a valid `tuned_lr` for the table presets
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="opd", overrides=["experiment=table1"])
+    with open_dict(cfg):  # what `+tuned=regime` does on the command line (conf/tuned/<name>.yaml, _global_)
+        cfg = OmegaConf.merge(cfg, OmegaConf.load(conf / "regime.yaml"))
+    validate(cfg)
+    assert dict(cfg.tuned_lr) == best and cfg.optimizer.minibatches_per_step == 2 and cfg.eval_split == "eval"
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"split": "eval"}, "evaluated on the test split"),
+    ({"lrs": (1e-4, 1e-3)}, "ran 2 learning rates"),
+])
+def test_tune_refuses_a_choice_the_protocol_does_not_allow_and_writes_nothing(tmp_path, kwargs, message):
+    sweep = _tuning_sweep(tmp_path / "sweep", {"lsm": 1e-3}, **kwargs)
+    proc = subprocess.run([sys.executable, "paper_figs/tune.py", str(sweep), "--name", "x", "--conf-out",
+                           str(tmp_path / "conf"), "--out", str(tmp_path / "res")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    lines = [x for x in proc.stderr.splitlines() if x.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], lines
+    assert not (tmp_path / "conf").exists() and not (tmp_path / "res").exists()

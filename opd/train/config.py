@@ -153,6 +153,9 @@ class OPDConfig:
     # validation: tuning runs, where every choice is made | eval: the test split, read once per reported run
     eval_split: str = "eval"
     tuning: bool = False  # a run that makes a choice (lr, steps, K): refused on the test split
+    # The validation choice of the learning rate per objective (conf/tuned/<name>.yaml, written by
+    # paper_figs/tune.py): for the objectives it names it replaces optimizer.lr; {} sets optimizer.lr by hand.
+    tuned_lr: dict[str, float] = field(default_factory=dict)
     eval_samples: int = 1  # sampled pass@1 = mean over this many samples per item
     eval_seed: int = 1234
     eval_batch_size: int = 32
@@ -384,6 +387,12 @@ def _check_scalars(cfg: Any) -> None:
     _positive(cfg.optimizer.grad_clip, "optimizer.grad_clip")
     require_choice("tokenizer", cfg.tokenizer, STUDENT_TOKENIZERS)
     require_choice("on_nonfinite", cfg.on_nonfinite, ("halt", "skip"))
+    for objective, lr in cfg.tuned_lr.items():
+        require_choice("tuned_lr", objective, LOSSES)
+        _positive(lr, f"tuned_lr.{objective}")
+    require(not (cfg.tuning and cfg.loss.name in cfg.tuned_lr), "tuned_lr",
+            f"no entry for loss.name={cfg.loss.name} in a tuning run (tuning=true sweeps optimizer.lr itself)",
+            dict(cfg.tuned_lr))
     if cfg.compile_cache is not None:
         path = Path(str(cfg.compile_cache)).expanduser()
         require(str(cfg.compile_cache) != "" and not (path.exists() and not path.is_dir()), "compile_cache",
