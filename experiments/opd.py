@@ -194,6 +194,9 @@ def run_experiment(cfg: Any, built: dict[str, Any], out_dir: Path, *, log: Calla
         "final/score": sum(final_scores[f"final/{n}/{m}"] for n, m in metric.items()) / len(metric),
         "final/loss": rows[-1]["loss"],
         **{f"mean_{k}": v for k, v in timing.items()},
+        # the update program's peak memory per device (the largest over routes)
+        **({"update_peak_bytes": max(r["update_peak_bytes"] for r in rows)}
+           if all("update_peak_bytes" in r for r in rows) else {}),
         "time/prepare_s": prep_s, "time/opd_s": opd_s,
     }
     path = recorder.finish(final)

@@ -168,10 +168,13 @@ def build(name: str, sweep: Path, *, min_seeds: int, min_items: int, command: st
 
 
 def _cost(members: list[dict]) -> dict[str, float | None]:
-    """Seconds per training step (sample + score + update, mean over the method's jobs, compile excluded)."""
+    """Seconds per training step (sample + score + update, mean over the method's jobs, compile excluded) and
+    the update's peak memory per device (bytes, the largest over the method's jobs)."""
     stages = ("mean_time/sample_s", "mean_time/score_s", "mean_time/update_s")
     steps = [sum(j["metrics"][s] for s in stages) for j in members if all(s in j["metrics"] for s in stages)]
-    return {"step_s": float(np.mean(steps)) if steps else None}
+    peaks = [j["metrics"]["update_peak_bytes"] for j in members if "update_peak_bytes" in j["metrics"]]
+    return {"step_s": float(np.mean(steps)) if steps else None,
+            "peak_mem_bytes": int(max(peaks)) if peaks else None}
 
 
 def _row(method: str, task: str, x: np.ndarray, samples: int, key: str | None = None) -> dict[str, Any]:
@@ -185,12 +188,13 @@ def markdown(table: dict[str, Any]) -> str:
     lines = [f"### {table['title']}", "",
              f"`{table['command']}` at revision `{table['revision']}`, {table['date']}; {table['jobs']} jobs. "
              f"Cells: final held-out sampled pass@1 (%), mean [{table['interval']}].", "",
-             "| Method | Task | Score | 95% interval | Seeds | Items × samples | s / step |",
-             "|---|---|---|---|---|---|---|"]
+             "| Method | Task | Score | 95% interval | Seeds | Items × samples | s / step | update peak MiB |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in table["rows"]:
         cost = "–" if r.get("step_s") is None else f"{r['step_s']:.2f}"
+        peak = "–" if r.get("peak_mem_bytes") is None else f"{r['peak_mem_bytes'] / 2**20:.1f}"
         lines.append(f"| {r['method']} | {r['task']} | {100 * r['mean']:.1f} | [{100 * r['ci_low']:.1f}, "
-                     f"{100 * r['ci_high']:.1f}] | {r['seeds']} | {r['items']} × {r['samples']} | {cost} |")
+                     f"{100 * r['ci_high']:.1f}] | {r['seeds']} | {r['items']} × {r['samples']} | {cost} | {peak} |")
     for h in table["headline"]:
         gain = "n/a" if h["relative_gain"] is None else f"{h['relative_gain']:+.1%}"
         lines += ["", f"**{h['a']} − {h['b']}** on {h['task']}, paired by seed and item: "

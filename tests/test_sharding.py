@@ -162,8 +162,12 @@ def test_trainer_on_eight_devices_matches_one_device(eight_device_results, mesh,
     assert any("opt_state" in k and "/mu/" in k for k in ref)  # AdamW moments compared too
     losses = [float(ref[f"{s}:metric:loss"]) for s in range(STEPS)]
     assert all(np.isfinite(losses)) and float(ref["0:metric:grad_norm"]) > 0
+    # the update's peak memory is per device: the mesh splits the state and the batch, so it is smaller there
+    peak = "0:metric:update_peak_bytes"
+    assert 0 < int(got.pop(peak)) < int(ref.pop(peak))
     for k in sorted(ref):
-        np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-5, err_msg=f"{run} {k}")
+        if not k.endswith(":metric:update_peak_bytes"):
+            np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-5, err_msg=f"{run} {k}")
 
 
 @pytest.mark.parametrize("objective", ["lsm", "sampled_token", "full_rkl"])
@@ -173,7 +177,8 @@ def test_chunked_update_matches_unchunked(eight_device_results, objective):
         ref, got = _select(r, f"{mesh}:{objective}:"), _select(r, f"{mesh}:{objective}_chunked:")
         assert set(got) == set(ref)
         for k in sorted(ref):
-            np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-5, err_msg=f"{mesh} {objective} {k}")
+            if not k.endswith(":metric:update_peak_bytes"):  # what chunking changes (tests/test_train.py)
+                np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-5, err_msg=f"{mesh} {objective} {k}")
 
 
 def test_sampler_and_teacher_scoring_match_on_eight_devices(eight_device_results):

@@ -178,3 +178,19 @@ def test_tune_refuses_a_choice_the_protocol_does_not_allow_and_writes_nothing(tm
     lines = [x for x in proc.stderr.splitlines() if x.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], lines
     assert not (tmp_path / "conf").exists() and not (tmp_path / "res").exists()
+
+
+def test_rows_carry_each_methods_step_time_and_update_peak_memory(tmp_path):
+    sweep = _sweep(tmp_path / "s")
+    for s in range(5):  # LSM jobs measured their cost; the baseline's did not
+        path = sweep / f"lsm_{s}" / "metrics.json"
+        payload = json.loads(path.read_text())
+        payload["metrics"].update({"mean_time/sample_s": 0.1, "mean_time/score_s": 0.2, "mean_time/update_s": 0.3 + s,
+                                   "update_peak_bytes": 2**20 * (s + 1)})
+        path.write_text(json.dumps(payload))
+    t = tables.build("baselines", sweep, min_seeds=5, min_items=20, command="test")
+    lsm = next(r for r in t["rows"] if r["key"] == "lsm")
+    base = next(r for r in t["rows"] if r["key"] == "sampled_token")
+    assert lsm["step_s"] == pytest.approx(0.6 + 2) and lsm["peak_mem_bytes"] == 5 * 2**20
+    assert base["step_s"] is None and base["peak_mem_bytes"] is None
+    assert "| 2.60 | 5.0 |" in tables.markdown(t)

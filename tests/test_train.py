@@ -21,7 +21,14 @@ from opd.model import ModelConfig, Transformer
 from opd.tasks.arithmetic import ArithmeticTask
 from opd.teacher import score
 from opd.train import checkpoints
-from opd.train.opd_step import Batch, OPDStepper, build_batch, positions_from_mask, target_aligned_logits
+from opd.train.opd_step import (
+    Batch,
+    OPDStepper,
+    build_batch,
+    positions_from_mask,
+    target_aligned_logits,
+    update_peak_bytes,
+)
 
 LOSS_NAMES = ("sampled_token", "lsm", "lsm_no_renorm", "full_rkl", "topk_tail", "topk_fkl")
 V, K = 24, 4
@@ -262,7 +269,8 @@ def test_diagnostics_per_chunk_equal_the_full_logits_ones():
 
 
 def _largest_f32_temporary(chunk_size, name, *, b=2, length=96, vocab=1024):
-    """Elements of the largest float32 array in the compiled update's optimized HLO."""
+    """Elements of the largest float32 array in the compiled update's optimized HLO, and the update's peak
+    memory as the stepper reports it (update_peak_bytes)."""
     student, teacher = _model(0, vocab=vocab, hidden=32), _model(1, vocab=vocab, hidden=32)
     stepper = OPDStepper(student, _loss_cfg(name), _opt_cfg(), chunk_size=chunk_size,
                          teacher_graphdef=nnx.graphdef(teacher))
@@ -274,16 +282,17 @@ def _largest_f32_temporary(chunk_size, name, *, b=2, length=96, vocab=1024):
         ((b, length), jnp.float32), ((b, length, K), jnp.int32), ((b, length, K), jnp.float32))))
     hlo = fn.lower(stepper.state, spec, t_state).compile().as_text()
     sizes = [int(np.prod([int(d) for d in dims.split(",") if d])) for dims in re.findall(r"\bf32\[([\d,]*)\]", hlo)]
-    return max(sizes)
+    return max(sizes), update_peak_bytes(fn, stepper.state, spec, t_state)
 
 
 def test_chunked_update_never_holds_batch_by_vocabulary_logits():
     """The compiled update (forward, backward, AdamW) of full_rkl (student and teacher heads) with chunks of
     8 positions has no float32 array a quarter the size of [B·L, V]; the unchunked one has [B·L, V] (so the
-    check can fail)."""
+    check can fail). The peak memory the stepper reports falls by more than one such array."""
     name, n_by_v = "full_rkl", 2 * 96 * 1024
-    assert _largest_f32_temporary(None, name) >= n_by_v
-    assert _largest_f32_temporary(8, name) < n_by_v // 4
+    (whole, whole_peak), (chunked, chunked_peak) = _largest_f32_temporary(None, name), _largest_f32_temporary(8, name)
+    assert whole >= n_by_v and chunked < n_by_v // 4
+    assert 0 < chunked_peak < whole_peak - 4 * n_by_v
 
 
 def test_special_token_mask_zeroes_first_occurrence_in_response_only():
