@@ -224,16 +224,15 @@ def test_a_sweep_with_a_bad_job_is_refused_before_any_job_runs(tmp_path):
     assert not (tmp_path / "sweep").exists() and not (tmp_path / "sft").exists()
 
 
-def test_one_failing_job_does_not_end_the_sweep_and_the_table_lists_it(tmp_path):
+def test_one_failing_job_does_not_end_the_sweep_and_the_table_lists_it(smoke_run, tmp_path):
     """Under the joblib launcher (two jobs in parallel, one per core): job 1's teacher checkpoint is not a
-    checkpoint, which only loading finds out."""
+    checkpoint, which only loading finds out. Job 0 reuses the smoke run's SFT models and programs."""
     bad = tmp_path / "not_a_checkpoint"
     bad.mkdir()
     sweep = tmp_path / "sweep"
-    proc = subprocess.run(_cmd("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "experiment=smoke",
-                               "steps=2", "eval_every=100", "eval_problems=4",
-                               f"tasks.arithmetic.teacher_checkpoint=null,{bad}", f"hydra.sweep.dir={sweep}",
-                               f"checkpoint_root={tmp_path / 'sft'}"), cwd=ROOT, env=experiment_env(),
+    proc = subprocess.run(_cmd("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *SMOKE,
+                               "steps=2", f"tasks.arithmetic.teacher_checkpoint=null,{bad}",
+                               f"hydra.sweep.dir={sweep}", *smoke_run.shared), cwd=ROOT, env=experiment_env(),
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = sorted(p.parent for p in sweep.rglob(".hydra"))
