@@ -128,10 +128,44 @@ def test_demonstration_distribution_is_multimodal(teacher):
     assert teacher.demonstration(p) == teacher.teacher_view().demonstration(p)
 
 
+def test_cycled_operands_alternate_two_digits_from_a_start():
+    """operand_form=cycled: "s37 x3 y8 n11=" is 37 + 3 + 8 + 3 + ... (11 terms); every style writes the same
+    running sums from the start, and the splits still never overlap."""
+    chain = LongSumTask(style="chain", width=4, min_terms=10, max_terms=12, operand_form="cycled")
+    worked = chain.teacher_view()
+    assert worked.operand_form == "cycled" and worked.width == 4
+    items = chain.items("train", 60, 0)
+    for p in items:
+        m = re.fullmatch(r"s(\d+) x(\d) y(\d) n(\d+)=", p.prompt)
+        start, x, y, n = (int(g) for g in m.groups())
+        assert 10 <= n <= 12 and chain.operands(p) == [(x, y)[i % 2] for i in range(n)]
+        assert int(p.answer) == start + sum(chain.operands(p))
+        lines = chain.demonstration(p)[len("<think>"):].split("</think>")[0].rstrip("\n").split("\n")
+        total = start
+        assert len(lines) == n
+        for label, v, line in zip("abcdefghijkl", chain.operands(p), lines, strict=False):
+            assert line == f"{label}:{total:04d}+{v}={total + v:04d}"
+            total += v
+    for p in worked.items("train", 20, 0):
+        body = worked.demonstration(p)[len("<think>"):].split("</think>")[0].rstrip("\n").split("\n")
+        start, numbers = worked.parse_prompt(p.prompt)
+        first = _LINE.match(body[0])
+        assert sorted([int(first.group(5)), int(first.group(6))]) == sorted([start, numbers[0]])
+        assert worked.score(p, worked.tokenizer.decode(worked.tokenizer.encode(worked.demonstration(p)))) == 1.0
+    assert len({p.prompt for p in items}) == 60
+    assert not {p.prompt for p in chain.items("eval", 300, 0)} & {p.prompt for p in chain.items("validation", 300, 0)}
+    assert chain.max_response_len >= 2 * chain.median_teacher_len()
+    with pytest.raises(ValueError, match="cycled"):
+        chain.make_problem([1, 2, 3, 1, 2, 1, 2, 1, 2, 1], 5)
+    with pytest.raises(ValueError, match="start"):
+        LongSumTask().make_problem([1] * 13, 5)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"style": "long"}, "style"), ({"teacher_conventions": "qwen"}, "teacher_conventions"),
     ({"min_terms": 9, "max_terms": 8}, "min_terms"), ({"check_prob": 1.5}, "check_prob"),
-    ({"budget_factor": 0.5}, "budget_factor"), ({"max_terms": 27}, "max_terms"), ({"width": 1}, "width")])
+    ({"budget_factor": 0.5}, "budget_factor"), ({"max_terms": 27}, "max_terms"), ({"width": 1}, "width"),
+    ({"operand_form": "sorted"}, "operand_form"), ({"operand_form": "cycled", "width": 2}, "width")])
 def test_bad_task_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         make_task("longsum", **kwargs)

@@ -62,6 +62,10 @@ from opd.tasks.tokenizer import Tokenizer
 
 STYLES = ("direct", "chain", "worked")
 CONVENTIONS = ("paper", "same")
+# listed: "a7 b5 c9 ..." (each line looks its operand up by label: an induction-head lookup per line);
+# cycled: "s37 x3 y8 n11=" (start 37, then +3, +8, +3, ... for 11 terms: every line reads one of two fixed keys).
+OPERAND_FORMS = ("listed", "cycled")
+MAX_START = 99
 # Single-token pieces of the default vocabulary (the tests check that each encodes as one id).
 OPENERS = ("take", "put", "and", "go", "look", "open")
 LINKS = ("is", "at", "on", "in")
@@ -69,10 +73,10 @@ MEDIAN_SAMPLE = 256  # problems whose worked length sets the response budget
 
 
 def worked_lines(numbers: list[int], width: int, choices: np.random.Generator, *, swap_prob: float,
-                 check_prob: float) -> str:
-    """The worked solution's lines (without the think markers): one line per operand, free choices from
-    `choices` (see the module docstring)."""
-    lines, total = [], 0
+                 check_prob: float, start: int = 0) -> str:
+    """The worked solution's lines (without the think markers): one line per operand from a running sum
+    that begins at `start`, free choices from `choices` (see the module docstring)."""
+    lines, total = [], start
     for label, x in zip(LABELS, numbers, strict=False):
         new = total + x
         opener = OPENERS[int(choices.integers(len(OPENERS)))]
@@ -86,18 +90,18 @@ def worked_lines(numbers: list[int], width: int, choices: np.random.Generator, *
     return "".join(lines)
 
 
-def chain_lines(numbers: list[int], width: int) -> str:
+def chain_lines(numbers: list[int], width: int, start: int = 0) -> str:
     """The terse chain style: one fixed-format line per operand, "a:0000+7=0007" (label, running sum, operand,
     new sum), the same steps as the worked style with no freedom and no words."""
-    lines, total = [], 0
+    lines, total = [], start
     for label, x in zip(LABELS, numbers, strict=False):
         lines.append(f"{label}:{total:0{width}d}+{x}={total + x:0{width}d}\n")
         total += x
     return "".join(lines)
 
 
-def direct_lines(numbers: list[int]) -> str:
-    total, parts = 0, []
+def direct_lines(numbers: list[int], start: int = 0) -> str:
+    total, parts = start, []
     for label, x in zip(LABELS, numbers, strict=False):
         total += x
         parts.append(f"{label}{total}")
@@ -123,10 +127,12 @@ class LongSumTask(SingleTurnTask):
         budget_factor: float = 2.0,
         eval_fraction: float = 0.1,
         width: int | None = None,
+        operand_form: str = "listed",
         tokenizer: Tokenizer | None = None,
     ):
         for key, value, allowed in (("style", style, STYLES), ("teacher_style", teacher_style, STYLES),
-                                    ("teacher_conventions", teacher_conventions, CONVENTIONS)):
+                                    ("teacher_conventions", teacher_conventions, CONVENTIONS),
+                                    ("operand_form", operand_form, OPERAND_FORMS)):
             if value not in allowed:
                 raise ValueError(f"{key}: expected one of {list(allowed)}, got {value!r}")
         if not 2 <= min_terms <= max_terms <= len(LABELS):
@@ -144,12 +150,14 @@ class LongSumTask(SingleTurnTask):
         self.style, self.teacher_style, self.teacher_conventions = style, teacher_style, teacher_conventions
         self.swap_prob, self.check_prob = float(swap_prob), float(check_prob)
         self.budget_factor, self.eval_fraction = float(budget_factor), float(eval_fraction)
-        least = len(str(9 * self.max_terms))
+        self.operand_form = operand_form
+        least = len(str(self._largest_start() + 9 * self.max_terms))
         if width is not None and not least <= int(width) <= 8:
             raise ValueError(f"width: expected null or {least}..8 digits (the largest sum has {least}), got {width}")
         self.width = least if width is None else int(width)
         self.tokenizer = tokenizer if tokenizer is not None else Tokenizer()
-        self.max_prompt_len = 1 + len(self.tokenizer.encode(self.format_prompt([9] * self.max_terms)))
+        self.max_prompt_len = 1 + len(self.tokenizer.encode(self.format_prompt([9] * self.max_terms,
+                                                                                     self._largest_start())))
         # Demonstrations are padded to this style's longest; rollouts get the whole budget.
         self.demo_len = self._worst_len(self.style)
         self.max_response_len = max(self.demo_len, self._worst_len(teacher_style),
@@ -158,7 +166,8 @@ class LongSumTask(SingleTurnTask):
     def _kwargs(self) -> dict:
         return {"min_terms": self.min_terms, "max_terms": self.max_terms, "swap_prob": self.swap_prob,
                 "check_prob": self.check_prob, "budget_factor": self.budget_factor,
-                "eval_fraction": self.eval_fraction, "teacher_style": self.teacher_style, "width": self.width}
+                "eval_fraction": self.eval_fraction, "teacher_style": self.teacher_style, "width": self.width,
+                "operand_form": self.operand_form}
 
     def teacher_view(self) -> LongSumTask:
         """The same problems as the teacher writes them: `teacher_style`, and the teacher's special-token
@@ -169,32 +178,56 @@ class LongSumTask(SingleTurnTask):
         view.max_response_len = self.max_response_len  # one budget for both sides
         return view
 
-    # -- problems -------------------------------------------------------------------------------------
+    # -- problems: (start, numbers), the running sum's first value and the operands in line order ----------
 
-    def format_prompt(self, numbers: list[int]) -> str:
+    def format_prompt(self, numbers: list[int], start: int = 0) -> str:
+        if self.operand_form == "cycled":
+            return f"s{start} x{numbers[0]} y{numbers[1]} n{len(numbers)}="
         return " ".join(f"{label}{x}" for label, x in zip(LABELS, numbers, strict=False)) + "="
 
-    def operands(self, p: Problem) -> list[int]:
-        return [int(t[1:]) for t in p.prompt[:-1].split(" ")]
+    def parse_prompt(self, prompt: str) -> tuple[int, list[int]]:
+        """(start, numbers) of a prompt of this task."""
+        if self.operand_form == "cycled":
+            s, x, y, n = (int(t[1:]) for t in prompt[:-1].split(" "))
+            return s, [(x, y)[i % 2] for i in range(n)]
+        return 0, [int(t[1:]) for t in prompt[:-1].split(" ")]
 
-    def solution_text(self, numbers: list[int], style: str) -> str:
+    def operands(self, p: Problem) -> list[int]:
+        return self.parse_prompt(p.prompt)[1]
+
+    def solution_text(self, numbers: list[int], style: str, start: int = 0) -> str:
         """The full response text in the default conventions ("<think>...</think>ANSWER<eos>")."""
         if style == "worked":
-            prompt = self.format_prompt(numbers)
+            prompt = self.format_prompt(numbers, start)
             choices = np.random.default_rng(hash_bucket("longsum:" + prompt, 2**63))
-            body = worked_lines(numbers, self.width, choices, swap_prob=self.swap_prob, check_prob=self.check_prob)
+            body = worked_lines(numbers, self.width, choices, swap_prob=self.swap_prob, check_prob=self.check_prob,
+                                start=start)
         elif style == "chain":
-            body = chain_lines(numbers, self.width)
+            body = chain_lines(numbers, self.width, start)
         else:
-            body = direct_lines(numbers)
-        return "<think>" + body + "</think>" + str(sum(numbers)) + "<eos>"
+            body = direct_lines(numbers, start)
+        return "<think>" + body + "</think>" + str(start + sum(numbers)) + "<eos>"
 
-    def make_problem(self, numbers: list[int]) -> Problem:
+    def make_problem(self, numbers: list[int], start: int = 0) -> Problem:
         if not self.min_terms <= len(numbers) <= self.max_terms:
             raise ValueError(f"numbers: expected {self.min_terms}..{self.max_terms} terms, got {len(numbers)}")
         if any(not 0 <= x <= 9 for x in numbers):
             raise ValueError(f"numbers: each must be a digit 0..9, got {numbers}")
-        return Problem(self.format_prompt(numbers), str(sum(numbers)), self.solution_text(list(numbers), self.style))
+        if self.operand_form == "cycled" and (list(numbers) != [numbers[i % 2] for i in range(len(numbers))]
+                                              or not 0 <= start <= MAX_START):
+            raise ValueError(f"numbers/start: cycled operands alternate two digits from a start in 0..{MAX_START}, "
+                             f"got {numbers}, {start}")
+        if self.operand_form == "listed" and start != 0:
+            raise ValueError(f"start: listed operands sum from 0, got {start}")
+        return Problem(self.format_prompt(numbers, start), str(start + sum(numbers)),
+                       self.solution_text(list(numbers), self.style, start))
+
+    def _draw(self, rng: np.random.Generator) -> tuple[int, list[int]]:
+        k = int(rng.integers(self.min_terms, self.max_terms + 1))
+        if self.operand_form == "cycled":
+            start, x, y = (int(v) for v in rng.integers(0, [MAX_START + 1, 10, 10]))
+            return start, [(x, y)[i % 2] for i in range(k)]
+        return 0, [int(x) for x in rng.integers(0, 10, size=k)]
 
     def split_of(self, p: Problem | str) -> str:
         return split_of_key(p if isinstance(p, str) else p.prompt, self.eval_fraction)
@@ -206,14 +239,10 @@ class LongSumTask(SingleTurnTask):
         if n < 0:
             raise ValueError(f"n: expected a non-negative count, got {n}")
         rng = np.random.default_rng([int(seed), split_index(split)])
-
-        def draw() -> list[int]:
-            k = int(rng.integers(self.min_terms, self.max_terms + 1))
-            return [int(x) for x in rng.integers(0, 10, size=k)]
-
-        numbers = draw_distinct(n, draw, self.format_prompt, lambda _, prompt: self.split_of(prompt) == split,
-                                error=f"problems: the {split} split has fewer than {n} distinct problems")
-        return [self.make_problem(x) for x in numbers]
+        drawn = draw_distinct(n, lambda: self._draw(rng), lambda d: self.format_prompt(d[1], d[0]),
+                              lambda _, prompt: self.split_of(prompt) == split,
+                              error=f"problems: the {split} split has fewer than {n} distinct problems")
+        return [self.make_problem(numbers, start) for start, numbers in drawn]
 
     # -- lengths --------------------------------------------------------------------------------------
 
@@ -222,13 +251,17 @@ class LongSumTask(SingleTurnTask):
 
     def _worst_len(self, style: str) -> int:
         """Longest response of `style` in this tokenizer: every operand 9, every check written."""
-        numbers = [9] * self.max_terms
+        numbers, start = [9] * self.max_terms, self._largest_start()
         if style != "worked":
-            return self._encoded_len(self.solution_text(numbers, style))
-        lines = worked_lines(numbers, self.width, np.random.default_rng(0), swap_prob=0.0, check_prob=1.0)
+            return self._encoded_len(self.solution_text(numbers, style, start))
+        lines = worked_lines(numbers, self.width, np.random.default_rng(0), swap_prob=0.0, check_prob=1.0,
+                             start=start)
         longest = max(len(self.tokenizer.encode(w)) for w in OPENERS + LINKS)
         extra = 2 * (longest - 1) * self.max_terms  # opener and link of one token each here; bound anyway
-        return self._encoded_len("<think>" + lines + "</think>" + str(sum(numbers)) + "<eos>") + extra
+        return self._encoded_len("<think>" + lines + "</think>" + str(start + sum(numbers)) + "<eos>") + extra
+
+    def _largest_start(self) -> int:
+        return MAX_START if self.operand_form == "cycled" else 0
 
     def median_teacher_len(self) -> float:
         """Median token length of the teacher-style demonstration over a fixed sample of problems, in the
@@ -238,8 +271,8 @@ class LongSumTask(SingleTurnTask):
         rng = np.random.default_rng(12345)
         lengths = []
         for _ in range(MEDIAN_SAMPLE):
-            k = int(rng.integers(self.min_terms, self.max_terms + 1))
-            text = self.solution_text([int(x) for x in rng.integers(0, 10, size=k)], self.teacher_style)
+            start, numbers = self._draw(rng)
+            text = self.solution_text(numbers, self.teacher_style, start)
             lengths.append(len(teacher_tok.encode(text[: -len("<eos>")] + teacher_tok.roles["eos"])))
         return float(np.median(lengths))
 
