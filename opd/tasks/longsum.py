@@ -2,19 +2,21 @@
 
 One problem space, two solution styles, one shared vocabulary (the default `Tokenizer()`):
 
-    prompt:   a7 b5 c9 d3 ... =          (min_terms..max_terms labelled one-digit operands)
+    prompt:   a7 b5 c9 d3 ... =          operand_form=listed: min_terms..max_terms labelled one-digit operands
+              s37 x3 y8 n11=             operand_form=cycled: start 37, then +3, +8, +3, ... for 11 terms
 
-    worked    (the teacher's, long and free; ~17-23 tokens per operand, median ~320 tokens at 13-17 terms)
+    worked    (the teacher's, long and free; ~17-23 tokens per operand)
               <think>take a7 is 000+7=007
               put b5 on 5+007=012 it 012
               ...
               </think>153<eot>
-      every line copies one operand next to its label (a fixed-offset lookup, what an induction head does;
-      an operand written only inside the sum sits at a variable offset and is much slower for a tiny model to
-      learn, notes/30_regime.md) and adds it to the running sum, with genuine freedom: an opening word (one of six), a
-      linking word (one of four), the order of the two addends (`swap_prob`) and an optional check that
-      repeats the new sum (`check_prob`). The freedom is drawn per item from a hash of its prompt, so the
-      demonstration distribution is multimodal and the teacher's next-token distribution is too.
+      every line writes its operand next to its label and adds it to the running sum, with genuine freedom:
+      an opening word (one of six), a linking word (one of four), the order of the two addends (`swap_prob`)
+      and an optional check that repeats the new sum (`check_prob`). The freedom is drawn per item from a hash
+      of its prompt, so the demonstration distribution is multimodal and the teacher's next-token
+      distribution is too. In the listed form each line looks its operand up by label, an induction-head
+      lookup per line that the tiny CPU models do not learn at CPU budgets; in the cycled form every line
+      reads one of two fixed keys (results/notes/30_regime.md).
 
     chain     (a student's, terse: the worked line's steps with no freedom and no words; ~14 tokens per
               operand at width 4)
