@@ -74,6 +74,11 @@ LINKS = ("is", "at", "on", "in")
 MEDIAN_SAMPLE = 256  # problems whose worked length sets the response budget
 
 
+def cycled(x: int, y: int, n: int) -> list[int]:
+    """The operands of a cycled prompt: x, y, x, y, ... (n terms)."""
+    return [(x, y)[i % 2] for i in range(n)]
+
+
 def worked_lines(numbers: list[int], width: int, choices: np.random.Generator, *, swap_prob: float,
                  check_prob: float, start: int = 0) -> str:
     """The worked solution's lines (without the think markers): one line per operand from a running sum
@@ -191,7 +196,7 @@ class LongSumTask(SingleTurnTask):
         """(start, numbers) of a prompt of this task."""
         if self.operand_form == "cycled":
             s, x, y, n = (int(t[1:]) for t in prompt[:-1].split(" "))
-            return s, [(x, y)[i % 2] for i in range(n)]
+            return s, cycled(x, y, n)
         return 0, [int(t[1:]) for t in prompt[:-1].split(" ")]
 
     def operands(self, p: Problem) -> list[int]:
@@ -215,7 +220,7 @@ class LongSumTask(SingleTurnTask):
             raise ValueError(f"numbers: expected {self.min_terms}..{self.max_terms} terms, got {len(numbers)}")
         if any(not 0 <= x <= 9 for x in numbers):
             raise ValueError(f"numbers: each must be a digit 0..9, got {numbers}")
-        if self.operand_form == "cycled" and (list(numbers) != [numbers[i % 2] for i in range(len(numbers))]
+        if self.operand_form == "cycled" and (list(numbers) != cycled(numbers[0], numbers[1], len(numbers))
                                               or not 0 <= start <= MAX_START):
             raise ValueError(f"numbers/start: cycled operands alternate two digits from a start in 0..{MAX_START}, "
                              f"got {numbers}, {start}")
@@ -228,7 +233,7 @@ class LongSumTask(SingleTurnTask):
         k = int(rng.integers(self.min_terms, self.max_terms + 1))
         if self.operand_form == "cycled":
             start, x, y = (int(v) for v in rng.integers(0, [MAX_START + 1, 10, 10]))
-            return start, [(x, y)[i % 2] for i in range(k)]
+            return start, cycled(x, y, k)
         return 0, [int(x) for x in rng.integers(0, 10, size=k)]
 
     def split_of(self, p: Problem | str) -> str:
