@@ -84,6 +84,7 @@ def run_experiment(cfg: Any, built: dict[str, Any], out_dir: Path, *, log: Calla
     from opd.results import RunRecorder, write_jsonl
     from opd.train import evaluate as ev
     from opd.train.loop import Route, run_opd
+    from opd.tasks.common import teacher_cache_section
     from opd.train.sft import prepare
 
     t_start = time.time()
@@ -138,7 +139,8 @@ def run_experiment(cfg: Any, built: dict[str, Any], out_dir: Path, *, log: Calla
     teachers, teacher_scores, item_rows = {}, {}, []
     for name, r in route_cfgs.items():
         rc = cfg.tasks[name]
-        sections = {"model": r["teacher"].to_dict(), "task": resolved["tasks"][name]["task"],
+        sections = {"model": r["teacher"].to_dict(),
+                    "task": teacher_cache_section(r["task"], resolved["tasks"][name]["task"]),
                     "tokenizer": [cfg.tokenizer, rc.teacher_tokenizer], "sft": resolved["tasks"][name]["sft"]}
         teachers[name], tmeta = prepare_model(
             f"teacher/{name}", r["teacher"], r["hf_teacher"], [(name, r["teacher_task"])], sections, rc.sft,

@@ -181,6 +181,7 @@ def teacher_rollout_stats(cfg: Any, teacher, teacher_task, items: list) -> dict[
 
 def measure(cfg: Any, built: dict[str, Any], *, log: Callable[[str], None] = progress) -> dict[str, Any]:
     """Every R1-R7 number of the configuration's first route, plus what `passes` needs."""
+    from opd.tasks.common import teacher_cache_section
     from opd.train import evaluate as ev
     from opd.train.loop import Route
     from opd.train.sft import prepare
@@ -220,11 +221,13 @@ def measure(cfg: Any, built: dict[str, Any], *, log: Callable[[str], None] = pro
 
     task_section = resolved["tasks"][name]["task"]
     # Sections as experiments.opd keys them, so the teacher and student caches are shared with OPD runs.
-    t_sections = {"model": r["teacher"].to_dict(), "task": task_section,
+    teacher_section = teacher_cache_section(task, task_section)  # the student's style does not retrain these
+    t_sections = {"model": r["teacher"].to_dict(), "task": teacher_section,
                   "tokenizer": [cfg.tokenizer, rc.teacher_tokenizer], "sft": resolved["tasks"][name]["sft"]}
     s_sections = {"model": built["student"].to_dict(), "tokenizer": cfg.tokenizer, "tasks": {name: task_section},
                   "sft": resolved["sft_student"]}
-    c_sections = {**s_sections, "sft": resolved["tasks"][name]["sft"], "role": "capacity"}
+    c_sections = {**s_sections, "tasks": {name: teacher_section}, "sft": resolved["tasks"][name]["sft"],
+                  "role": "capacity"}
     root = cfg.checkpoint_root
     models, acc = {}, {}
     for label, model_cfg, view, sections, sft_cfg in (

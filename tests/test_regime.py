@@ -15,13 +15,14 @@ from hydra import compose, initialize_config_dir
 
 from experiments import regime
 from opd.tasks import Tokenizer, make_task
-from opd.tasks.longsum import LINKS, OPENERS, LongSumTask
+from opd.tasks.longsum import ASIDES, CHECK_WORDS, LINKS, MAX_REPEATS, OPENERS, LongSumTask, worked_lines
 from opd.train.config import register_configs, validate
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 register_configs()
 
-_LINE = re.compile(r"^(\w+) ([a-z])(\d) (\w+) (\d+)\+(\d+)=(\d+)( it (\d+))?$")
+# opener, label, operand, aside, link, addend, addend, new sum, (check word, check)
+_LINE = re.compile(r"^(\w+) ([a-z])(\d) (\w+) (\w+) (\d+)\+(\d+)=(\d+)( (\w+) (\d+))?$")
 
 
 @pytest.fixture(scope="module")
@@ -63,10 +64,10 @@ def _check_worked(p, text):
     for label, x, line in zip("abcdefghijklmnopq", numbers, lines, strict=False):
         m = _LINE.match(line)
         assert m, line
-        opener, lab, copied, link, a, b, new = m.group(1, 2, 3, 4, 5, 6, 7)
-        assert opener in OPENERS and link in LINKS and lab == label and int(copied) == x
+        opener, lab, copied, aside, link, a, b, new = m.group(1, 2, 3, 4, 5, 6, 7, 8)
+        assert opener in OPENERS and aside in ASIDES and link in LINKS and lab == label and int(copied) == x
         assert sorted([int(a), int(b)]) == sorted([total, x]) and int(new) == total + x
-        assert m.group(9) in (None, new)
+        assert m.group(10) in (None, *CHECK_WORDS) and m.group(11) in (None, new)
         total += x
     assert tail == f"{total}<eot>" and int(p.answer) == total
 
@@ -96,7 +97,7 @@ def test_demonstrations_are_correct_and_scored(task, teacher):
 
 
 def test_encoded_layout_and_budget(task, teacher):
-    for w in OPENERS + LINKS:
+    for w in OPENERS + ASIDES + LINKS + CHECK_WORDS:
         assert len(task.tokenizer.encode(w)) == 1, w
     tok, _attn, target = teacher.demonstrations(teacher.items("train", 64, 0))
     lengths = target.sum(axis=1)
@@ -118,8 +119,8 @@ def test_demonstration_distribution_is_multimodal(teacher):
         for line in teacher.demonstration(p).split("</think>")[0][len("<think>"):].rstrip("\n").split("\n"):
             m = _LINE.match(line)
             openers[m.group(1)] += 1
-            first_addend[len(m.group(5)) > 1] += 1
-            check[m.group(8) is not None] += 1
+            first_addend[len(m.group(6)) > 1] += 1
+            check[m.group(9) is not None] += 1
     for counts, top in ((openers, 0.25), (first_addend, 0.6), (check, 0.6)):
         assert max(counts.values()) / sum(counts.values()) < top, counts
     assert set(openers) == set(OPENERS)
@@ -150,7 +151,7 @@ def test_cycled_operands_alternate_two_digits_from_a_start():
         body = worked.demonstration(p)[len("<think>"):].split("</think>")[0].rstrip("\n").split("\n")
         start, numbers = worked.parse_prompt(p.prompt)
         first = _LINE.match(body[0])
-        assert sorted([int(first.group(5)), int(first.group(6))]) == sorted([start, numbers[0]])
+        assert sorted([int(first.group(6)), int(first.group(7))]) == sorted([start, numbers[0]])
         assert worked.score(p, worked.tokenizer.decode(worked.tokenizer.encode(worked.demonstration(p)))) == 1.0
     assert len({p.prompt for p in items}) == 60
     assert not {p.prompt for p in chain.items("eval", 300, 0)} & {p.prompt for p in chain.items("validation", 300, 0)}
@@ -165,10 +166,64 @@ def test_cycled_operands_alternate_two_digits_from_a_start():
     ({"style": "long"}, "style"), ({"teacher_conventions": "qwen"}, "teacher_conventions"),
     ({"min_terms": 9, "max_terms": 8}, "min_terms"), ({"check_prob": 1.5}, "check_prob"),
     ({"budget_factor": 0.5}, "budget_factor"), ({"max_terms": 27}, "max_terms"), ({"width": 1}, "width"),
-    ({"operand_form": "sorted"}, "operand_form"), ({"operand_form": "cycled", "width": 2}, "width")])
+    ({"operand_form": "sorted"}, "operand_form"), ({"operand_form": "cycled", "width": 2}, "width"),
+    ({"repeat_prob": -0.1}, "repeat_prob"), ({"student_repeat_prob": 2}, "student_repeat_prob"),
+    ({"brief_head": 14}, "brief_head")])
 def test_bad_task_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         make_task("longsum", **kwargs)
+
+
+def _lines(task, p):
+    return task.demonstration(p)[len("<think>"):].split("</think>")[0].rstrip("\n").split("\n")
+
+
+def test_repeated_lines_and_the_brief_style():
+    """repeat_prob: a teacher line is sometimes written twice in a row, identically (a recheck the teacher has
+    seen, so it can endorse a student's repetition); at most MAX_REPEATS per response. The brief student
+    style: `brief_head` worked lines with fixed choices, then the terse chain, its own repeats from
+    student_repeat_prob; without repeats both write exactly one line per operand."""
+    kw = {"min_terms": 10, "max_terms": 12, "width": 3, "operand_form": "cycled"}
+    brief = LongSumTask(style="brief", brief_head=2, repeat_prob=0.3, student_repeat_prob=0.3, **kw)
+    worked = brief.teacher_view()
+    repeats = []
+    for view, fmt in ((worked, "worked"), (brief, "brief")):
+        for p in view.items("train", 60, 0):
+            lines = _lines(view, p)
+            dedup = [line for i, line in enumerate(lines) if i == 0 or line != lines[i - 1]]
+            assert len(dedup) == len(view.operands(p))  # a repeat is always identical to the line before
+            assert len(lines) - len(dedup) <= MAX_REPEATS
+            repeats.append(len(lines) - len(dedup))
+            if fmt == "brief":
+                assert all(line.startswith(f"{OPENERS[0]} {lab}") and f" {ASIDES[0]} {LINKS[0]} " in line
+                           for lab, line in zip("ab", dedup[:2], strict=True))
+                assert all(re.fullmatch(r"[a-l]:\d{3}\+\d=\d{3}", line) for line in dedup[2:]), dedup
+            assert view.score(p, view.tokenizer.decode(view.tokenizer.encode(view.demonstration(p)))) == 1.0
+    assert 0.1 < np.mean(repeats) / 11 < 0.5  # about 0.3 per line, capped
+    plain = LongSumTask(style="brief", **kw)
+    assert all(len(_lines(plain, p)) == len(plain.operands(p)) for p in plain.items("train", 30, 0))
+    # padded demonstrations hold the longest response, repeats included: every check written, MAX_REPEATS copies
+    longest = worked_lines([9] * 12, 3, np.random.default_rng(0), swap_prob=0.0, check_prob=1.0, start=99,
+                           repeat_prob=1.0)
+    text = "<think>" + longest + "</think>207" + worked.tokenizer.roles["eos"]
+    assert len(worked.tokenizer.encode(text)) <= worked.demo_len
+    for view in (worked, brief):
+        _tok, _attn, target = view.demonstrations(view.items("train", 200, 1))
+        assert target.sum(axis=1).max() <= view.demo_len
+
+
+def test_teacher_cache_ignores_student_only_keys():
+    """The teacher's SFT cache key: the task section without the keys only the student reads, so a new
+    student style reuses the teacher; a key the teacher reads still changes it."""
+    from opd.tasks.common import teacher_cache_section
+
+    task = LongSumTask()
+    section = {"style": "brief", "student_repeat_prob": 0.1, "brief_head": 2, "repeat_prob": 0.15, "width": 3}
+    other = {**section, "style": "chain", "student_repeat_prob": 0.0, "brief_head": 0}
+    assert teacher_cache_section(task, section) == teacher_cache_section(task, other) == {"repeat_prob": 0.15,
+                                                                                          "width": 3}
+    assert teacher_cache_section(task, {**section, "repeat_prob": 0.2}) != teacher_cache_section(task, section)
+    assert teacher_cache_section(object(), section) == section  # tasks without student-only keys: all of it
 
 
 def test_regime_config_composes():
@@ -179,7 +234,7 @@ def test_regime_config_composes():
     assert cfg.student.max_seq_len >= task.sequence_length() and cfg.tasks.arithmetic.teacher.max_seq_len >= (
         task.sequence_length())
     route = validate(cfg)["routes"]["arithmetic"]  # the teacher is prepared on its own style and conventions
-    assert (route["task"].style, route["teacher_task"].style) == ("chain", "worked")
+    assert (route["task"].style, route["teacher_task"].style) == ("brief", "worked")
     assert route["teacher_task"].tokenizer.eos_id != route["task"].tokenizer.eos_id
     assert route["task"].max_response_len >= 2 * route["task"].median_teacher_len() >= 512
 
@@ -258,7 +313,7 @@ def test_measure_on_tiny_models_prints_every_key(monkeypatch, tmp_path):
     monkeypatch.setattr(sft, "prepare", fake_prepare)
     r = regime.measure(cfg, built, log=lambda _m: None)
     ctx = r.pop("_context")
-    assert prepared == [("teacher/arithmetic", "worked"), ("student/arithmetic", "chain"),
+    assert prepared == [("teacher/arithmetic", "worked"), ("student/arithmetic", "brief"),
                         ("capacity/arithmetic", "worked")]
     assert ctx["shared_vocabulary"] and ctx["conventions_differ"]
     line = json.loads(regime.report_line(r, regime.passes(r, **{k: ctx[k] for k in (

@@ -54,6 +54,14 @@ class Task(Protocol):
     def special_ids(self) -> dict[str, int]: ...
 
 
+def teacher_cache_section(task, section: dict) -> dict:
+    """A task's config section as the teacher's (and the capacity check's) SFT cache key sees it: without
+    the keys only the student's side reads (`task.student_only_keys`), so that changing the student's style
+    reuses a cached teacher."""
+    drop = set(getattr(task, "student_only_keys", ()))
+    return {k: v for k, v in section.items() if k not in drop}
+
+
 def special_token_ids(tokenizer: Tokenizer) -> dict[str, int]:
     """The tokens the paper masks at their first occurrence (think markers, EOS), by name."""
     names = {"think_open": "think_open_id", "think_close": "think_close_id", "eos": "eos_id"}

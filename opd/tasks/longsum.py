@@ -62,15 +62,20 @@ from opd.tasks.common import (
 )
 from opd.tasks.tokenizer import Tokenizer
 
-STYLES = ("direct", "chain", "worked")
+STYLES = ("direct", "chain", "brief", "worked")
 CONVENTIONS = ("paper", "same")
 # listed: "a7 b5 c9 ..." (each line looks its operand up by label: an induction-head lookup per line);
 # cycled: "s37 x3 y8 n11=" (start 37, then +3, +8, +3, ... for 11 terms: every line reads one of two fixed keys).
 OPERAND_FORMS = ("listed", "cycled")
 MAX_START = 99
 # Single-token pieces of the default vocabulary (the tests check that each encodes as one id).
-OPENERS = ("take", "put", "and", "go", "look", "open")
-LINKS = ("is", "at", "on", "in")
+OPENERS = ("take", "put", "and", "go", "look", "open", "pick", "see", "can", "you", "the", "arrive")
+LINKS = ("is", "at", "on", "in", "to", "from", "up", "are")
+ASIDES = ("apple", "bread", "egg", "mug", "plate", "knife", "book", "pen")
+CHECK_WORDS = ("it", "closed", "happens", "carrying")
+MAX_REPEATS = 3  # repeated lines per response at most (bounds the padded demonstration length)
+# Keys of the task section that only the student's side reads: changing them must not retrain the teacher.
+STUDENT_ONLY_KEYS = ("style", "student_repeat_prob", "brief_head")
 MEDIAN_SAMPLE = 256  # problems whose worked length sets the response budget
 
 
@@ -79,32 +84,59 @@ def cycled(x: int, y: int, n: int) -> list[int]:
     return [(x, y)[i % 2] for i in range(n)]
 
 
+def worked_line(label: str, x: int, total: int, width: int, opener: str, aside: str, link: str, swap: bool,
+                check_word: str | None) -> str:
+    """One worked line, e.g. "open a5 mug is 063+5=068 it 068\\n"."""
+    new = total + x
+    a, b = f"{total:0{width}d}", str(x)
+    if swap:
+        a, b = b, a
+    check = f" {check_word} {new:0{width}d}" if check_word is not None else ""
+    return f"{opener} {label}{x} {aside} {link} {a}+{b}={new:0{width}d}{check}\n"
+
+
+def with_repeats(lines: list[str], repeat_prob: float, choices: np.random.Generator) -> str:
+    """The lines, each followed by an identical copy (a recheck) with probability `repeat_prob`, at most
+    MAX_REPEATS copies per response."""
+    out, repeats = [], 0
+    for line in lines:
+        out.append(line)
+        if repeat_prob > 0 and repeats < MAX_REPEATS and choices.random() < repeat_prob:
+            out.append(line)
+            repeats += 1
+    return "".join(out)
+
+
 def worked_lines(numbers: list[int], width: int, choices: np.random.Generator, *, swap_prob: float,
-                 check_prob: float, start: int = 0) -> str:
+                 check_prob: float, start: int = 0, repeat_prob: float = 0.0) -> str:
     """The worked solution's lines (without the think markers): one line per operand from a running sum
     that begins at `start`, free choices from `choices` (see the module docstring)."""
     lines, total = [], start
     for label, x in zip(LABELS, numbers, strict=False):
-        new = total + x
         opener = OPENERS[int(choices.integers(len(OPENERS)))]
+        aside = ASIDES[int(choices.integers(len(ASIDES)))]
         link = LINKS[int(choices.integers(len(LINKS)))]
-        a, b = f"{total:0{width}d}", str(x)
-        if choices.random() < swap_prob:
-            a, b = b, a
-        check = f" it {new:0{width}d}" if choices.random() < check_prob else ""
-        lines.append(f"{opener} {label}{x} {link} {a}+{b}={new:0{width}d}{check}\n")
-        total = new
-    return "".join(lines)
-
-
-def chain_lines(numbers: list[int], width: int, start: int = 0) -> str:
-    """The terse chain style: one fixed-format line per operand, "a:0000+7=0007" (label, running sum, operand,
-    new sum), the same steps as the worked style with no freedom and no words."""
-    lines, total = [], start
-    for label, x in zip(LABELS, numbers, strict=False):
-        lines.append(f"{label}:{total:0{width}d}+{x}={total + x:0{width}d}\n")
+        swap = bool(choices.random() < swap_prob)
+        check = CHECK_WORDS[int(choices.integers(len(CHECK_WORDS)))] if choices.random() < check_prob else None
+        lines.append(worked_line(label, x, total, width, opener, aside, link, swap, check))
         total += x
-    return "".join(lines)
+    return with_repeats(lines, repeat_prob, choices)
+
+
+def chain_line(label: str, x: int, total: int, width: int) -> str:
+    """The terse chain line "a:0000+7=0007\\n" (label, running sum, operand, new sum)."""
+    return f"{label}:{total:0{width}d}+{x}={total + x:0{width}d}\n"
+
+
+def chain_lines(numbers: list[int], width: int, start: int = 0, *, head: int = 0) -> list[str]:
+    """The terse chain style's lines, one fixed-format line per operand with no freedom and no words; the
+    first `head` lines in the worked format with fixed choices (the brief style)."""
+    lines, total = [], start
+    for i, (label, x) in enumerate(zip(LABELS, numbers, strict=False)):
+        lines.append(worked_line(label, x, total, width, OPENERS[0], ASIDES[0], LINKS[0], False, None) if i < head
+                     else chain_line(label, x, total, width))
+        total += x
+    return lines
 
 
 def direct_lines(numbers: list[int], start: int = 0) -> str:
@@ -121,6 +153,7 @@ class LongSumTask(SingleTurnTask):
 
     name = "longsum"
     metric = "accuracy"
+    student_only_keys = STUDENT_ONLY_KEYS
 
     def __init__(
         self,
@@ -131,6 +164,9 @@ class LongSumTask(SingleTurnTask):
         teacher_conventions: str = "paper",
         swap_prob: float = 0.5,
         check_prob: float = 0.5,
+        repeat_prob: float = 0.0,
+        student_repeat_prob: float = 0.0,
+        brief_head: int = 2,
         budget_factor: float = 2.0,
         eval_fraction: float = 0.1,
         width: int | None = None,
@@ -145,9 +181,12 @@ class LongSumTask(SingleTurnTask):
         if not 2 <= min_terms <= max_terms <= len(LABELS):
             raise ValueError(f"min_terms/max_terms: expected 2 <= min_terms <= max_terms <= {len(LABELS)}, "
                              f"got {min_terms}, {max_terms}")
-        for key, value in (("swap_prob", swap_prob), ("check_prob", check_prob)):
+        for key, value in (("swap_prob", swap_prob), ("check_prob", check_prob), ("repeat_prob", repeat_prob),
+                           ("student_repeat_prob", student_repeat_prob)):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{key}: expected a probability in [0, 1], got {value}")
+        if not 0 <= int(brief_head) <= min_terms:
+            raise ValueError(f"brief_head: expected 0..min_terms ({min_terms}) worked lines, got {brief_head}")
         if not budget_factor >= 1.0:
             raise ValueError(f"budget_factor: expected a number >= 1, got {budget_factor}")
         if not 0.0 < eval_fraction < 0.5:
@@ -156,6 +195,8 @@ class LongSumTask(SingleTurnTask):
         self.min_terms, self.max_terms = int(min_terms), int(max_terms)
         self.style, self.teacher_style, self.teacher_conventions = style, teacher_style, teacher_conventions
         self.swap_prob, self.check_prob = float(swap_prob), float(check_prob)
+        self.repeat_prob, self.student_repeat_prob = float(repeat_prob), float(student_repeat_prob)
+        self.brief_head = int(brief_head)
         self.budget_factor, self.eval_fraction = float(budget_factor), float(eval_fraction)
         self.operand_form = operand_form
         least = len(str(self._largest_start() + 9 * self.max_terms))
@@ -172,7 +213,9 @@ class LongSumTask(SingleTurnTask):
 
     def _kwargs(self) -> dict:
         return {"min_terms": self.min_terms, "max_terms": self.max_terms, "swap_prob": self.swap_prob,
-                "check_prob": self.check_prob, "budget_factor": self.budget_factor,
+                "check_prob": self.check_prob, "repeat_prob": self.repeat_prob,
+                "student_repeat_prob": self.student_repeat_prob, "brief_head": self.brief_head,
+                "budget_factor": self.budget_factor,
                 "eval_fraction": self.eval_fraction, "teacher_style": self.teacher_style, "width": self.width,
                 "operand_form": self.operand_form}
 
@@ -203,14 +246,18 @@ class LongSumTask(SingleTurnTask):
         return self.parse_prompt(p.prompt)[1]
 
     def solution_text(self, numbers: list[int], style: str, start: int = 0) -> str:
-        """The full response text in the default conventions ("<think>...</think>ANSWER<eos>")."""
+        """The full response text in the default conventions ("<think>...</think>ANSWER<eos>"). Repeated
+        lines: `repeat_prob` in the teacher's style, `student_repeat_prob` in any other."""
+        prompt = self.format_prompt(numbers, start)
         if style == "worked":
-            prompt = self.format_prompt(numbers, start)
             choices = np.random.default_rng(hash_bucket("longsum:" + prompt, 2**63))
+            repeat = self.repeat_prob if style == self.teacher_style else self.student_repeat_prob
             body = worked_lines(numbers, self.width, choices, swap_prob=self.swap_prob, check_prob=self.check_prob,
-                                start=start)
-        elif style == "chain":
-            body = chain_lines(numbers, self.width, start)
+                                start=start, repeat_prob=repeat)
+        elif style in ("chain", "brief"):
+            choices = np.random.default_rng(hash_bucket("longsum-student:" + prompt, 2**63))
+            lines = chain_lines(numbers, self.width, start, head=self.brief_head if style == "brief" else 0)
+            body = with_repeats(lines, self.student_repeat_prob, choices)
         else:
             body = direct_lines(numbers, start)
         return "<think>" + body + "</think>" + str(start + sum(numbers)) + "<eos>"
@@ -259,13 +306,20 @@ class LongSumTask(SingleTurnTask):
     def _worst_len(self, style: str) -> int:
         """Longest response of `style` in this tokenizer: every operand 9, every check written."""
         numbers, start = [9] * self.max_terms, self._largest_start()
-        if style != "worked":
+        if style == "direct":
             return self._encoded_len(self.solution_text(numbers, style, start))
-        lines = worked_lines(numbers, self.width, np.random.default_rng(0), swap_prob=0.0, check_prob=1.0,
-                             start=start)
-        longest = max(len(self.tokenizer.encode(w)) for w in OPENERS + LINKS)
-        extra = 2 * (longest - 1) * self.max_terms  # opener and link of one token each here; bound anyway
-        return self._encoded_len("<think>" + lines + "</think>" + str(start + sum(numbers)) + "<eos>") + extra
+        if style == "worked":
+            lines = worked_lines(numbers, self.width, np.random.default_rng(0), swap_prob=0.0, check_prob=1.0,
+                                 start=start)
+            longest = max(len(self.tokenizer.encode(w)) for w in OPENERS + ASIDES + LINKS + CHECK_WORDS)
+            extra = 4 * (longest - 1) * self.max_terms  # opener, aside, link, check word: one token each here; bound anyway
+        else:
+            lines = "".join(chain_lines(numbers, self.width, start, head=self.brief_head if style == "brief" else 0))
+            extra = 0
+        longest_line = max(len(self.tokenizer.encode(line)) for line in lines.splitlines(keepends=True)) + extra
+        repeats = MAX_REPEATS if (self.repeat_prob if style == self.teacher_style else self.student_repeat_prob) else 0
+        return (self._encoded_len("<think>" + lines + "</think>" + str(start + sum(numbers)) + "<eos>") + extra
+                + repeats * longest_line)
 
     def _largest_start(self) -> int:
         return MAX_START if self.operand_form == "cycled" else 0
