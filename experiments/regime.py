@@ -8,7 +8,8 @@ validates it, prepares or reuses the cached SFT models of its first route -- the
 `teacher_view()` when it has one: the teacher's style and conventions), the student, and the capacity check
 (the student's architecture on the teacher's demonstrations with the teacher's SFT recipe) -- and measures,
 with the trainer's own stages (`sample_stage` at the objective's rollout top-p, `score_stage`,
-`build_batch` unmasked) and `opd.failure_modes`:
+`build_batch` unmasked) and `opd.failure_modes`; R4-R7 on STEP1_BATCHES step-1 batches together; the capacity
+check takes the teacher's SFT recipe, with `capacity_sft_steps` steps when set:
 
     R1 gap            teacher_accuracy >= 0.85 and 0.15 <= student_accuracy <= 0.50 (sampled pass@1, top-p 0.9)
     R2 learnability   capacity_accuracy >= 0.80
@@ -41,7 +42,7 @@ from typing import Any
 import hydra
 import jax
 import numpy as np
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from opd import failure_modes as fm
 from opd.cli import entry_point, progress, run_main
@@ -55,6 +56,9 @@ KEYS = ("teacher_accuracy", "student_accuracy", "capacity_accuracy", "teacher_to
 LOOP_MIN_TOKENS = 8  # shorter "loops" are digit runs such as "000", not repetition
 ENDORSED_PROB = 0.5
 EOS_NATS = -20.0
+# Step-1 batches measured together: at 16 prompts x 4 samples, 256 rollouts, so R6's 1% is 2.6 rollouts
+# rather than a fraction of one.
+STEP1_BATCHES = 4
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -138,29 +142,47 @@ def report_line(r: dict[str, Any], passed: list[str]) -> str:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def step1(cfg: Any, student, route, *, log: Callable[[str], None] = progress) -> dict[str, Any]:
+def pad_columns(arrays: list[np.ndarray]) -> np.ndarray:
+    """[B_i, L_i] arrays stacked into one [sum B_i, max L_i], right-padded with zeros."""
+    width = max(a.shape[1] for a in arrays)
+    return np.concatenate([np.pad(a, ((0, 0), (0, width - a.shape[1]))) for a in arrays])
+
+
+def step1(cfg: Any, student, route, *, batches: int = STEP1_BATCHES,
+          log: Callable[[str], None] = progress) -> dict[str, Any]:
     """Step 1 of the configured OPD run, measured: the trainer's sample, score and (unmasked) batch stages on
-    one batch of training prompts, then R4-R7's statistics of it."""
+    `batches` batches of training prompts drawn as the loop's first step draws them (the first is the loop's
+    own), then R4-R7's statistics of all their rollouts together."""
     from opd.train.batch import build_batch
     from opd.train.loop import rollout_top_p, sample_stage, score_stage
 
     n, group = int(cfg.rollout.prompts_per_step), int(cfg.rollout.group_size)
     pick = np.random.default_rng(int(cfg.seed))
-    items = [route.train_items[i] for i in pick.integers(0, len(route.train_items), n) for _ in range(group)]
     key = jax.random.split(jax.random.key(int(cfg.seed)))[1]  # the loop's first rollout key
-    rollouts = sample_stage(student, route, items, key, cfg)
-    payload = score_stage(route, rollouts, int(cfg.loss.k))
-    batch = build_batch(rollouts, payload, special_ids=list(route.task.special_ids().values()),
-                        mask_special_tokens=False)
-    q, p = np.asarray(batch.teacher_sampled_BxL), np.asarray(batch.old_logprobs_BxL)
-    mask = np.asarray(batch.response_mask_BxL)
-    special = fm.special_token_logprobs(rollouts.tokens, mask, p, q, route.task.special_ids())
-    log(f"[regime] step 1: {len(items)} student rollouts at top-p {rollout_top_p(cfg)}, median length "
-        f"{np.median(rollouts.response_len):.0f}, train score {np.mean(rollouts.score):.3f}")
+    parts: dict[str, list[np.ndarray]] = {"q": [], "p": [], "mask": [], "tokens": []}
+    lengths, scores = [], []
+    for b in range(batches):
+        items = [route.train_items[i] for i in pick.integers(0, len(route.train_items), n) for _ in range(group)]
+        rollouts = sample_stage(student, route, items, key if b == 0 else jax.random.fold_in(key, b), cfg)
+        payload = score_stage(route, rollouts, int(cfg.loss.k))
+        batch = build_batch(rollouts, payload, special_ids=list(route.task.special_ids().values()),
+                            mask_special_tokens=False)
+        parts["q"].append(np.asarray(batch.teacher_sampled_BxL))
+        parts["p"].append(np.asarray(batch.old_logprobs_BxL))
+        parts["mask"].append(np.asarray(batch.response_mask_BxL))
+        parts["tokens"].append(np.asarray(rollouts.tokens))
+        lengths.append(np.asarray(rollouts.response_len))
+        scores.append(np.asarray(rollouts.score))
+    q, p, mask, tokens = (pad_columns(parts[k]) for k in ("q", "p", "mask", "tokens"))
+    response_len = np.concatenate(lengths)
+    special = fm.special_token_logprobs(tokens, mask, p, q, route.task.special_ids())
+    log(f"[regime] step 1: {len(response_len)} student rollouts ({batches} batches) at top-p "
+        f"{rollout_top_p(cfg)}, median length {np.median(response_len):.0f}, train score "
+        f"{np.mean(np.concatenate(scores)):.3f}")
     return {
         "neg_reward_frac_step1": fm.neg_reward_frac(q, p, mask),
-        "gap_iqr_ratio": gap_iqr_ratio(q, p, mask, rollouts.response_len),
-        "endorsed_loop_frac": endorsed_loop_frac(rollouts.tokens, mask, p, q),
+        "gap_iqr_ratio": gap_iqr_ratio(q, p, mask, response_len),
+        "endorsed_loop_frac": endorsed_loop_frac(tokens, mask, p, q),
         "eos_teacher_logprob": special.get("eos", {}).get("teacher_mean"),
         "special_tokens": {k: {"student_mean": v["student_mean"], "teacher_mean": v["teacher_mean"]}
                            for k, v in special.items()},
@@ -226,14 +248,16 @@ def measure(cfg: Any, built: dict[str, Any], *, log: Callable[[str], None] = pro
                   "tokenizer": [cfg.tokenizer, rc.teacher_tokenizer], "sft": resolved["tasks"][name]["sft"]}
     s_sections = {"model": built["student"].to_dict(), "tokenizer": cfg.tokenizer, "tasks": {name: task_section},
                   "sft": resolved["sft_student"]}
-    c_sections = {**s_sections, "tasks": {name: teacher_section}, "sft": resolved["tasks"][name]["sft"],
+    capacity_sft = rc.sft if cfg.capacity_sft_steps is None else OmegaConf.merge(
+        rc.sft, {"steps": int(cfg.capacity_sft_steps)})
+    c_sections = {**s_sections, "tasks": {name: teacher_section}, "sft": to_container(capacity_sft),
                   "role": "capacity"}
     root = cfg.checkpoint_root
     models, acc = {}, {}
     for label, model_cfg, view, sections, sft_cfg in (
             ("teacher", r["teacher"], teacher_task, t_sections, rc.sft),
             ("student", built["student"], task, s_sections, cfg.sft_student),
-            ("capacity", built["student"], teacher_task, c_sections, rc.sft)):
+            ("capacity", built["student"], teacher_task, c_sections, capacity_sft)):
         eval_fn, spec = eval_fn_for(view)
         models[label], meta = prepare(f"{label}/{name}", model_cfg, [view], sections, sft_cfg, root=root,
                                       eval_fn=eval_fn, eval_spec=spec, log=log)

@@ -212,6 +212,12 @@ def test_repeated_lines_and_the_brief_style():
         assert target.sum(axis=1).max() <= view.demo_len
 
 
+def test_pad_columns_stacks_step1_batches():
+    a, b = np.ones((2, 3)), 2 * np.ones((1, 5))
+    out = regime.pad_columns([a, b])
+    assert out.shape == (3, 5) and (out[:2, 3:] == 0).all() and (out[:2, :3] == 1).all() and (out[2] == 2).all()
+
+
 def test_teacher_cache_ignores_student_only_keys():
     """The teacher's SFT cache key: the task section without the keys only the student reads, so a new
     student style reuses the teacher; a key the teacher reads still changes it."""

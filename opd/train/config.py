@@ -143,6 +143,9 @@ class OPDConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     sft_student: SFTConfig = field(default_factory=lambda: SFTConfig(seed=1))  # on every task's demonstrations
+    # The regime report's capacity check (R2: the student's architecture SFT'd on the teacher's demonstrations
+    # with the teacher's recipe): its SFT steps, when it needs more than the teacher's; null: the teacher's.
+    capacity_sft_steps: int | None = None
     mesh: MeshConfig = field(default_factory=MeshConfig)
     # Sequence positions per chunk of the update's objective and of teacher scoring (opd/chunked.py): null
     # chunks large vocabularies only (opd.chunked.resolve_chunk_size), 0 never, a positive integer always.
@@ -464,6 +467,8 @@ def validate(cfg: Any) -> dict[str, Any]:
     _positive(cfg.sft_student.steps, "sft_student.steps")
     _positive(cfg.sft_student.batch_size, "sft_student.batch_size")
     _positive(cfg.sft_student.lr, "sft_student.lr")
+    if cfg.capacity_sft_steps is not None:
+        _positive(cfg.capacity_sft_steps, "capacity_sft_steps")
     student = model_config(cfg.student, "student")
     routes: dict[str, dict[str, Any]] = {}
     for name, rc in cfg.tasks.items():
