@@ -82,9 +82,9 @@ def run_experiment(cfg: Any, built: dict[str, Any], out_dir: Path, *, log: Calla
     run = check_run_dir(cfg, out_dir) if run is None else run
     out_dir = run["dir"]
     from opd.results import RunRecorder, write_jsonl
+    from opd.tasks.common import teacher_cache_section
     from opd.train import evaluate as ev
     from opd.train.loop import Route, run_opd
-    from opd.tasks.common import teacher_cache_section
     from opd.train.sft import prepare
 
     t_start = time.time()

@@ -303,7 +303,8 @@ def test_measure_on_tiny_models_prints_every_key(monkeypatch, tmp_path):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="opd", overrides=[
             "experiment=regime", "chunk_size=null", "tasks.arithmetic.task.min_terms=2",
-            "tasks.arithmetic.task.brief_head=1", "tasks.arithmetic.task.max_terms=2", "eval_problems=4", "eval_batch_size=4",
+            "tasks.arithmetic.task.brief_head=1", "tasks.arithmetic.task.max_terms=2", "eval_problems=4",
+            "eval_batch_size=4",
             "rollout.prompts_per_step=2", "rollout.group_size=2", "train_problems=8",
             "student.hidden_size=16", "student.num_layers=1", "student.intermediate_size=32",
             "tasks.arithmetic.teacher.hidden_size=16", "tasks.arithmetic.teacher.num_layers=1",

@@ -1,29 +1,40 @@
 """Long worked multi-operand addition: the testbed regime of issue 12, where the paper's failure modes exist.
 
-One problem space, two solution styles, one shared vocabulary (the default `Tokenizer()`):
+One problem space, a teacher's style and three student styles, one shared vocabulary (the default `Tokenizer()`):
 
     prompt:   a7 b5 c9 d3 ... =          operand_form=listed: min_terms..max_terms labelled one-digit operands
               s37 x3 y8 n11=             operand_form=cycled: start 37, then +3, +8, +3, ... for 11 terms
 
-    worked    (the teacher's, long and free; ~17-23 tokens per operand)
-              <think>take a7 is 000+7=007
-              put b5 on 5+007=012 it 012
+    worked    (the teacher's, long and free; ~20-26 tokens per operand at width 3)
+              <think>take a7 mug is 000+7=007
+              put b5 pen on 5+007=012 closed 012
+              put b5 pen on 5+007=012 closed 012
               ...
               </think>153<eot>
       every line writes its operand next to its label and adds it to the running sum, with genuine freedom:
-      an opening word (one of six), a linking word (one of four), the order of the two addends (`swap_prob`)
-      and an optional check that repeats the new sum (`check_prob`). The freedom is drawn per item from a hash
-      of its prompt, so the demonstration distribution is multimodal and the teacher's next-token
+      an opening word (1 of 12), an aside word (1 of 8), a linking word (1 of 8), the order of the two
+      addends (`swap_prob`) and an optional check that repeats the new sum with a check word (`check_prob`,
+      1 of 4); with `repeat_prob` a line is written again, identically, as a recheck. The freedom is drawn
+      per item from a hash of its prompt, so the demonstration distribution is multimodal and the teacher's next-token
       distribution is too. In the listed form each line looks its operand up by label, an induction-head
       lookup per line that the tiny CPU models do not learn at CPU budgets; in the cycled form every line
       reads one of two fixed keys (results/notes/30_regime.md).
 
-    chain     (a student's, terse: the worked line's steps with no freedom and no words; ~14 tokens per
-              operand at width 4)
-              <think>a:0000+7=0007
-              b:0007+5=0012
+    chain     (a student's, terse: the worked line's steps with no freedom and no words; ~12 tokens per
+              operand at width 3)
+              <think>a:000+7=007
+              b:007+5=012
               ...
               </think>153<eos>
+
+    brief     (a student's: its first `brief_head` lines in the worked format with fixed choices, then the
+              chain, so its early tokens read like the teacher's data and the rest do not)
+              <think>take a7 apple is 000+7=007
+              take b5 apple is 007+5=012
+              c:012+9=021
+              ...
+              </think>153<eos>
+      chain and brief lines are rechecked (written twice) with `student_repeat_prob`.
 
     direct    (a student's, short: ~4 tokens per operand, ~70 tokens)
               <think>a7 b12 c21 ...</think>153<eos>
@@ -251,16 +262,23 @@ class LongSumTask(SingleTurnTask):
         prompt = self.format_prompt(numbers, start)
         if style == "worked":
             choices = np.random.default_rng(hash_bucket("longsum:" + prompt, 2**63))
-            repeat = self.repeat_prob if style == self.teacher_style else self.student_repeat_prob
             body = worked_lines(numbers, self.width, choices, swap_prob=self.swap_prob, check_prob=self.check_prob,
-                                start=start, repeat_prob=repeat)
+                                start=start, repeat_prob=self._repeat_prob(style))
         elif style in ("chain", "brief"):
             choices = np.random.default_rng(hash_bucket("longsum-student:" + prompt, 2**63))
-            lines = chain_lines(numbers, self.width, start, head=self.brief_head if style == "brief" else 0)
-            body = with_repeats(lines, self.student_repeat_prob, choices)
+            lines = chain_lines(numbers, self.width, start, head=self._head(style))
+            body = with_repeats(lines, self._repeat_prob(style), choices)
         else:
             body = direct_lines(numbers, start)
         return "<think>" + body + "</think>" + str(start + sum(numbers)) + "<eos>"
+
+    def _repeat_prob(self, style: str) -> float:
+        """Recheck probability of a style: `repeat_prob` for the teacher's, `student_repeat_prob` otherwise."""
+        return self.repeat_prob if style == self.teacher_style else self.student_repeat_prob
+
+    def _head(self, style: str) -> int:
+        """Worked-format lines at the start of a chain-family style."""
+        return self.brief_head if style == "brief" else 0
 
     def make_problem(self, numbers: list[int], start: int = 0) -> Problem:
         if not self.min_terms <= len(numbers) <= self.max_terms:
@@ -311,13 +329,14 @@ class LongSumTask(SingleTurnTask):
         if style == "worked":
             lines = worked_lines(numbers, self.width, np.random.default_rng(0), swap_prob=0.0, check_prob=1.0,
                                  start=start)
+            # opener, aside, link and check word are one token each here; bound them anyway
             longest = max(len(self.tokenizer.encode(w)) for w in OPENERS + ASIDES + LINKS + CHECK_WORDS)
-            extra = 4 * (longest - 1) * self.max_terms  # opener, aside, link, check word: one token each here; bound anyway
+            extra = 4 * (longest - 1) * self.max_terms
         else:
-            lines = "".join(chain_lines(numbers, self.width, start, head=self.brief_head if style == "brief" else 0))
+            lines = "".join(chain_lines(numbers, self.width, start, head=self._head(style)))
             extra = 0
         longest_line = max(len(self.tokenizer.encode(line)) for line in lines.splitlines(keepends=True)) + extra
-        repeats = MAX_REPEATS if (self.repeat_prob if style == self.teacher_style else self.student_repeat_prob) else 0
+        repeats = MAX_REPEATS if self._repeat_prob(style) else 0
         return (self._encoded_len("<think>" + lines + "</think>" + str(start + sum(numbers)) + "<eos>") + extra
                 + repeats * longest_line)
 
