@@ -84,6 +84,7 @@ def run_experiment(cfg: Any, built: dict[str, Any], out_dir: Path, *, log: Calla
     from opd.results import RunRecorder, write_jsonl
     from opd.tasks.common import teacher_cache_section
     from opd.train import evaluate as ev
+    from opd.train.checkpoints import read_eval, write_eval
     from opd.train.loop import Route, run_opd
     from opd.train.sft import prepare
 
@@ -118,16 +119,25 @@ def run_experiment(cfg: Any, built: dict[str, Any], out_dir: Path, *, log: Calla
 
     def held_out(model, meta: dict[str, Any], names_tasks: list[tuple[str, Any]], prefix: str):
         """The model's held-out scores and per-item outcomes per task: those stored with its checkpoint when
-        they were measured the same way (same items, key, samples, batch), else a fresh evaluation."""
+        they were measured the same way (same items, key, samples, batch) after SFT or by an earlier job, else
+        a fresh evaluation, stored beside the checkpoint for the next job."""
         spec = {name: eval_spec(name, len(eval_items[name])) for name, _ in names_tasks}
         if meta.get("sft_eval") and meta.get("sft_eval_spec") == spec:
             log(f"[eval] {prefix.rstrip('/')}: the held-out scores measured after SFT (same items and key)")
             return {prefix + k: v for k, v in meta["sft_eval"].items()}, meta.get("sft_eval_items", {})
-        out, items = {}, {}
+        # only models this run's cache owns; a user's own checkpoint or Hugging Face directory is never written
+        path = meta.get("path") if meta.get("path") and Path(meta["path"]).absolute().is_relative_to(
+            Path(cfg.checkpoint_root).absolute()) else None
+        if path and (stored := read_eval(path, spec)) is not None:
+            log(f"[eval] {prefix.rstrip('/')}: the held-out scores an earlier job measured the same way")
+            return {prefix + k: v for k, v in stored["scores"].items()}, stored["items"]
+        scores, items = {}, {}
         for name, task in names_tasks:
-            metrics, items[name] = evaluate(model, name, task, len(eval_items[name]), f"{prefix}{name}/")
-            out.update(metrics)
-        return out, items
+            metrics, items[name] = evaluate(model, name, task, len(eval_items[name]), f"{name}/")
+            scores.update(metrics)
+        if path:
+            write_eval(path, spec, {"scores": scores, "items": items})
+        return {prefix + k: v for k, v in scores.items()}, items
 
     def prepare_model(label, model_cfg, hf_dir, names_tasks, sections, sft_cfg, checkpoint, n_of, hf_sft=False):
         if hf_dir is not None and not hf_sft:  # a Hugging Face checkpoint replaces SFT preparation

@@ -82,6 +82,26 @@ def save_model(model: nnx.Module, path: str | Path, meta: dict[str, Any]) -> Pat
     return path
 
 
+EVALS = "held_out"
+
+
+def read_eval(path: str | Path, spec: dict[str, Any]) -> dict[str, Any] | None:
+    """A held-out evaluation of the checkpoint at `path` stored under `spec` (everything its numbers depend
+    on besides the model), or None."""
+    f = Path(path) / EVALS / f"{cache_key(spec)}.json"
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def write_eval(path: str | Path, spec: dict[str, Any], result: dict[str, Any]) -> None:
+    """Store a held-out evaluation beside the checkpoint (atomically: parallel sweep jobs may race), so every
+    job of a sweep that evaluates the same cached model the same way reads it instead of decoding again."""
+    d = Path(path) / EVALS
+    d.mkdir(exist_ok=True)
+    tmp = d / f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.write_text(json.dumps({"spec": spec, **result}, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, d / f"{cache_key(spec)}.json")
+
+
 def load_model(model: nnx.Module, path: str | Path) -> nnx.Module:
     """Restore parameters saved by `save_model` into `model` (same architecture) in place; returns it."""
     import orbax.checkpoint as ocp
