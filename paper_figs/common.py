@@ -36,7 +36,12 @@ def fail(message: str) -> None:
 
 
 def load_jobs(root: str | Path) -> list[dict[str, Any]]:
-    """Every finished job under `root`: {'dir', 'config', 'metrics', 'rows'}, sorted by directory."""
+    """Every finished job under `root`: {'dir', 'config', 'metrics', 'rows'}, sorted by directory; `root` may
+    also be a packed rows file (results/rows/<table>.jsonl.gz, paper_figs/rows.py)."""
+    if Path(root).is_file():
+        from paper_figs.rows import read
+
+        return read(Path(root))
     jobs = []
     for summary in sorted(Path(root).rglob("metrics.json")):
         payload = json.loads(summary.read_text())

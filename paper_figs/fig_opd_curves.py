@@ -1,14 +1,15 @@
 """Training curves and final scores of an OPD sweep (reads rows only; never imports opd).
 
     python paper_figs/fig_opd_curves.py multirun/opd/<date>_<time> [--out paper_figs]
+    python paper_figs/fig_opd_curves.py results/rows/table1.jsonl.gz --name table1   # from committed rows
 
-Writes `opd_curves.png`: one row of panels per task (a multi-task run alternates tasks, so each task's
-curves are drawn against its own step count), columns = held-out sampled score, objective, entropy,
-gradient norm, response length, truncated fraction, teacher − student log-prob gap on sampled tokens, and
-the fraction of sampled tokens outside the teacher's top-K. One line per method (loss, "+ mask" when special
-tokens are masked, "@ top-p" when the rollout top-p was set); line = mean over seeds, band = 95% interval
-of that mean (t over seeds). And `opd_final_accuracy.png`: the final sampled score per method and task, the
-seeds as dots, the teacher and the student before OPD as lines.
+Writes `<name>_curves.png` (--name, default `opd`): one row of panels per task (a multi-task run alternates
+tasks, so each task's curves are drawn against its own step count), columns = held-out sampled score,
+objective, entropy, gradient norm, response length, truncated fraction, teacher − student log-prob gap on
+sampled tokens, and the fraction of sampled tokens outside the teacher's top-K. One line per method (as the
+tables name methods: paper_figs/tables.py method_keys); line = mean over seeds, band = 95% interval of that
+mean (t over seeds). And `<name>_final_accuracy.png`: the final sampled score per method and task, the seeds
+as dots, the teacher and the student before OPD as lines.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from paper_figs.common import PALETTE, get, load_jobs, plt, save, setup_style
+from paper_figs.common import PALETTE, load_jobs, plt, save, setup_style
+from paper_figs.tables import method_keys
 
 PANELS = [
     ("eval", "held-out score (top-p 0.9)"),
@@ -34,15 +36,6 @@ PANELS = [
     ("not_in_topk_frac", "sampled outside teacher top-K"),
 ]
 T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}  # t_{0.975, n-1}
-
-
-def label_of(job) -> str:
-    key = str(get(job["config"], "loss.name", "?"))
-    if get(job["config"], "loss.mask_special_tokens", False):
-        key += " + mask"
-    if get(job["config"], "rollout.top_p") is not None:
-        key += f" @ top-p {float(get(job['config'], 'rollout.top_p')):g}"
-    return key
 
 
 def eval_key(job, task: str) -> str | None:
@@ -87,12 +80,13 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("sweep_dir")
     ap.add_argument("--out", default=None, help="output folder (default: paper_figs/)")
+    ap.add_argument("--name", default="opd", help="file name prefix")
     args = ap.parse_args(argv)
     setup_style()
     jobs = load_jobs(args.sweep_dir)
     by_loss: dict[str, list] = defaultdict(list)
-    for job in jobs:
-        by_loss[label_of(job)].append(job)
+    for job, key in zip(jobs, method_keys(jobs), strict=True):
+        by_loss[key].append(job)
     order = sorted(by_loss, key=lambda n: (not n.startswith("sampled_token"), n))
     colors = {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(order)}
 
@@ -111,12 +105,12 @@ def main(argv=None) -> None:
             ax.set_title(f"{task}: {title}" if len(tasks) > 1 else title, fontsize=9)
             ax.set_xlabel(f"{task} step" if len(tasks) > 1 else "OPD step")
     axes[0][0].legend(fontsize=7)
-    save(fig, "opd_curves", args.out)
+    save(fig, f"{args.name}_curves", args.out)
 
     fig, axes = plt.subplots(1, len(tasks), figsize=((1.6 + 1.3 * len(order)) * len(tasks), 3.4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         final_plot(ax, task, order, by_loss, jobs, colors)
-    save(fig, "opd_final_accuracy", args.out)
+    save(fig, f"{args.name}_final_accuracy", args.out)
 
 
 def final_plot(ax, task: str, order: list[str], by_loss: dict, jobs: list, colors: dict) -> None:

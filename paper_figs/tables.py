@@ -1,17 +1,25 @@
 """The paper's tables from a sweep's rows, with their protocol: a JSON table in results/tables/<name>.json
-(what RESULTS.md is generated from, `python paper_figs/results_md.py`) and the same table as markdown.
+(what RESULTS.md is generated from, `python paper_figs/results_md.py`), the same table as markdown, and the
+rows it was built from, packed in results/rows/<name>.jsonl.gz (paper_figs/rows.py) so it regenerates from
+the repository.
 
     python paper_figs/tables.py <sweep_dir> --table table1            # Table 1: single task
     python paper_figs/tables.py <sweep_dir> --table table2            # Table 2: multi-task, a column per task
-    python paper_figs/tables.py <sweep_dir> --table table3            # objective vs rollout top-p
+    python paper_figs/tables.py <table1 sweep> <sweep_dir> --table table3   # objective vs rollout top-p
     python paper_figs/tables.py <sweep_dir> --table baselines         # also ablation_renorm, ablation_k, ...
+    python paper_figs/tables.py --table table1                        # again, from the committed rows
     python paper_figs/tables.py <sweep_dir> --table NAME --min-seeds 1 --min-items 16   # a smaller analysis
 
-Reads every job under <sweep_dir> (metrics.json, eval_items.jsonl); never imports `opd`. A cell is the final
-held-out sampled pass@1 of one method on one task: the mean over seeds, items and samples, with a 95%
-two-way bootstrap interval over seeds and items (so evaluation noise is in it). Teacher and student rows come
-from the same jobs' evaluations. The headline is LSM − sampled-token OPD, paired by seed and item, with its
-interval and the relative gain as the paper computes its +19.8%.
+Reads every job under each <sweep_dir> (metrics.json, eval_items.jsonl, metrics.jsonl), or, with no sweep
+directory, results/rows/<name>.jsonl.gz; never imports `opd`. A method is the objective, + mask when special
+tokens are masked, + K when the jobs vary K, + the rollout top-p (the explicit `rollout.top_p`, else the
+objective's `loss.rollout_top_p`) when one objective ran at several. table3 compares the unmasked objectives
+(a table1 sweep's masked jobs are left out) and pairs LSM with sampled-token OPD at each rollout top-p.
+
+A cell is the final held-out sampled pass@1 of one method on one task: the mean over seeds, items and samples,
+with a 95% two-way bootstrap interval over seeds and items (so evaluation noise is in it). Teacher and student
+rows come from the same jobs' evaluations. The headline is LSM − sampled-token OPD, paired by seed and item,
+with its interval and the relative gain as the paper computes its +19.8%.
 
 Refused with one line (exit status 2, nothing written): fewer seeds per method or fewer items than the
 protocol asks (--min-seeds, --min-items; defaults 5 and 1000), rows from different code revisions, methods
@@ -21,7 +29,6 @@ that do not share seeds and items. Jobs that failed (a job directory without met
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
 from pathlib import Path
@@ -30,6 +37,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from paper_figs import rows as packed_rows
 from paper_figs.common import get
 from paper_figs.stats import mean_ci, paired_diff
 
@@ -45,7 +53,10 @@ TABLES = {
     "baselines": "Baselines: every objective side by side, with its cost",
 }
 NAMES = {"sampled_token": "Sampled-token OPD", "lsm": "LSM (teacher top-K)"}
-HEADLINE = ("lsm", "sampled_token")  # A − B, both without mask at the paper's top-p
+HEADLINES = {  # A − B, paired; by default both without mask at the paper's top-p
+    "table3": [("lsm @ top-p 0.9", "sampled_token @ top-p 0.9"), ("lsm @ top-p 1", "sampled_token @ top-p 1")],
+}
+DEFAULT_HEADLINE = [("lsm", "sampled_token")]
 
 
 class TableError(ValueError):
@@ -57,18 +68,33 @@ class TableError(ValueError):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def method_key(config: dict[str, Any], *, with_k: bool = False) -> str:
-    """loss name, + ' K=k' when the sweep varies K, + ' + mask', + ' @ top-p P' when the rollout top-p was set
-    explicitly."""
+def rollout_top_p(config: dict[str, Any]) -> float:
+    """The top-p the job's rollouts used: `rollout.top_p` when set, else the objective's own."""
+    explicit = get(config, "rollout.top_p")
+    return float(explicit if explicit is not None else get(config, "loss.rollout_top_p", 1.0))
+
+
+def method_key(config: dict[str, Any], *, with_k: bool = False, with_top_p: bool = False) -> str:
+    """loss name, + ' K=k' when the sweep varies K, + ' + mask', + ' @ top-p P' when the sweep runs an
+    objective at several rollout top-p."""
     key = str(get(config, "loss.name", "?"))
     if with_k:
         key += f" K={get(config, 'loss.k')}"
     if get(config, "loss.mask_special_tokens", False):
         key += " + mask"
-    top_p = get(config, "rollout.top_p")
-    if top_p is not None:
-        key += f" @ top-p {float(top_p):g}"
+    if with_top_p:
+        key += f" @ top-p {rollout_top_p(config):g}"
     return key
+
+
+def method_keys(jobs: list[dict[str, Any]]) -> list[str]:
+    """Each job's method key, naming K and the rollout top-p only where the jobs vary them."""
+    with_k = len({get(j["config"], "loss.k") for j in jobs}) > 1
+    top_ps: dict[str, set[float]] = {}
+    for j in jobs:
+        top_ps.setdefault(str(get(j["config"], "loss.name")), set()).add(rollout_top_p(j["config"]))
+    with_top_p = any(len(v) > 1 for v in top_ps.values())
+    return [method_key(j["config"], with_k=with_k, with_top_p=with_top_p) for j in jobs]
 
 
 def label(key: str) -> str:
@@ -76,21 +102,23 @@ def label(key: str) -> str:
     return NAMES.get(base, base) + (" " + rest if rest else "")
 
 
-def load(sweep: Path) -> tuple[list[dict[str, Any]], list[str]]:
-    """(finished jobs, failed job directories). A job directory is one Hydra made (it holds .hydra/)."""
+def load(sources: list[Path]) -> tuple[list[dict[str, Any]], list[str]]:
+    """(finished jobs, failed job directories) from sweep directories (every directory Hydra made, i.e. one
+    holding .hydra/) and packed rows files (*.jsonl.gz)."""
     jobs, failed = [], []
-    for hydra_dir in sorted(sweep.rglob(".hydra")):
-        job = hydra_dir.parent
-        summary, items = job / "metrics.json", job / "eval_items.jsonl"
-        if not summary.exists() or not items.exists():
-            failed.append(str(job.relative_to(sweep)))
+    for source in sources:
+        if source.is_file():
+            jobs += packed_rows.read(source)
             continue
-        payload = json.loads(summary.read_text())
-        jobs.append({"dir": job, "config": payload["config"], "metrics": payload["metrics"],
-                     "revision": payload.get("git_revision", "unknown"),
-                     "items": [json.loads(x) for x in items.read_text().splitlines() if x.strip()]})
+        for hydra_dir in sorted(source.rglob(".hydra")):
+            job = packed_rows.read_job(hydra_dir.parent)
+            if job is None:
+                failed.append(str(hydra_dir.parent.relative_to(source)))
+            else:
+                jobs.append(job)
     if not jobs:
-        raise TableError(f"sweep_dir: no finished jobs (metrics.json + eval_items.jsonl) under {sweep}")
+        raise TableError(f"sweep_dir: no finished jobs (metrics.json + eval_items.jsonl) under "
+                         f"{', '.join(map(str, sources))}")
     return jobs, failed
 
 
@@ -121,9 +149,22 @@ def score_matrix(jobs: list[dict], phase: str, task: str) -> tuple[np.ndarray, l
 # ---------------------------------------------------------------------------------------------------------
 
 
-def build(name: str, sweep: Path, *, min_seeds: int, min_items: int, command: str) -> dict[str, Any]:
-    jobs, failed = load(sweep)
-    tuning = [str(j["dir"].relative_to(sweep)) for j in jobs if get(j["config"], "eval_split", "eval") != "eval"]
+def select(name: str, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The jobs table `name` reads: table3 compares the objectives unmasked (a table1 sweep also ran the mask)."""
+    if name == "table3":
+        return [j for j in jobs if not get(j["config"], "loss.mask_special_tokens", False)]
+    return jobs
+
+
+def build(name: str, sources: Path | list[Path], *, min_seeds: int, min_items: int, command: str) -> dict[str, Any]:
+    """The table `name` from the jobs in `sources` (sweep directories or packed rows files)."""
+    jobs, failed = load([sources] if isinstance(sources, Path) else sources)
+    return from_jobs(name, select(name, jobs), failed, min_seeds=min_seeds, min_items=min_items, command=command)
+
+
+def from_jobs(name: str, jobs: list[dict[str, Any]], failed: list[str], *, min_seeds: int, min_items: int,
+              command: str) -> dict[str, Any]:
+    tuning = [str(j["dir"]) for j in jobs if get(j["config"], "eval_split", "eval") != "eval"]
     if tuning:
         raise TableError(f"sweep_dir: {len(tuning)} jobs were evaluated on the validation split (tuning runs, e.g. "
                          f"{tuning[0]}); a reported table reads the test split (eval_split=eval)")
@@ -133,9 +174,8 @@ def build(name: str, sweep: Path, *, min_seeds: int, min_items: int, command: st
                          "a table summarizes one revision")
     tasks = list(get(jobs[0]["config"], "tasks", {}) or {})
     groups: dict[str, list[dict]] = {}
-    with_k = len({get(j["config"], "loss.k") for j in jobs}) > 1
-    for j in jobs:
-        groups.setdefault(method_key(j["config"], with_k=with_k), []).append(j)
+    for j, key in zip(jobs, method_keys(jobs), strict=True):
+        groups.setdefault(key, []).append(j)
     rows: list[dict[str, Any]] = []
     matrices: dict[tuple[str, str], tuple[np.ndarray, list[int]]] = {}
     for task in tasks:
@@ -154,15 +194,16 @@ def build(name: str, sweep: Path, *, min_seeds: int, min_items: int, command: st
             rows.append({**_row(label(key), task, x, samples, key=key), **_cost(members)})
     headline = []
     for task in tasks:
-        a, b = matrices.get((HEADLINE[0], task)), matrices.get((HEADLINE[1], task))
-        if a is None or b is None:
-            continue
-        if a[1] != b[1]:
-            raise TableError(f"sweep_dir: {HEADLINE[0]} and {HEADLINE[1]} ran different seeds ({a[1]} vs {b[1]}) on "
-                             f"task {task!r}; the paired difference needs the same seeds")
-        headline.append({"task": task, "a": label(HEADLINE[0]), "b": label(HEADLINE[1]), **paired_diff(a[0], b[0])})
+        for key_a, key_b in HEADLINES.get(name, DEFAULT_HEADLINE):
+            a, b = matrices.get((key_a, task)), matrices.get((key_b, task))
+            if a is None or b is None:
+                continue
+            if a[1] != b[1]:
+                raise TableError(f"sweep_dir: {key_a} and {key_b} ran different seeds ({a[1]} vs {b[1]}) on task "
+                                 f"{task!r}; the paired difference needs the same seeds")
+            headline.append({"task": task, "a": label(key_a), "b": label(key_b), **paired_diff(a[0], b[0])})
     return {"name": name, "title": TABLES[name], "command": command, "revision": revisions[0],
-            "date": datetime.date.today().isoformat(), "jobs": len(jobs), "failed_jobs": failed,
+            "date": max(j["date"] for j in jobs), "jobs": len(jobs), "failed_jobs": failed,
             "interval": "95% two-way bootstrap over seeds and items (2000 resamples)",
             "rows": rows, "headline": headline}
 
@@ -207,21 +248,35 @@ def markdown(table: dict[str, Any]) -> str:
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("sweep_dir", type=Path)
+    ap.add_argument("sweep_dir", type=Path, nargs="*",
+                    help="sweep directories (default: the committed rows, results/rows/<table>.jsonl.gz)")
     ap.add_argument("--table", required=True, choices=sorted(TABLES))
     ap.add_argument("--min-seeds", type=int, default=5)
     ap.add_argument("--min-items", type=int, default=1000)
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "tables", help="directory of <table>.json")
+    ap.add_argument("--rows", type=Path, default=ROOT / "results" / "rows", help="directory of <table>.jsonl.gz")
     args = ap.parse_args(argv)
-    command = "python paper_figs/tables.py " + " ".join(argv)
+    rows_path = args.rows / f"{args.table}.jsonl.gz"
+    sources = args.sweep_dir or [rows_path]
+    # the command that regenerates the table from what is committed
+    command = f"python paper_figs/tables.py --table {args.table}" + "".join(
+        f" --{k} {v}" for k, v in (("min-seeds", args.min_seeds), ("min-items", args.min_items))
+        if v != ap.get_default(k.replace("-", "_")))
     try:
-        if not args.sweep_dir.is_dir():
-            raise TableError(f"sweep_dir: expected a directory of Hydra jobs, got {args.sweep_dir}")
-        table = build(args.table, args.sweep_dir, min_seeds=args.min_seeds, min_items=args.min_items,
-                      command=command)
+        missing = [str(s) for s in sources if not s.exists()]
+        if missing:
+            raise TableError(f"sweep_dir: expected a sweep directory or a rows file, got {', '.join(missing)}"
+                             + ("" if args.sweep_dir else " (no committed rows for this table: pass its sweep)"))
+        jobs, failed = load(sources)
+        jobs = select(args.table, jobs)
+        table = from_jobs(args.table, jobs, failed, min_seeds=args.min_seeds, min_items=args.min_items,
+                          command=command)
     except TableError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.sweep_dir:  # pack what the table was built from, so it regenerates from the repository
+        packed_rows.write(rows_path, jobs, ROOT)
+        print(f"wrote {rows_path}")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{args.table}.json"
     path.write_text(json.dumps(table, indent=1) + "\n")

@@ -37,7 +37,7 @@ def choose(sweep: Path, *, min_values: int, command: str) -> dict[str, Any]:
     """{'choices': {objective: lr}, 'objectives': {objective: [{'lr', 'mean', 'per_task': {task: {'mean',
     'ci_low', 'ci_high'}}, 'seeds', 'items'}, ...]}, ...} from the tuning sweep under `sweep`; 'mean' is the
     macro mean over tasks, as the trainer's final/score."""
-    jobs, failed = load(sweep)
+    jobs, failed = load([sweep])
     on_test = [str(j["dir"].relative_to(sweep)) for j in jobs if get(j["config"], "eval_split", "eval") == "eval"]
     if on_test:
         raise TableError(f"sweep_dir: {len(on_test)} jobs were evaluated on the test split (e.g. {on_test[0]}); "

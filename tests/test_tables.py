@@ -4,6 +4,7 @@ byte-identically from the committed rows."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 from paper_figs import results_md, stats, tables
+from paper_figs.common import load_jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,16 +46,20 @@ def test_paired_difference_is_exact_for_a_constant_shift_and_refuses_unpaired_sh
 
 
 def _job(root: Path, name: str, *, loss: str, seed: int, p: float, items: int = 20, revision: str = "abc",
-         mask: bool = False):
+         mask: bool = False, top_p: float | None = None):
     job = root / name
     (job / ".hydra").mkdir(parents=True)
-    config = {"seed": seed, "loss": {"name": loss, "mask_special_tokens": mask}, "rollout": {"top_p": None},
-              "tasks": {"arithmetic": {}}}
+    default_top_p = 0.9 if loss == "lsm" else 1.0  # the objectives' own rollout top-p (conf/loss/)
+    config = {"seed": seed, "loss": {"name": loss, "mask_special_tokens": mask,
+                                     "rollout_top_p": default_top_p if top_p is None else top_p},
+              "rollout": {"top_p": None}, "tasks": {"arithmetic": {}}}
     (job / "metrics.json").write_text(json.dumps({"config": config, "metrics": {}, "git_revision": revision}))
     rng = np.random.default_rng(seed * 7 + len(loss))
     rows = [{"phase": ph, "task": "arithmetic", "item": i, "sample": s, "correct": float(rng.random() < q)}
             for ph, q in (("teacher", 0.95), ("initial", 0.3), ("final", p)) for i in range(items) for s in (0, 1)]
     (job / "eval_items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (job / "metrics.jsonl").write_text("".join(json.dumps({"step": t, "task": "arithmetic", "loss": 1.0 / t,
+                                                           "entropy": 0.5 + 0.01 * seed}) + "\n" for t in (1, 2)))
 
 
 def _sweep(root: Path, seeds=(0, 1, 2, 3, 4), **kw) -> Path:
@@ -61,6 +67,12 @@ def _sweep(root: Path, seeds=(0, 1, 2, 3, 4), **kw) -> Path:
         _job(root, f"lsm_{s}", loss="lsm", seed=s, p=0.7, **kw)
         _job(root, f"st_{s}", loss="sampled_token", seed=s, p=0.5, **kw)
     return root
+
+
+def _table_cli(tmp_path: Path, *argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "paper_figs/tables.py", *argv, "--min-items", "20", "--out",
+                           str(tmp_path / "tables"), "--rows", str(tmp_path / "rows")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
 
 
 def test_table_rows_headline_and_failed_jobs(tmp_path):
@@ -194,3 +206,47 @@ def test_rows_carry_each_methods_step_time_and_update_peak_memory(tmp_path):
     assert lsm["step_s"] == pytest.approx(0.6 + 2) and lsm["peak_mem_bytes"] == 5 * 2**20
     assert base["step_s"] is None and base["peak_mem_bytes"] is None
     assert "| 2.60 | 5.0 |" in tables.markdown(t)
+
+
+def test_table3_reads_table1s_sweep_beside_the_swapped_cells_and_pairs_at_each_top_p(tmp_path):
+    table1 = _sweep(tmp_path / "t1")
+    for s in range(5):  # table1's masked jobs are not table3's
+        _job(table1, f"lsm_mask_{s}", loss="lsm", seed=s, p=0.1, mask=True)
+    swapped = tmp_path / "t3"
+    for s in range(5):
+        _job(swapped, f"lsm_p1_{s}", loss="lsm", seed=s, p=0.6, top_p=1.0)
+        _job(swapped, f"st_p09_{s}", loss="sampled_token", seed=s, p=0.55, top_p=0.9)
+    t = tables.build("table3", [table1, swapped], min_seeds=5, min_items=20, command="test")
+    assert {r["key"] for r in t["rows"] if r["key"]} == {"lsm @ top-p 0.9", "lsm @ top-p 1",
+                                                         "sampled_token @ top-p 0.9", "sampled_token @ top-p 1"}
+    assert t["jobs"] == 20
+    diffs = {(h["a"], h["b"]): h["paired_diff"] for h in t["headline"]}
+    assert len(diffs) == 2
+    assert diffs[("LSM (teacher top-K) @ top-p 0.9", "Sampled-token OPD @ top-p 0.9")] > 0.05  # 0.7 vs 0.55
+    # one objective at one top-p (table1): the key does not name it
+    assert {r["key"] for r in tables.build("table1", table1, min_seeds=5, min_items=20, command="test")["rows"]
+            if r["key"]} == {"lsm", "lsm + mask", "sampled_token"}
+
+
+def test_a_table_regenerates_byte_identically_from_its_packed_rows(tmp_path):
+    sweep = _sweep(tmp_path / "sweep")
+    first = _table_cli(tmp_path, str(sweep), "--table", "table1")
+    assert first.returncode == 0, first.stderr
+    table = (tmp_path / "tables" / "table1.json").read_bytes()
+    rows = (tmp_path / "rows" / "table1.jsonl.gz").read_bytes()
+    shutil.rmtree(sweep)  # the sweep directories stay local; the packed rows are what is committed
+    again = _table_cli(tmp_path, "--table", "table1")
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "tables" / "table1.json").read_bytes() == table
+    assert (tmp_path / "rows" / "table1.jsonl.gz").read_bytes() == rows
+    # the curves read the same rows
+    jobs = load_jobs(tmp_path / "rows" / "table1.jsonl.gz")
+    assert len(jobs) == 10 and [r["step"] for r in jobs[0]["rows"]] == [1, 2]
+    assert sum(r["phase"] == "final" for r in jobs[0]["items"]) == 40
+
+
+def test_a_table_without_a_sweep_or_committed_rows_is_one_line_and_writes_nothing(tmp_path):
+    proc = _table_cli(tmp_path, "--table", "table2")
+    lines = [x for x in proc.stderr.splitlines() if x.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "no committed rows for this table" in lines[0], lines
+    assert not (tmp_path / "tables").exists() and not (tmp_path / "rows").exists()
