@@ -71,6 +71,8 @@ class RunRecorder:
         else:
             self._rows = self._rows_path.open("w")
         self._start = time.time()
+        # the code that runs is the code at the start: a commit made while a sweep runs must not relabel it
+        self._revision = git_revision()
         self._tb = _tensorboard_writer(self.output_dir / "tensorboard")
         self._wandb = None
         if config.get("wandb"):
@@ -103,7 +105,7 @@ class RunRecorder:
         payload = {
             "metrics": to_jsonable(final),
             "config": to_jsonable(self.config),
-            "git_revision": git_revision(),
+            "git_revision": self._revision,
             "wall_time_s": round(time.time() - self._start, 3),
         }
         path = self.output_dir / "metrics.json"

@@ -20,7 +20,8 @@ from typing import Any
 
 def read_job(job: Path) -> dict[str, Any] | None:
     """A finished job directory as {'dir', 'config', 'metrics', 'revision', 'date', 'items', 'rows'}, or None
-    when it never wrote its results (metrics.json and eval_items.jsonl). 'date': the day it finished."""
+    when it never wrote its results (metrics.json and eval_items.jsonl). 'date': the day it finished;
+    'finished_s': when (epoch seconds, for a sweep's wall time)."""
     summary, items = job / "metrics.json", job / "eval_items.jsonl"
     if not summary.exists() or not items.exists():
         return None
@@ -29,6 +30,7 @@ def read_job(job: Path) -> dict[str, Any] | None:
     return {"dir": job, "config": payload["config"], "metrics": payload["metrics"],
             "revision": payload.get("git_revision", "unknown"),
             "date": datetime.date.fromtimestamp(summary.stat().st_mtime).isoformat(),
+            "finished_s": summary.stat().st_mtime,
             "items": [json.loads(x) for x in items.read_text().splitlines() if x.strip()],
             "rows": [json.loads(x) for x in curve.read_text().splitlines() if x.strip()] if curve.exists() else []}
 
@@ -76,13 +78,14 @@ def _unpack_items(packed: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def write(path: Path, jobs: list[dict[str, Any]], root: Path) -> None:
     """Pack `jobs` (read_job's dicts) into `path`; each job is named by its directory relative to `root`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [json.dumps({"dir": str(Path(j["dir"]).relative_to(root)) if Path(j["dir"]).is_relative_to(root)
-                                else str(j["dir"]),
-                         "config": j["config"], "metrics": j["metrics"], "revision": j["revision"],
-                         "date": j["date"], "rows": j["rows"], "items": _pack_items(j["items"])}, sort_keys=True)
-             for j in jobs]
-    # mtime 0: the same rows give the same bytes
-    with gzip.GzipFile(path, "wb", mtime=0) as f:
+    lines = []
+    for j in jobs:
+        name = Path(j["dir"]).relative_to(root) if Path(j["dir"]).is_relative_to(root) else Path(j["dir"])
+        record = {"dir": str(name), "config": j["config"], "metrics": j["metrics"], "revision": j["revision"],
+                  "date": j["date"], "finished_s": j.get("finished_s"), "rows": j["rows"],
+                  "items": _pack_items(j["items"])}
+        lines.append(json.dumps(record, sort_keys=True))
+    with gzip.GzipFile(path, "wb", mtime=0) as f:  # mtime 0: the same rows give the same bytes
         f.write(("\n".join(lines) + "\n").encode())
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -203,9 +204,23 @@ def from_jobs(name: str, jobs: list[dict[str, Any]], failed: list[str], *, min_s
                                  f"{task!r}; the paired difference needs the same seeds")
             headline.append({"task": task, "a": label(key_a), "b": label(key_b), **paired_diff(a[0], b[0])})
     return {"name": name, "title": TABLES[name], "command": command, "revision": revisions[0],
-            "date": max(j["date"] for j in jobs), "jobs": len(jobs), "failed_jobs": failed,
+            "date": max(j["date"] for j in jobs), "jobs": len(jobs), "wall_s": sweep_wall_s(jobs),
+            "failed_jobs": failed,
             "interval": "95% two-way bootstrap over seeds and items (2000 resamples)",
             "rows": rows, "headline": headline}
+
+
+def sweep_wall_s(jobs: list[dict]) -> float | None:
+    """Wall time of the sweeps the jobs came from: per sweep directory, from the earliest job's start (its
+    finish minus its preparation and OPD time) to the last finish, summed over sweeps."""
+    spans: dict[str, list[float]] = {}
+    for j in jobs:
+        took = j["metrics"].get("time/prepare_s", 0.0) + j["metrics"].get("time/opd_s", 0.0)
+        if j.get("finished_s") is None or not took:
+            return None
+        span = spans.setdefault(str(Path(j["dir"]).parent), [math.inf, -math.inf])
+        span[0], span[1] = min(span[0], j["finished_s"] - took), max(span[1], j["finished_s"])
+    return float(sum(hi - lo for lo, hi in spans.values()))
 
 
 def _cost(members: list[dict]) -> dict[str, float | None]:
@@ -227,7 +242,9 @@ def _row(method: str, task: str, x: np.ndarray, samples: int, key: str | None = 
 def markdown(table: dict[str, Any]) -> str:
     """The table as markdown (percent), its protocol and the headline, as RESULTS.md shows it."""
     lines = [f"### {table['title']}", "",
-             f"`{table['command']}` at revision `{table['revision']}`, {table['date']}; {table['jobs']} jobs. "
+             f"`{table['command']}` at revision `{table['revision']}`, {table['date']}; {table['jobs']} jobs"
+             + ("" if table.get("wall_s") is None else f" ({table['wall_s'] / 60:.0f} min of sweep wall time)")
+             + ". "
              f"Cells: final held-out sampled pass@1 (%), mean [{table['interval']}].", "",
              "| Method | Task | Score | 95% interval | Seeds | Items × samples | s / step | update peak MiB |",
              "|---|---|---|---|---|---|---|---|"]

@@ -47,13 +47,20 @@ def test_bad_inputs_are_one_line_exit_2_and_write_nothing(tmp_path):
 
 @pytest.mark.slow
 def test_multirun_compare_sweep_smoke(tmp_path):
+    # eval_problems=24: more held-out items than SFT measured (16), so the first job measures the teacher and the
+    # initial student and the other jobs read what it stored beside the cached checkpoints
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.opd", "-m", "experiment=smoke", "loss=sampled_token,lsm", "seed=0,1",
-         f"hydra.sweep.dir={tmp_path / 'sweep'}", f"checkpoint_root={tmp_path / 'ckpt'}"],
+         "eval_problems=24", f"hydra.sweep.dir={tmp_path / 'sweep'}", f"checkpoint_root={tmp_path / 'ckpt'}"],
         cwd=ROOT, env=experiment_env(), capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = sorted((tmp_path / "sweep").rglob("metrics.json"))
     assert len(jobs) == 4
+    logs = [(j.parent / "opd.log").read_text() for j in jobs]
+    reused = "the held-out scores an earlier job measured the same way"
+    assert sum(log.count(reused) for log in logs) == 2 * 3  # teacher and student, in every job after the first
+    before = [[x for x in (j.parent / "eval_items.jsonl").read_text().splitlines() if '"final"' not in x] for j in jobs]
+    assert all(b == before[0] for b in before) and len(before[0]) == 2 * 24 * 2  # 2 models x 24 items x (1 + greedy)
     fig = subprocess.run([sys.executable, "paper_figs/fig_opd_curves.py", str(tmp_path / "sweep"), "--out",
                           str(tmp_path / "figs")], cwd=ROOT, env=experiment_env(), capture_output=True, text=True,
                          timeout=300)

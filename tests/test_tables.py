@@ -53,7 +53,8 @@ def _job(root: Path, name: str, *, loss: str, seed: int, p: float, items: int = 
     config = {"seed": seed, "loss": {"name": loss, "mask_special_tokens": mask,
                                      "rollout_top_p": default_top_p if top_p is None else top_p},
               "rollout": {"top_p": None}, "tasks": {"arithmetic": {}}}
-    (job / "metrics.json").write_text(json.dumps({"config": config, "metrics": {}, "git_revision": revision}))
+    metrics = {"time/prepare_s": 1.0, "time/opd_s": 2.0}
+    (job / "metrics.json").write_text(json.dumps({"config": config, "metrics": metrics, "git_revision": revision}))
     rng = np.random.default_rng(seed * 7 + len(loss))
     rows = [{"phase": ph, "task": "arithmetic", "item": i, "sample": s, "correct": float(rng.random() < q)}
             for ph, q in (("teacher", 0.95), ("initial", 0.3), ("final", p)) for i in range(items) for s in (0, 1)]
@@ -86,6 +87,7 @@ def test_table_rows_headline_and_failed_jobs(tmp_path):
     (h,) = t["headline"]
     assert 0.05 < h["paired_diff"] < 0.35 and h["paired_ci_low"] > 0  # 0.7 vs 0.5 over 200 pairs x 2 samples
     assert t["failed_jobs"] == ["crashed"]
+    assert 3.0 <= t["wall_s"] < 60  # the jobs were written within a second of each other, each took 3 s
     assert "relative gain" in tables.markdown(t)
 
 

@@ -98,7 +98,7 @@ def write_eval(path: str | Path, spec: dict[str, Any], result: dict[str, Any]) -
     d = Path(path) / EVALS
     d.mkdir(exist_ok=True)
     tmp = d / f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.write_text(json.dumps({"spec": spec, **result}, sort_keys=True, default=str) + "\n")
+    tmp.write_text(json.dumps({"spec": spec, **result}, default=str) + "\n")  # rows keep their key order
     os.replace(tmp, d / f"{cache_key(spec)}.json")
 
 
