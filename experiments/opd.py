@@ -144,6 +144,7 @@ def run_experiment(cfg: Any, built: dict[str, Any], out_dir: Path, *, log: Calla
             return load_hf(label, hf_dir, model_cfg, log=log)
         eval_fn, spec = sft_eval(names_tasks, n_of)
         return prepare(label, model_cfg, [t for _, t in names_tasks], sections, sft_cfg, root=cfg.checkpoint_root,
+                       store=cfg.checkpoint_store,
                        checkpoint=checkpoint, eval_fn=eval_fn, eval_spec=spec, log=log, init_from=hf_dir)
 
     teachers, teacher_scores, item_rows = {}, {}, []

@@ -260,7 +260,7 @@ def measure(cfg: Any, built: dict[str, Any], *, log: Callable[[str], None] = pro
             ("capacity", built["student"], teacher_task, c_sections, capacity_sft)):
         eval_fn, spec = eval_fn_for(view)
         models[label], meta = prepare(f"{label}/{name}", model_cfg, [view], sections, sft_cfg, root=root,
-                                      eval_fn=eval_fn, eval_spec=spec, log=log)
+                                      store=cfg.checkpoint_store, eval_fn=eval_fn, eval_spec=spec, log=log)
         acc[label] = held_out(label, models[label], meta, view)
     out: dict[str, Any] = {"teacher_accuracy": acc["teacher"], "student_accuracy": acc["student"],
                            "capacity_accuracy": acc["capacity"]}

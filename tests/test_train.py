@@ -365,6 +365,44 @@ def test_checkpoint_cache_is_reused_not_retrained(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")) == []
 
 
+
+def test_a_model_in_the_committed_store_is_unpacked_on_a_fresh_machine_not_retrained(tmp_path):
+    import subprocess
+    import sys
+
+    from opd.train import checkpoints, store
+    from opd.train.sft import prepare
+
+    task = _tiny_task()
+    mc = ModelConfig(vocab_size=task.tokenizer.vocab_size, hidden_size=16, num_layers=1, num_heads=2,
+                     num_kv_heads=1, intermediate_size=32, max_seq_len=64)
+    sft = _sft_cfg()
+    sections = {"model": mc.to_dict(), "task": {"name": "arithmetic", "digits": 1}, "sft": dict(sft)}
+    args = ("student", mc, [task], sections, sft)
+    m1, meta1 = prepare(*args, root=tmp_path / "machine1", eval_fn=lambda m: ({"acc": 0.5}, {}))
+    checkpoints.write_eval(meta1["path"], {"items": 3}, {"scores": {"acc": 0.25}, "items": {}})
+    packed = store.add(meta1["path"], tmp_path / "store")
+    assert packed.name == f"{meta1['key']}.tar.gz"
+    assert store.add(meta1["path"], tmp_path / "store").read_bytes() == packed.read_bytes()  # reproducible
+    calls, logs = [], []
+    m2, meta2 = prepare(*args, root=tmp_path / "machine2", store=tmp_path / "store",
+                        eval_fn=lambda m: calls.append(1) or ({}, {}), log=logs.append)
+    assert not meta2["trained"] and calls == [] and meta2["sft_eval"] == {"acc": 0.5}
+    assert any("unpacked" in x for x in logs)
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(m1, nnx.Param), nnx.state(m2, nnx.Param))
+    assert checkpoints.read_eval(meta2["path"], {"items": 3})["scores"] == {"acc": 0.25}  # evaluations travel
+    # another config is another key: the store does not hold it, so it trains
+    sft2 = _sft_cfg(steps=2)
+    _, meta3 = prepare("student", mc, [task], {**sections, "sft": dict(sft2)}, sft2, root=tmp_path / "machine2",
+                       store=tmp_path / "store")
+    assert meta3["trained"]
+    # packing a directory that is not a checkpoint: one line, nothing written
+    proc = subprocess.run([sys.executable, "-m", "opd.train.store", "add", str(tmp_path), "--store",
+                           str(tmp_path / "store2")], capture_output=True, text=True)
+    lines = [x for x in proc.stderr.splitlines() if x.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "not a complete checkpoint" in lines[0], lines
+    assert not (tmp_path / "store2").exists()
+
 def test_sft_targets_end_with_exactly_one_eos():
     task = _tiny_task()
     items = task.items("train", 8, 0)

@@ -169,6 +169,8 @@ class OPDConfig:
     diagnostics_every: int = 0  # failure-mode records every N steps of a task (and its first and last); 0: off
     diag_bucket_size: int = 16
     checkpoint_root: str = ".cache/opd/checkpoints"  # SFT checkpoint cache
+    # committed SFT'd models (opd/train/store.py), unpacked into the cache instead of training; null: off
+    checkpoint_store: str | None = "results/models"
     # A persistent XLA compilation cache directory (opd/compile_cache.py): later runs and sweep jobs with the
     # same programs load them instead of compiling. null: off.
     compile_cache: str | None = None

@@ -28,6 +28,7 @@ from flax import nnx
 from opd.cli import progress_bar
 from opd.train import checkpoints
 from opd.train.batch import positions_from_mask
+from opd.train.store import archive, unpack
 
 FINGERPRINT_PROBLEMS = 32  # demonstrations hashed into the cache key
 
@@ -146,6 +147,7 @@ def prepare(
     eval_spec: dict[str, Any] | None = None,
     log: Callable[[str], None] = print,
     init_from: str | Path | None = None,
+    store: str | Path | None = None,
 ) -> tuple[nnx.Module, dict[str, Any]]:
     """A prepared model and its meta ({'key', 'path', 'trained', 'sft_eval', ...}), SFT'd on the
     demonstrations of `tasks` (one task or several, steps alternating).
@@ -157,7 +159,10 @@ def prepare(
     what they depend on, so a caller measuring the same way can reuse them, and saved atomically.
 
     init_from: a Hugging Face checkpoint directory whose weights (at `model_cfg.dtype`) start the SFT instead
-    of a random init; `model_cfg` must be that checkpoint's config."""
+    of a random init; `model_cfg` must be that checkpoint's config.
+
+    store: a committed checkpoint store (opd/train/store.py); a model it holds under the same key is unpacked
+    into the cache instead of being trained."""
     model = new_model(model_cfg, int(sft_cfg.seed))  # the structure a saved checkpoint is restored into
     if checkpoint is not None:
         checkpoints.load_model(model, checkpoint)
@@ -166,6 +171,8 @@ def prepare(
         return model, {**meta, "path": str(checkpoint), "trained": False}
     key = sft_cache_key(sections, tasks, int(sft_cfg.seed), init_from)
     path = Path(root) / key
+    if not checkpoints.is_complete(path) and store is not None and unpack(key, store, root) is not None:
+        log(f"[sft {label}] unpacked {archive(store, key)} (trained on an earlier machine) into {path}")
     if checkpoints.is_complete(path):
         checkpoints.load_model(model, path)
         meta = checkpoints.read_meta(path)
