@@ -70,16 +70,23 @@ def save_model(model: nnx.Module, path: str | Path, meta: dict[str, Any]) -> Pat
             ckptr.save(tmp / "params", state)
             ckptr.wait_until_finished()
         (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
-        try:
-            os.rename(tmp, path)
-        except OSError:
-            if not is_complete(path):  # a stale partial directory: replace it
-                shutil.rmtree(path, ignore_errors=True)
-                os.rename(tmp, path)
+        publish(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+
+def publish(tmp: Path, path: Path) -> None:
+    """Rename the finished checkpoint directory `tmp` to `path`, unless another job already put a complete
+    checkpoint there (then `tmp` stays for the caller to remove); a stale partial `path` is replaced."""
+    try:
+        os.rename(tmp, path)
+    except OSError:
+        if not is_complete(path):
+            shutil.rmtree(path, ignore_errors=True)
+            os.rename(tmp, path)
 
 
 EVALS = "held_out"

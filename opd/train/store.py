@@ -65,12 +65,7 @@ def unpack(key: str, store: str | Path, root: str | Path) -> Path | None:
     try:
         with tarfile.open(src, "r:gz") as tar:
             tar.extractall(tmp, filter="data")
-        try:
-            os.rename(tmp, dest)
-        except OSError:
-            if not checkpoints.is_complete(dest):  # a stale partial directory: replace it
-                shutil.rmtree(dest, ignore_errors=True)
-                os.rename(tmp, dest)
+        checkpoints.publish(tmp, dest)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
