@@ -44,7 +44,7 @@ def add(path: str | Path, store: str | Path) -> Path:
             info.mtime, info.uid, info.gid, info.uname, info.gname, info.mode = 0, 0, 0, "", "", 0o644
             with f.open("rb") as fh:
                 tar.addfile(info, fh)
-    out = archive(store, path.name)
+    out = archive(store, checkpoints.read_meta(path).get("key", path.name))  # the key prepare() looks up
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     with tmp.open("wb") as fh, gzip.GzipFile(fileobj=fh, mode="wb", mtime=0, filename="") as gz:
