@@ -365,7 +365,6 @@ def test_checkpoint_cache_is_reused_not_retrained(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")) == []
 
 
-
 def test_a_model_in_the_committed_store_is_unpacked_on_a_fresh_machine_not_retrained(tmp_path):
     import subprocess
     import sys
@@ -402,6 +401,7 @@ def test_a_model_in_the_committed_store_is_unpacked_on_a_fresh_machine_not_retra
     lines = [x for x in proc.stderr.splitlines() if x.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and "not a complete checkpoint" in lines[0], lines
     assert not (tmp_path / "store2").exists()
+
 
 def test_sft_targets_end_with_exactly_one_eos():
     task = _tiny_task()

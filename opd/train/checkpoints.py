@@ -77,7 +77,6 @@ def save_model(model: nnx.Module, path: str | Path, meta: dict[str, Any]) -> Pat
     return path
 
 
-
 def publish(tmp: Path, path: Path) -> None:
     """Rename the finished checkpoint directory `tmp` to `path`, unless another job already put a complete
     checkpoint there (then `tmp` stays for the caller to remove); a stale partial `path` is replaced."""

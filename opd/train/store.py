@@ -80,10 +80,12 @@ def main(argv: list[str]) -> int:
     a.add_argument("--store", default="results/models")
     args = ap.parse_args(argv)
     bad = [p for p in args.path if not checkpoints.is_complete(p)]
-    if bad:
-        print(f"error: path: {bad[0]} is not a complete checkpoint (it needs {checkpoints.META} and params/)",
-              file=sys.stderr)
-        return 2
+    if bad:  # before any archive is written
+        try:
+            add(bad[0], args.store)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     for p in args.path:
         out = add(p, args.store)
         print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
