@@ -10,7 +10,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from opd.cli import experiment_presets
+from opd import objectives
 from opd.train.config import LOSSES, register_configs, validate
+from opd.train.loop import rollout_top_p
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 register_configs()
@@ -64,6 +66,21 @@ def test_loss_sets_the_papers_rollout_top_p():
     assert _compose(["loss=lsm"]).loss.rollout_top_p == 0.9
     assert _compose(["loss=sampled_token"]).loss.rollout_top_p == 1.0
     assert _compose(["loss=sampled_token", "rollout=nucleus"]).rollout.top_p == 0.9
+
+
+def test_each_objectives_own_preset_sets_its_registered_rollout_top_p():
+    for name in LOSSES:  # conf/loss/<name>.yaml is the objective's own preset (others pair it differently)
+        assert _compose([f"loss={name}"]).loss.rollout_top_p == objectives.get(name).rollout_top_p, name
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    (["loss=lsm"], 0.9), (["loss=sampled_token"], 1.0),
+    # table3's swapped cells: the preset's top-p, not the objective's registered one
+    (["loss=lsm_top_p1"], 1.0), (["loss=sampled_token_top_p09"], 0.9),
+    (["loss=lsm_top_p1", "rollout.top_p=0.8"], 0.8),  # an explicit rollout.top_p wins
+])
+def test_the_rollouts_run_at_the_loss_presets_top_p(overrides, expected):
+    assert rollout_top_p(_compose(overrides)) == expected
 
 
 @pytest.mark.parametrize("experiment", experiment_presets("opd"))

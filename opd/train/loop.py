@@ -51,9 +51,14 @@ class Route:
 
 
 def rollout_top_p(cfg: Any) -> float:
-    """The effective rollout top-p: rollout.top_p when set, else the objective's paper pairing."""
+    """The effective rollout top-p: rollout.top_p when set, else the loss config's `rollout_top_p`.
+
+    The loss config, not the objective's registry entry: a loss preset may pair an objective with another
+    rollout top-p than the paper's (conf/loss/lsm_top_p1.yaml, table3's swapped cells), and the tables label
+    a job by that value. The registry's pairing is what each objective's own preset sets (tests/test_configs.py).
+    """
     top_p = cfg.rollout.top_p
-    return float(objectives.get(cfg.loss.name).rollout_top_p if top_p is None else top_p)
+    return float(cfg.loss.rollout_top_p if top_p is None else top_p)
 
 
 # ---------------------------------------------------------------------------------------------------------
