@@ -9,8 +9,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from opd.cli import experiment_presets
 from opd import objectives
+from opd.cli import experiment_presets
 from opd.train.config import LOSSES, register_configs, validate
 from opd.train.loop import rollout_top_p
 

@@ -240,6 +240,7 @@ def run_opd(
                                  f"are in metrics.jsonl; last good checkpoint: {last_checkpoint or 'none'}")
         row = step_row(metrics, rollouts, batch, route)
         row["skipped_update"] = float(bool(bad))
+        row["rollout_top_p"] = rollout_top_p(cfg)  # what the rollouts used, beside the config that asked for it
         row.update({"task_step": counts[route.name],
                     "time/sample_s": t1 - t0, "time/score_s": t2 - t1, "time/update_s": t3 - t2})
         if step % int(cfg.eval_every) == 0 or step == steps:
