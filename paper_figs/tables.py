@@ -23,7 +23,7 @@ with its interval and the relative gain as the paper computes its +19.8%.
 
 Refused with one line (exit status 2, nothing written): fewer seeds per method or fewer items than the
 protocol asks (--min-seeds, --min-items; defaults 5 and 1000), rows from different code revisions, methods
-that do not share seeds and items. Jobs that failed (a job directory without metrics.json) are listed.
+that do not share seeds and items, a job whose rows record rollouts at another top-p than its config names. Jobs that failed (a job directory without metrics.json) are listed.
 """
 
 from __future__ import annotations
@@ -173,6 +173,12 @@ def from_jobs(name: str, jobs: list[dict[str, Any]], failed: list[str], *, min_s
     if len(revisions) > 1:
         raise TableError(f"sweep_dir: rows from {len(revisions)} code revisions are mixed ({', '.join(revisions)}); "
                          "a table summarizes one revision")
+    for j in jobs:  # a job is labelled by the top-p its config asks for; its rows say what the rollouts used
+        ran = {r["rollout_top_p"] for r in j["rows"] if r.get("rollout_top_p") is not None}
+        if ran and ran != {rollout_top_p(j["config"])}:
+            raise TableError(f"sweep_dir: {j['dir']} asks for rollout top-p {rollout_top_p(j['config']):g} but its "
+                             f"rollouts ran at {', '.join(f'{x:g}' for x in sorted(ran))} (metrics.jsonl); its "
+                             "method cannot be named")
     tasks = list(get(jobs[0]["config"], "tasks", {}) or {})
     groups: dict[str, list[dict]] = {}
     for j, key in zip(jobs, method_keys(jobs), strict=True):

@@ -121,6 +121,17 @@ def test_mixed_revisions_are_refused_on_the_command_line_and_nothing_is_written(
     assert not out.exists()
 
 
+def test_a_job_whose_rollouts_ran_at_another_top_p_than_its_config_names_is_refused(tmp_path):
+    sweep = _sweep(tmp_path / "s")
+    bad = sweep / "lsm_3" / "metrics.jsonl"  # asks for 0.9 (lsm); its rollouts record 1.0
+    bad.write_text("".join(json.dumps({"step": t, "task": "arithmetic", "loss": 1.0, "rollout_top_p": 1.0}) + "\n"
+                           for t in (1, 2)))
+    with pytest.raises(tables.TableError, match=r"asks for rollout top-p 0\.9 but its rollouts ran at 1 "):
+        tables.build("table1", sweep, min_seeds=5, min_items=20, command="test")
+    bad.write_text(json.dumps({"step": 1, "task": "arithmetic", "loss": 1.0, "rollout_top_p": 0.9}) + "\n")
+    assert tables.build("table1", sweep, min_seeds=5, min_items=20, command="test")["rows"]
+
+
 def test_results_md_regenerates_byte_identically_from_the_committed_rows():
     assert (ROOT / "RESULTS.md").read_text() == results_md.render(ROOT)
 
