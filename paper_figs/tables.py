@@ -23,7 +23,8 @@ with its interval and the relative gain as the paper computes its +19.8%.
 
 Refused with one line (exit status 2, nothing written): fewer seeds per method or fewer items than the
 protocol asks (--min-seeds, --min-items; defaults 5 and 1000), rows from different code revisions, methods
-that do not share seeds and items, a job whose rows record rollouts at another top-p than its config names. Jobs that failed (a job directory without metrics.json) are listed.
+that do not share seeds and items, a job whose rows record rollouts at another top-p than its config names.
+Jobs that failed (a job directory without metrics.json) are listed.
 """
 
 from __future__ import annotations
