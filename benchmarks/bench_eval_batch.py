@@ -38,7 +38,7 @@ def main() -> None:
 
     from opd.train import evaluate as ev
     from opd.train.checkpoints import is_complete, load_model, read_meta
-    from opd.train.config import register_configs, validate
+    from opd.train.config import register_configs, to_container, validate
     from opd.train.sft import new_model
     from opd.train.store import unpack
 
@@ -50,14 +50,16 @@ def main() -> None:
     task = route["task"]
     root = ROOT / cfg.checkpoint_root
     stored = sorted((ROOT / cfg.checkpoint_store).glob("*.tar.gz"))
-    # the stored student of this configuration: label "student" and the student's architecture
+    # the stored student of this configuration: label "student[/route]", the student's architecture and task section
+    task_section = to_container(cfg)["tasks"][name]["task"]
     model = None
     for archive in stored:
         key = archive.name[: -len(".tar.gz")]
         if not is_complete(root / key):
             unpack(key, ROOT / cfg.checkpoint_store, root)
         meta = read_meta(root / key)
-        if meta.get("label") == "student" and meta.get("model") == built["student"].to_dict():
+        if (str(meta.get("label", "")).split("/")[0] == "student" and meta.get("model") == built["student"].to_dict()
+                and meta.get("tasks", {}).get(name) == task_section):
             model = load_model(new_model(built["student"], 0), root / key)
             break
     if model is None:
