@@ -1,13 +1,14 @@
 """Held-out evaluation throughput against its batch size, on the regime's committed student.
 
 The protocol's final evaluation (1000 test items x (4 samples + greedy)) is most of a table job's time in
-the regime (results/notes/31_regime_tables.md), and a decode step of the tiny CPU models costs about the same
-at 32 rows as at many more. This times `opd.train.evaluate.outcomes` (the function every evaluation runs) on
+the regime (results/notes/31_regime_tables.md), and its batch size (`eval_batch_size`) was never measured:
+a batch decodes until its longest response, so a larger one is not necessarily faster.
+This times `opd.train.evaluate.outcomes` (the function every evaluation runs) on
 the same items at each batch size, side by side in one process, after one compiling call per size, and prints
 items per second and the ratio to the first size. Accuracy is printed too: a different batch size draws
 different samples (fold_in per batch start), so it agrees within sampling noise, not exactly.
 
-    python benchmarks/bench_eval_batch.py                       # experiment=table1, 256 items, sizes 32 64 128 256
+    python benchmarks/bench_eval_batch.py                       # experiment=table1, 256 items, sizes 32 16 8 64
     python benchmarks/bench_eval_batch.py --items 512 --sizes 32 128 --overrides experiment=regime
 """
 
@@ -25,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--items", type=int, default=256)
-    ap.add_argument("--sizes", type=int, nargs="+", default=[32, 64, 128, 256])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[32, 16, 8, 64])
     ap.add_argument("--greedy", action="store_true", help="greedy decodes (default: top-p 0.9 samples)")
     ap.add_argument("--overrides", nargs="*", default=["experiment=table1"])
     args = ap.parse_args()
