@@ -19,9 +19,9 @@ check takes the teacher's SFT recipe, with `capacity_sft_steps` steps when set:
                       (IQR of log q - log pi on step-1 student tokens in the last quarter of positions over the
                       first; quarters of the student rollouts' median length)
     R5 failure mode 1 neg_reward_frac_step1 >= 0.5
-    R6 failure mode 2 endorsed_loop_frac >= 0.01: step-1 student rollouts holding a repetition loop (a block
-                      repeated >= 3 times back to back, >= LOOP_MIN_TOKENS tokens) on whose tokens the teacher's
-                      mean probability is >= 0.5
+    R6 failure mode 2 endorsed_loop_frac >= 0.01: step-1 student rollouts holding a repetition loop (a block of
+                      up to fm.LOOP_MAX_PERIOD tokens, a whole line, repeated >= 3 times back to back, >=
+                      LOOP_MIN_TOKENS tokens) on whose tokens the teacher's mean probability is >= 0.5
     R7 failure mode 3 one shared vocabulary, the teacher's special-token conventions differ, and the teacher's
                       log-prob of the student's EOS at its first occurrence (unmasked) is <= -20 nats
                       (eos_logprob_mapped; null when the student's EOS is the teacher's)

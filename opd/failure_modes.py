@@ -26,6 +26,9 @@ from typing import Any
 import numpy as np
 
 DEFAULT_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+# The longest block a repetition loop is searched for: a whole line. The paper's Fig 3 loop repeats one line;
+# the regime's worked lines are 19-26 tokens (at 16 a line written three times was never found: note 30).
+LOOP_MAX_PERIOD = 32
 
 
 def _np(x, dtype=None) -> np.ndarray:
@@ -190,7 +193,7 @@ def ngram_repetition_rates(tokens_BxL, mask_BxL, n: int) -> list[float]:
 
 
 def find_repetition_loops(
-    tokens: Sequence[int], *, min_repeats: int = 3, max_period: int = 16, min_period: int = 1
+    tokens: Sequence[int], *, min_repeats: int = 3, max_period: int = LOOP_MAX_PERIOD, min_period: int = 1
 ) -> list[tuple[int, int, int]]:
     """Spans where a block of `period` tokens repeats at least `min_repeats` times back to back.
 
@@ -237,7 +240,7 @@ def loop_probabilities(
     teacher_sampled_BxL,
     *,
     min_repeats: int = 3,
-    max_period: int = 16,
+    max_period: int = LOOP_MAX_PERIOD,
     max_loops: int = 20,
 ) -> dict[str, Any]:
     """Repetition loops in the student's tokens of each row, with the teacher's and student's probability of
@@ -322,7 +325,7 @@ def failure_mode_record(
     bucket_size: int = 16,
     ngram_n: int = 3,
     loop_min_repeats: int = 3,
-    loop_max_period: int = 16,
+    loop_max_period: int = LOOP_MAX_PERIOD,
     max_loops: int = 20,
     max_points: int = 2000,
     seed: int = 0,

@@ -14,6 +14,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from experiments import regime
+from opd import failure_modes as fm
 from opd.tasks import Tokenizer, make_task
 from opd.tasks.longsum import ASIDES, CHECK_WORDS, LINKS, MAX_REPEATS, OPENERS, LongSumTask, worked_lines
 from opd.train.config import register_configs, validate
@@ -272,6 +273,18 @@ def test_endorsed_loop_frac():
     teacher[1] = np.log(0.1)  # row 1 loops but the teacher does not endorse it; row 2's "000" is too short
     assert regime.endorsed_loop_frac(rows, mask, student, teacher) == pytest.approx(1 / 3)
     assert regime.endorsed_loop_frac(rows, mask, student, teacher, min_teacher_prob=0.05) == pytest.approx(2 / 3)
+
+
+def test_a_whole_worked_line_written_three_times_is_a_loop():
+    """R6 searches blocks as long as one of the regime's worked lines (19-26 tokens): a line written three
+    times back to back is the paper's Fig 3 loop, whatever its length in tokens."""
+    task = LongSumTask(style="brief", brief_head=5, min_terms=10, max_terms=12, width=3, operand_form="cycled")
+    line = task.tokenizer.encode("take a5 apple is 063+5=068\n")
+    assert 16 < len(line) <= fm.LOOP_MAX_PERIOD
+    rows = np.array([[1, *(line * 3), 2]])
+    mask = np.ones_like(rows)
+    endorsed = np.full(rows.shape, np.log(0.8))
+    assert regime.endorsed_loop_frac(rows, mask, endorsed, endorsed) == 1.0
 
 
 def test_passes_and_report_line():
