@@ -217,29 +217,32 @@ def measure(cfg: Any, built: dict[str, Any], *, log: Callable[[str], None] = pro
     n_eval = int(cfg.eval_problems)
     eval_key = jax.random.key(int(cfg.eval_seed))
 
+    batch = min(int(cfg.eval_batch_size), n_eval)
+
+    def spec_of(view) -> dict[str, Any]:
+        """What a held-out accuracy depends on; the batch size too, since each batch draws its own key."""
+        return {"items": n_eval, "eval_seed": int(cfg.eval_seed), "samples": int(cfg.eval_samples),
+                "batch_size": batch, "task": repr(view)}
+
+    def evaluate(model, view):
+        return ev.evaluate(model, view, view.items("eval", n_eval, int(cfg.eval_seed)), eval_key,
+                           samples=int(cfg.eval_samples), batch_size=batch, prefix="")
+
     def held_out(label: str, model, meta: dict, view) -> float:
         """Sampled pass@1 (top-p 0.9) on the first n_eval eval items; reused from the checkpoint's meta when
         measured the same way."""
-        spec = {"items": n_eval, "eval_seed": int(cfg.eval_seed), "samples": int(cfg.eval_samples),
-                "task": repr(view)}
-        if meta.get("sft_eval_spec") == spec and meta.get("sft_eval"):
+        if meta.get("sft_eval_spec") == spec_of(view) and meta.get("sft_eval"):
             return float(meta["sft_eval"]["accuracy"])
-        metrics, _ = ev.evaluate(model, view, view.items("eval", n_eval, int(cfg.eval_seed)), eval_key,
-                                 samples=int(cfg.eval_samples), batch_size=min(int(cfg.eval_batch_size), n_eval),
-                                 prefix="")
+        metrics, _ = evaluate(model, view)
         log(f"[regime] {label}: held-out {view.metric} {metrics[view.metric]:.3f} (greedy "
             f"{metrics['greedy_' + view.metric]:.3f})")
         return float(metrics[view.metric])
 
     def eval_fn_for(view):
         def eval_fn(model):
-            metrics, items = ev.evaluate(model, view, view.items("eval", n_eval, int(cfg.eval_seed)), eval_key,
-                                         samples=int(cfg.eval_samples),
-                                         batch_size=min(int(cfg.eval_batch_size), n_eval), prefix="")
+            metrics, items = evaluate(model, view)
             return {"accuracy": metrics[view.metric], "greedy": metrics["greedy_" + view.metric]}, {name: items}
-        spec = {"items": n_eval, "eval_seed": int(cfg.eval_seed), "samples": int(cfg.eval_samples),
-                "task": repr(view)}
-        return eval_fn, spec
+        return eval_fn, spec_of(view)
 
     task_section = resolved["tasks"][name]["task"]
     # Sections as experiments.opd keys them, so the teacher and student caches are shared with OPD runs.

@@ -328,7 +328,13 @@ def test_measure_on_tiny_models_prints_every_key(monkeypatch, tmp_path):
 
     def fake_prepare(label, model_cfg, tasks, sections, sft_cfg, **kw):
         prepared.append((label, tasks[0].style))
-        return Transformer(model_cfg, rngs=nnx.Rngs(len(prepared))), {}
+        # a held-out accuracy stored with the model is reused only when measured the same way: the student's
+        # is (0.5, which untrained models never reach); the teacher's spec does not say its batch size
+        spec = kw["eval_spec"]
+        if label.startswith("teacher"):
+            spec = {k: v for k, v in spec.items() if k != "batch_size"}
+        meta = {"sft_eval_spec": spec, "sft_eval": {"accuracy": 0.5}} if label != "capacity/arithmetic" else {}
+        return Transformer(model_cfg, rngs=nnx.Rngs(len(prepared))), meta
 
     monkeypatch.setattr(sft, "prepare", fake_prepare)
     r = regime.measure(cfg, built, log=lambda _m: None)
@@ -341,3 +347,4 @@ def test_measure_on_tiny_models_prints_every_key(monkeypatch, tmp_path):
     assert list(line) == [*regime.KEYS, "passes"]
     assert 0 <= line["teacher_top1_mass"] <= 1 and 0 <= line["neg_reward_frac_step1"] <= 1
     assert line["teacher_accuracy"] == 0.0 and "R2" not in line["passes"]  # untrained models solve nothing
+    assert line["student_accuracy"] == 0.5
