@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 
 DEFAULT_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
-# The longest block a repetition loop is searched for: a whole line. The paper's Fig 3 loop repeats one line;
-# the regime's worked lines are 19-26 tokens (at 16 a line written three times was never found: note 30).
+# The longest block a repetition loop is searched for: a whole line, since the paper's Fig 3 loop repeats one
+# line and the regime's worked lines are 19-26 tokens.
 LOOP_MAX_PERIOD = 32
 
 
