@@ -6,7 +6,8 @@ the repository.
     python paper_figs/tables.py <sweep_dir> --table table1            # Table 1: single task
     python paper_figs/tables.py <sweep_dir> --table table2            # Table 2: multi-task, a column per task
     python paper_figs/tables.py <table1 sweep> <sweep_dir> --table table3   # objective vs rollout top-p
-    python paper_figs/tables.py <sweep_dir> --table baselines         # also ablation_renorm, ablation_k, ...
+    python paper_figs/tables.py <table1 sweep> <sweep_dir> --table ablation_renorm   # LSM without renormalization
+    python paper_figs/tables.py <sweep_dir> --table baselines         # also ablation_k, ablation_top_p, ...
     python paper_figs/tables.py --table table1                        # again, from the committed rows
     python paper_figs/tables.py <sweep_dir> --table NAME --min-seeds 1 --min-items 16   # a smaller analysis
 
@@ -14,7 +15,8 @@ Reads every job under each <sweep_dir> (metrics.json, eval_items.jsonl, metrics.
 directory, results/rows/<name>.jsonl.gz; never imports `opd`. A method is the objective, + mask when special
 tokens are masked, + K when the jobs vary K, + the rollout top-p (the explicit `rollout.top_p`, else the
 objective's `loss.rollout_top_p`) when one objective ran at several. table3 compares the unmasked objectives
-(a table1 sweep's masked jobs are left out) and pairs LSM with sampled-token OPD at each rollout top-p.
+(a table1 sweep's masked jobs are left out) and pairs LSM with sampled-token OPD at each rollout top-p;
+ablation_renorm reads table1's unmasked LSM beside LSM without renormalization and pairs the two.
 
 A cell is the final held-out sampled pass@1 of one method on one task: the mean over seeds, items and samples,
 with a 95% two-way bootstrap interval over seeds and items (so evaluation noise is in it). Teacher and student
@@ -57,7 +59,10 @@ TABLES = {
 NAMES = {"sampled_token": "Sampled-token OPD", "lsm": "LSM (teacher top-K)"}
 HEADLINES = {  # A − B, paired; by default both without mask at the paper's top-p
     "table3": [("lsm @ top-p 0.9", "sampled_token @ top-p 0.9"), ("lsm @ top-p 1", "sampled_token @ top-p 1")],
+    "ablation_renorm": [("lsm_no_renorm", "lsm")],
 }
+# A table that adds cells to table1's sweep reads from it only the unmasked jobs of these objectives (None: all)
+READS_FROM_TABLE1 = {"table3": None, "ablation_renorm": {"lsm", "lsm_no_renorm"}}
 DEFAULT_HEADLINE = [("lsm", "sampled_token")]
 
 
@@ -152,10 +157,13 @@ def score_matrix(jobs: list[dict], phase: str, task: str) -> tuple[np.ndarray, l
 
 
 def select(name: str, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The jobs table `name` reads: table3 compares the objectives unmasked (a table1 sweep also ran the mask)."""
-    if name == "table3":
-        return [j for j in jobs if not get(j["config"], "loss.mask_special_tokens", False)]
-    return jobs
+    """The jobs table `name` reads: a table that adds cells to table1's sweep compares objectives unmasked (that
+    sweep also ran the mask), and only its own objectives (READS_FROM_TABLE1)."""
+    if name not in READS_FROM_TABLE1:
+        return jobs
+    objectives = READS_FROM_TABLE1[name]
+    return [j for j in jobs if not get(j["config"], "loss.mask_special_tokens", False)
+            and (objectives is None or get(j["config"], "loss.name") in objectives)]
 
 
 def build(name: str, sources: Path | list[Path], *, min_seeds: int, min_items: int, command: str) -> dict[str, Any]:

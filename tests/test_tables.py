@@ -241,6 +241,17 @@ def test_table3_reads_table1s_sweep_beside_the_swapped_cells_and_pairs_at_each_t
             if r["key"]} == {"lsm", "lsm + mask", "sampled_token"}
 
 
+def test_ablation_renorm_reads_table1s_unmasked_lsm_and_pairs_the_unrenormalized_cell_with_it(tmp_path):
+    table1 = _sweep(tmp_path / "t1")  # lsm 0.7, sampled-token 0.5
+    for s in range(5):
+        _job(table1, f"lsm_mask_{s}", loss="lsm", seed=s, p=0.1, mask=True)
+        _job(tmp_path / "renorm", f"lsm_no_renorm_{s}", loss="lsm_no_renorm", seed=s, p=0.4)
+    t = tables.build("ablation_renorm", [table1, tmp_path / "renorm"], min_seeds=5, min_items=20, command="test")
+    assert {r["key"] for r in t["rows"] if r["key"]} == {"lsm", "lsm_no_renorm"} and t["jobs"] == 10
+    (h,) = t["headline"]
+    assert (h["a"], h["b"]) == ("lsm_no_renorm", "LSM (teacher top-K)") and h["paired_diff"] < -0.15  # 0.4 vs 0.7
+
+
 def test_a_table_regenerates_byte_identically_from_its_packed_rows(tmp_path):
     sweep = _sweep(tmp_path / "sweep")
     first = _table_cli(tmp_path, str(sweep), "--table", "table1")
