@@ -7,7 +7,8 @@ the repository.
     python paper_figs/tables.py <sweep_dir> --table table2            # Table 2: multi-task, a column per task
     python paper_figs/tables.py <table1 sweep> <sweep_dir> --table table3   # objective vs rollout top-p
     python paper_figs/tables.py <table1 sweep> <sweep_dir> --table ablation_renorm   # LSM without renormalization
-    python paper_figs/tables.py <sweep_dir> --table baselines         # also ablation_k, ablation_top_p, ...
+    python paper_figs/tables.py <table1 sweep> <sweep_dir> --table baselines   # every objective, with its cost
+    python paper_figs/tables.py <sweep_dir> --table ablation_k        # also ablation_top_p, support_variants
     python paper_figs/tables.py --table table1                        # again, from the committed rows
     python paper_figs/tables.py <sweep_dir> --table NAME --min-seeds 1 --min-items 16   # a smaller analysis
 
@@ -16,7 +17,8 @@ directory, results/rows/<name>.jsonl.gz; never imports `opd`. A method is the ob
 tokens are masked, + K when the jobs vary K, + the rollout top-p (the explicit `rollout.top_p`, else the
 objective's `loss.rollout_top_p`) when one objective ran at several. table3 compares the unmasked objectives
 (a table1 sweep's masked jobs are left out) and pairs LSM with sampled-token OPD at each rollout top-p;
-ablation_renorm reads table1's unmasked LSM beside LSM without renormalization and pairs the two.
+ablation_renorm reads table1's unmasked LSM beside LSM without renormalization and pairs the two; baselines
+reads table1's unmasked objectives beside the other objectives' cells.
 
 A cell is the final held-out sampled pass@1 of one method on one task: the mean over seeds, items and samples,
 with a 95% two-way bootstrap interval over seeds and items (so evaluation noise is in it). Teacher and student
@@ -62,7 +64,7 @@ HEADLINES = {  # A − B, paired; by default both without mask at the paper's to
     "ablation_renorm": [("lsm_no_renorm", "lsm")],
 }
 # A table that adds cells to table1's sweep reads from it only the unmasked jobs of these objectives (None: all)
-READS_FROM_TABLE1 = {"table3": None, "ablation_renorm": {"lsm", "lsm_no_renorm"}}
+READS_FROM_TABLE1 = {"table3": None, "ablation_renorm": {"lsm", "lsm_no_renorm"}, "baselines": None}
 DEFAULT_HEADLINE = [("lsm", "sampled_token")]
 
 

@@ -241,7 +241,7 @@ def test_table3_reads_table1s_sweep_beside_the_swapped_cells_and_pairs_at_each_t
             if r["key"]} == {"lsm", "lsm + mask", "sampled_token"}
 
 
-def test_ablation_renorm_reads_table1s_unmasked_lsm_and_pairs_the_unrenormalized_cell_with_it(tmp_path):
+def test_tables_that_add_cells_to_table1_read_its_unmasked_jobs_of_their_objectives(tmp_path):
     table1 = _sweep(tmp_path / "t1")  # lsm 0.7, sampled-token 0.5
     for s in range(5):
         _job(table1, f"lsm_mask_{s}", loss="lsm", seed=s, p=0.1, mask=True)
@@ -250,6 +250,9 @@ def test_ablation_renorm_reads_table1s_unmasked_lsm_and_pairs_the_unrenormalized
     assert {r["key"] for r in t["rows"] if r["key"]} == {"lsm", "lsm_no_renorm"} and t["jobs"] == 10
     (h,) = t["headline"]
     assert (h["a"], h["b"]) == ("lsm_no_renorm", "LSM (teacher top-K)") and h["paired_diff"] < -0.15  # 0.4 vs 0.7
+    # baselines reads every unmasked objective of table1's sweep beside the added cells
+    b = tables.build("baselines", [table1, tmp_path / "renorm"], min_seeds=5, min_items=20, command="test")
+    assert {r["key"] for r in b["rows"] if r["key"]} == {"lsm", "lsm_no_renorm", "sampled_token"}
 
 
 def test_a_table_regenerates_byte_identically_from_its_packed_rows(tmp_path):
