@@ -4,7 +4,8 @@
     python paper_figs/fig_opd_curves.py results/rows/table1.jsonl.gz --name table1   # from committed rows
 
 Writes `<name>_curves.png` (--name, default `opd`): one row of panels per task (a multi-task run alternates
-tasks, so each task's curves are drawn against its own step count), columns = held-out sampled score,
+tasks, so each task's curves are drawn against its own step count), columns = held-out sampled score, the
+score of the step's own rollouts (the paper's Fig. 6 score: seen every step, where held-out is not),
 objective, entropy, gradient norm, response length, truncated fraction, teacher − student log-prob gap on
 sampled tokens, and the fraction of sampled tokens outside the teacher's top-K. One line per method (as the
 tables name methods: paper_figs/tables.py method_keys); line = mean over seeds, band = 95% interval of that
@@ -27,6 +28,7 @@ from paper_figs.tables import method_keys
 
 PANELS = [
     ("eval", "held-out score (top-p 0.9)"),
+    ("train_score", "rollout score (training prompts)"),
     ("loss", "objective"),
     ("entropy", "student entropy (nats)"),
     ("grad_norm", "gradient norm (before clipping)"),
