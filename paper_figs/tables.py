@@ -58,8 +58,8 @@ TABLES = {
     "support_variants": "Support variants V1-V5",
     "baselines": "Baselines: every objective side by side, with its cost",
 }
-NAMES = {"sampled_token": "Sampled-token OPD", "lsm": "LSM (teacher top-K)", "lsm_no_renorm": "LSM without renormalization",
-         "constant_negative": "Constant negative advantage (control)"}
+NAMES = {"sampled_token": "Sampled-token OPD", "lsm": "LSM (teacher top-K)",
+         "lsm_no_renorm": "LSM without renormalization", "constant_negative": "Constant negative advantage (control)"}
 HEADLINES = {  # A − B, paired; by default both without mask at the paper's top-p
     "table3": [("lsm @ top-p 0.9", "sampled_token @ top-p 0.9"), ("lsm @ top-p 1", "sampled_token @ top-p 1")],
     "ablation_renorm": [("lsm_no_renorm", "lsm")],
