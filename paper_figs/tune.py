@@ -2,6 +2,7 @@
 
     python -m experiments.opd -m experiment=tune_regime hydra/launcher=joblib hydra.launcher.n_jobs=2
     python paper_figs/tune.py multirun/opd/<date>/<time> --name regime
+    python paper_figs/tune.py results/tuning/baselines.jsonl.gz multirun/tune_vopd --name baselines   # add one
 
 A tuning sweep runs every objective at several learning rates (`tuning=true`, evaluated on the validation
 split). For each objective (`loss.name`; its masked and top-p variants share the choice) this picks the
@@ -10,6 +11,10 @@ quantity a table reports -- and writes
 
     conf/tuned/<name>.yaml       `tuned_lr: {objective: lr}`, what a table preset reads (defaults: tuned/<name>)
     results/tuning/<name>.json   every learning rate's mean and 95% interval per objective, and the choice
+    results/tuning/<name>.jsonl.gz   the tuning jobs it read, packed (paper_figs/rows.py)
+
+The sources are tuning sweeps or packed rows, so objectives tuned in different sessions (one sweep each)
+join one choice: pass the committed rows beside the new sweep.
 
 Refused with one line (exit status 2, nothing written): a job evaluated on the test split (a choice made on
 test), rows from different code revisions, an objective with fewer learning rates than --min-values (the
@@ -26,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from paper_figs import rows as packed_rows
 from paper_figs.common import get
 from paper_figs.stats import mean_ci
 from paper_figs.tables import TableError, load, score_matrix
@@ -33,12 +39,12 @@ from paper_figs.tables import TableError, load, score_matrix
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def choose(sweep: Path, *, min_values: int, command: str) -> dict[str, Any]:
+def choose(sources: list[Path], *, min_values: int, command: str) -> dict[str, Any]:
     """{'choices': {objective: lr}, 'objectives': {objective: [{'lr', 'mean', 'per_task': {task: {'mean',
-    'ci_low', 'ci_high'}}, 'seeds', 'items'}, ...]}, ...} from the tuning sweep under `sweep`; 'mean' is the
-    macro mean over tasks, as the trainer's final/score."""
-    jobs, failed = load([sweep])
-    on_test = [str(j["dir"].relative_to(sweep)) for j in jobs if get(j["config"], "eval_split", "eval") == "eval"]
+    'ci_low', 'ci_high'}}, 'seeds', 'items'}, ...]}, 'job_list': [the jobs read], ...} from the tuning sweeps
+    or packed rows in `sources`; 'mean' is the macro mean over tasks, as the trainer's final/score."""
+    jobs, failed = load(sources)
+    on_test = [str(j["dir"]) for j in jobs if get(j["config"], "eval_split", "eval") == "eval"]
     if on_test:
         raise TableError(f"sweep_dir: {len(on_test)} jobs were evaluated on the test split (e.g. {on_test[0]}); "
                          "choices are made on validation (tuning=true eval_split=validation)")
@@ -75,7 +81,7 @@ def choose(sweep: Path, *, min_values: int, command: str) -> dict[str, Any]:
     return {"command": command, "revision": revisions[0], "date": datetime.date.today().isoformat(),
             "split": "validation", "tasks": tasks, "jobs": len(jobs), "failed_jobs": failed,
             "interval": "per task: 95% two-way bootstrap over seeds and items (2000 resamples)",
-            "choices": choices, "objectives": table}
+            "choices": choices, "objectives": table, "job_list": jobs}
 
 
 def tuned_yaml(result: dict[str, Any]) -> str:
@@ -90,7 +96,7 @@ def tuned_yaml(result: dict[str, Any]) -> str:
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("sweep_dir", type=Path)
+    ap.add_argument("sweep_dir", type=Path, nargs="+", help="tuning sweep directories or packed rows (*.jsonl.gz)")
     ap.add_argument("--name", required=True, help="the choice's name: conf/tuned/<name>.yaml")
     ap.add_argument("--min-values", type=int, default=3)
     ap.add_argument("--conf-out", type=Path, default=ROOT / "conf" / "tuned")
@@ -99,8 +105,9 @@ def main(argv: list[str]) -> int:
     try:
         if not args.name.isidentifier():
             raise TableError(f"name: expected a plain name (letters, digits, _), got {args.name!r}")
-        if not args.sweep_dir.is_dir():
-            raise TableError(f"sweep_dir: expected a directory of Hydra jobs, got {args.sweep_dir}")
+        missing = [str(s) for s in args.sweep_dir if not s.exists()]
+        if missing:
+            raise TableError(f"sweep_dir: expected a directory of Hydra jobs or a rows file, got {', '.join(missing)}")
         result = choose(args.sweep_dir, min_values=args.min_values,
                         command="python paper_figs/tune.py " + " ".join(argv))
     except TableError as err:
@@ -109,11 +116,12 @@ def main(argv: list[str]) -> int:
     for directory in (args.conf_out, args.out):
         directory.mkdir(parents=True, exist_ok=True)
     (args.conf_out / f"{args.name}.yaml").write_text(tuned_yaml(result))
+    packed_rows.write(args.out / f"{args.name}.jsonl.gz", result.pop("job_list"), ROOT)
     (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
     for objective, rows in result["objectives"].items():
         scores = ", ".join(f"{r['lr']:g}: {100 * r['mean']:.1f}" for r in rows)
         print(f"{objective}: lr {result['choices'][objective]:g} (validation score % by lr: {scores})")
-    print(f"wrote {args.conf_out / (args.name + '.yaml')} and {args.out / (args.name + '.json')}")
+    print(f"wrote {args.conf_out / (args.name + '.yaml')}, {args.out / (args.name + '.json')} and its rows")
     return 0
 
 

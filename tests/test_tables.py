@@ -191,6 +191,22 @@ def test_tune_chooses_each_objectives_best_validation_lr_and_the_table_preset_re
     assert dict(cfg.tuned_lr) == best and cfg.optimizer.minibatches_per_step == 2 and cfg.eval_split == "eval"
 
 
+def test_tune_joins_objectives_tuned_in_separate_sweeps_through_the_packed_rows(tmp_path):
+    from paper_figs import tune
+
+    first = _tuning_sweep(tmp_path / "first", {"lsm": 1e-3})
+    second = _tuning_sweep(tmp_path / "second", {"vopd": 1e-4})
+    res = tmp_path / "res"
+    args = ["--name", "b", "--conf-out", str(tmp_path / "conf"), "--out", str(res)]
+    assert tune.main([str(first), *args]) == 0
+    assert json.loads((res / "b.json").read_text())["choices"] == {"lsm": 1e-3}
+    # the first sweep is gone; its packed rows join the second sweep
+    shutil.rmtree(first)
+    assert tune.main([str(res / "b.jsonl.gz"), str(second), *args]) == 0
+    assert json.loads((res / "b.json").read_text())["choices"] == {"lsm": 1e-3, "vopd": 1e-4}
+    assert "vopd: 0.0001" in (tmp_path / "conf" / "b.yaml").read_text()
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"split": "eval"}, "evaluated on the test split"),
     ({"lrs": (1e-4, 1e-3)}, "ran 2 learning rates"),
