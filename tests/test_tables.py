@@ -267,9 +267,17 @@ def test_tables_that_add_cells_to_table1_read_its_unmasked_jobs_of_their_objecti
     (h,) = t["headline"]
     assert (h["a"], h["b"]) == ("LSM without renormalization", "LSM (teacher top-K)")
     assert h["paired_diff"] < -0.15  # 0.4 vs 0.7
-    # baselines reads every unmasked objective of table1's sweep beside the added cells
-    b = tables.build("baselines", [table1, tmp_path / "renorm"], min_seeds=5, min_items=20, command="test")
-    assert {r["key"] for r in b["rows"] if r["key"]} == {"lsm", "lsm_no_renorm", "sampled_token"}
+    # baselines reads every unmasked objective of table1's sweep beside the added cells, and pairs each
+    # teacher-driven objective with the control
+    for s in range(5):
+        _job(tmp_path / "control", f"control_{s}", loss="constant_negative", seed=s, p=0.5)
+    b = tables.build("baselines", [table1, tmp_path / "control"], min_seeds=5, min_items=20, command="test")
+    assert {r["key"] for r in b["rows"] if r["key"]} == {"lsm", "constant_negative", "sampled_token"}
+    diffs = {(h["a"], h["b"]): h["paired_diff"] for h in b["headline"]}
+    control = "Constant negative advantage (control)"
+    assert set(diffs) == {("LSM (teacher top-K)", "Sampled-token OPD"), ("Sampled-token OPD", control),
+                          ("LSM (teacher top-K)", control)}
+    assert diffs[("LSM (teacher top-K)", control)] > 0.1 and abs(diffs[("Sampled-token OPD", control)]) < 0.1
 
 
 def test_a_table_regenerates_byte_identically_from_its_packed_rows(tmp_path):
