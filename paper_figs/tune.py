@@ -39,11 +39,10 @@ from paper_figs.tables import TableError, load, score_matrix
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def choose(sources: list[Path], *, min_values: int, command: str) -> dict[str, Any]:
+def choose(jobs: list[dict[str, Any]], failed: list[str], *, min_values: int, command: str) -> dict[str, Any]:
     """{'choices': {objective: lr}, 'objectives': {objective: [{'lr', 'mean', 'per_task': {task: {'mean',
-    'ci_low', 'ci_high'}}, 'seeds', 'items'}, ...]}, 'job_list': [the jobs read], ...} from the tuning sweeps
-    or packed rows in `sources`; 'mean' is the macro mean over tasks, as the trainer's final/score."""
-    jobs, failed = load(sources)
+    'ci_low', 'ci_high'}}, 'seeds', 'items'}, ...]}, ...} from tuning jobs (tables.load of sweeps or packed
+    rows); 'mean' is the macro mean over tasks, as the trainer's final/score."""
     on_test = [str(j["dir"]) for j in jobs if get(j["config"], "eval_split", "eval") == "eval"]
     if on_test:
         raise TableError(f"sweep_dir: {len(on_test)} jobs were evaluated on the test split (e.g. {on_test[0]}); "
@@ -81,7 +80,7 @@ def choose(sources: list[Path], *, min_values: int, command: str) -> dict[str, A
     return {"command": command, "revision": revisions[0], "date": datetime.date.today().isoformat(),
             "split": "validation", "tasks": tasks, "jobs": len(jobs), "failed_jobs": failed,
             "interval": "per task: 95% two-way bootstrap over seeds and items (2000 resamples)",
-            "choices": choices, "objectives": table, "job_list": jobs}
+            "choices": choices, "objectives": table}
 
 
 def tuned_yaml(result: dict[str, Any]) -> str:
@@ -108,7 +107,8 @@ def main(argv: list[str]) -> int:
         missing = [str(s) for s in args.sweep_dir if not s.exists()]
         if missing:
             raise TableError(f"sweep_dir: expected a directory of Hydra jobs or a rows file, got {', '.join(missing)}")
-        result = choose(args.sweep_dir, min_values=args.min_values,
+        jobs, failed = load(args.sweep_dir)
+        result = choose(jobs, failed, min_values=args.min_values,
                         command="python paper_figs/tune.py " + " ".join(argv))
     except TableError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -116,7 +116,7 @@ def main(argv: list[str]) -> int:
     for directory in (args.conf_out, args.out):
         directory.mkdir(parents=True, exist_ok=True)
     (args.conf_out / f"{args.name}.yaml").write_text(tuned_yaml(result))
-    packed_rows.write(args.out / f"{args.name}.jsonl.gz", result.pop("job_list"), ROOT)
+    packed_rows.write(args.out / f"{args.name}.jsonl.gz", jobs, ROOT)
     (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
     for objective, rows in result["objectives"].items():
         scores = ", ".join(f"{r['lr']:g}: {100 * r['mean']:.1f}" for r in rows)
