@@ -137,10 +137,16 @@ def load(sources: list[Path]) -> tuple[list[dict[str, Any]], list[str]]:
 
 def score_matrix(jobs: list[dict], phase: str, task: str) -> tuple[np.ndarray, list[int], int]:
     """[seeds, items] per-item sampled scores (mean over samples) of `phase` on `task`, rows sorted by seed;
-    also the seeds and the number of samples per item."""
+    also the seeds and the number of samples per item. Two jobs of one cell with the same seed (a sweep passed
+    twice, or committed rows beside a sweep that reran them) are refused: their samples would merge."""
     by_seed: dict[int, dict[int, list[float]]] = {}
+    dirs: dict[int, str] = {}
     for j in jobs:
         seed = int(get(j["config"], "seed", 0))
+        if seed in dirs:
+            raise TableError(f"sweep_dir: {dirs[seed]} and {j['dir']} ran the same cell with seed {seed}; "
+                             "pass each job once")
+        dirs[seed] = str(j["dir"])
         cell = by_seed.setdefault(seed, {})
         for row in j["items"]:
             if row["phase"] == phase and row["task"] == task and row["sample"] >= 0:

@@ -191,6 +191,18 @@ def test_tune_chooses_each_objectives_best_validation_lr_and_the_table_preset_re
     assert dict(cfg.tuned_lr) == best and cfg.optimizer.minibatches_per_step == 2 and cfg.eval_split == "eval"
 
 
+def test_a_job_passed_twice_is_refused_not_merged(tmp_path):
+    from paper_figs import tune
+
+    sweep = _sweep(tmp_path / "sweep")
+    with pytest.raises(tables.TableError, match="ran the same cell with seed 0; pass each job once"):
+        tables.build("table1", [sweep, sweep], min_seeds=5, min_items=20, command="test")
+    tuning = _tuning_sweep(tmp_path / "tuning", {"lsm": 1e-3})
+    assert tune.main([str(tuning), str(tuning), "--name", "b", "--conf-out", str(tmp_path / "conf"),
+                      "--out", str(tmp_path / "res")]) == 2
+    assert not (tmp_path / "conf").exists()
+
+
 def test_tune_joins_objectives_tuned_in_separate_sweeps_through_the_packed_rows(tmp_path):
     from paper_figs import tune
 
