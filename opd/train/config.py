@@ -398,6 +398,10 @@ def _check_scalars(cfg: Any) -> None:
     require(not (cfg.tuning and cfg.loss.name in cfg.tuned_lr), "tuned_lr",
             f"no entry for loss.name={cfg.loss.name} in a tuning run (tuning=true sweeps optimizer.lr itself)",
             dict(cfg.tuned_lr))
+    # a table run with validation choices (+tuned=<name>) must not run an objective nobody tuned at the default lr
+    require(cfg.tuning or not cfg.tuned_lr or cfg.loss.name in cfg.tuned_lr, "tuned_lr",
+            f"an entry for loss.name={cfg.loss.name} (tune it first: paper_figs/tune.py), or no tuned_lr at all",
+            dict(cfg.tuned_lr))
     if cfg.compile_cache is not None:
         path = Path(str(cfg.compile_cache)).expanduser()
         require(str(cfg.compile_cache) != "" and not (path.exists() and not path.is_dir()), "compile_cache",
