@@ -231,23 +231,29 @@ def from_jobs(name: str, jobs: list[dict[str, Any]], failed: list[str], *, min_s
                                  f"{task!r}; the paired difference needs the same seeds")
             headline.append({"task": task, "a": label(key_a), "b": label(key_b), **paired_diff(a[0], b[0])})
     return {"name": name, "title": TABLES[name], "command": command, "revision": revisions[0],
-            "date": max(j["date"] for j in jobs), "jobs": len(jobs), "wall_s": sweep_wall_s(jobs),
+            "date": max(j["date"] for j in jobs), "jobs": len(jobs), **_wall(jobs),
             "failed_jobs": failed,
             "interval": "95% two-way bootstrap over seeds and items (2000 resamples)",
             "rows": rows, "headline": headline}
 
 
-def sweep_wall_s(jobs: list[dict]) -> float | None:
-    """Wall time of the sweeps the jobs came from: per sweep directory, from the earliest job's start (its
-    finish minus its preparation and OPD time) to the last finish, summed over sweeps."""
+def sweep_wall_s(jobs: list[dict]) -> dict[str, float] | None:
+    """Wall time of each sweep the jobs came from (by sweep directory name): from the earliest job's start
+    (its finish minus its preparation and OPD time) to the last finish. A table that reuses another table's
+    cells counts that sweep's span too, named, so a reader sees which part it re-ran."""
     spans: dict[str, list[float]] = {}
     for j in jobs:
         took = j["metrics"].get("time/prepare_s", 0.0) + j["metrics"].get("time/opd_s", 0.0)
         if j.get("finished_s") is None or not took:
             return None
-        span = spans.setdefault(str(Path(j["dir"]).parent), [math.inf, -math.inf])
+        span = spans.setdefault(Path(j["dir"]).parent.name, [math.inf, -math.inf])
         span[0], span[1] = min(span[0], j["finished_s"] - took), max(span[1], j["finished_s"])
-    return float(sum(hi - lo for lo, hi in spans.values()))
+    return {name: float(hi - lo) for name, (lo, hi) in sorted(spans.items())}
+
+
+def _wall(jobs: list[dict]) -> dict[str, Any]:
+    by_sweep = sweep_wall_s(jobs)
+    return {"wall_s": None if by_sweep is None else float(sum(by_sweep.values())), "wall_s_by_sweep": by_sweep}
 
 
 def _cost(members: list[dict]) -> dict[str, float | None]:
@@ -266,11 +272,20 @@ def _row(method: str, task: str, x: np.ndarray, samples: int, key: str | None = 
             "seeds": int(x.shape[0]), "items": int(x.shape[1]), "samples": samples}
 
 
+def _wall_md(table: dict[str, Any]) -> str:
+    """" (N min of sweep wall time)", split by sweep when the table's jobs came from several."""
+    if table.get("wall_s") is None:
+        return ""
+    by_sweep = table.get("wall_s_by_sweep") or {}
+    split = "" if len(by_sweep) < 2 else ": " + ", ".join(f"{k} {v / 60:.0f}" for k, v in by_sweep.items())
+    return f" ({table['wall_s'] / 60:.0f} min of sweep wall time{split})"
+
+
 def markdown(table: dict[str, Any]) -> str:
     """The table as markdown (percent), its protocol and the headline, as RESULTS.md shows it."""
     lines = [f"### {table['title']}", "",
              f"`{table['command']}` at revision `{table['revision']}`, {table['date']}; {table['jobs']} jobs"
-             + ("" if table.get("wall_s") is None else f" ({table['wall_s'] / 60:.0f} min of sweep wall time)")
+             + _wall_md(table)
              + ". "
              f"Cells: final held-out sampled pass@1 (%), mean [{table['interval']}].", "",
              "| Method | Task | Score | 95% interval | Seeds | Items × samples | s / step | update peak MiB |",

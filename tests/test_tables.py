@@ -91,6 +91,14 @@ def test_table_rows_headline_and_failed_jobs(tmp_path):
     assert "relative gain" in tables.markdown(t)
 
 
+def test_wall_time_is_split_by_source_sweep(tmp_path):
+    first, second = _sweep(tmp_path / "table1", seeds=(0, 1, 2)), _sweep(tmp_path / "rest", seeds=(3, 4))
+    t = tables.build("table1", [first, second], min_seeds=5, min_items=20, command="test")
+    assert sorted(t["wall_s_by_sweep"]) == ["rest", "table1"]
+    assert t["wall_s"] == pytest.approx(sum(t["wall_s_by_sweep"].values()))
+    assert "min of sweep wall time: rest " in tables.markdown(t)
+
+
 @pytest.mark.parametrize(("change", "message"), [
     ({"seeds": (0, 1, 2)}, "has 3 seeds x 20 items; the protocol asks for >= 5 seeds"),
     ({"items": 10}, "has 5 seeds x 10 items"),
