@@ -3,14 +3,14 @@
     python paper_figs/fig_opd_curves.py multirun/opd/<date>_<time> [--out paper_figs]
     python paper_figs/fig_opd_curves.py results/rows/table1.jsonl.gz --name table1   # from committed rows
 
-Writes `<name>_curves.png` (--name, default `opd`): one row of panels per task (a multi-task run alternates
-tasks, so each task's curves are drawn against its own step count), columns = held-out sampled score, the
-score of the step's own rollouts (the paper's Fig. 6 score: seen every step, where held-out is not),
-objective, entropy, gradient norm, response length, truncated fraction, teacher − student log-prob gap on
-sampled tokens, and the fraction of sampled tokens outside the teacher's top-K. One line per method (as the
-tables name methods: paper_figs/tables.py method_keys); line = mean over seeds, band = 95% interval of that
-mean (t over seeds). And `<name>_final_accuracy.png`: the final sampled score per method and task, the seeds
-as dots, the teacher and the student before OPD as lines.
+Writes `<name>_curves.png` (--name, default `opd`): one block of panels per task, five to a row, the legend in
+the last slot (a multi-task run alternates tasks, so each task's curves are drawn against its own step count);
+panels = held-out sampled score, the score of the step's own rollouts (the paper's Fig. 6 score: seen every
+step, where held-out is not), objective, entropy, gradient norm, response length, truncated fraction, teacher −
+student log-prob gap on sampled tokens, and the fraction of sampled tokens outside the teacher's top-K. One line
+per method (as the tables name methods: paper_figs/tables.py method_keys); line = mean over seeds, band = 95%
+interval of that mean (t over seeds). And `<name>_final_accuracy.png`: the final sampled score per method and
+task, the seeds as dots, the teacher and the student before OPD as lines.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ PANELS = [
     ("logprob_gap", "log q(y) − log π(y), sampled"),
     ("not_in_topk_frac", "sampled outside teacher top-K"),
 ]
+COLS = 5  # panels per row
 T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}  # t_{0.975, n-1}
 
 
@@ -93,10 +94,14 @@ def main(argv=None) -> None:
     colors = {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(order)}
 
     tasks = sorted({r["task"] for j in jobs for r in j["rows"] if "task" in r})
-    fig, axes = plt.subplots(len(tasks), len(PANELS), figsize=(3.4 * len(PANELS), 3.4 * len(tasks)), squeeze=False,
+    # per task a block of COLS-wide rows of panels; the block's last free slot holds the legend, so that many
+    # methods (the baselines block has eight) never cover a curve
+    rows = -(-(len(PANELS) + 1) // COLS)
+    fig, axes = plt.subplots(rows * len(tasks), COLS, figsize=(3.6 * COLS, 3.0 * rows * len(tasks)), squeeze=False,
                              layout="constrained")
     for t, task in enumerate(tasks):
-        for ax, (key, title) in zip(axes[t], PANELS):
+        block = axes[t * rows:(t + 1) * rows].ravel()
+        for ax, (key, title) in zip(block, PANELS):
             for name in order:
                 steps, mean, half = mean_band([series(j, task, key) for j in by_loss[name]])
                 if steps.size == 0:
@@ -106,7 +111,11 @@ def main(argv=None) -> None:
                 ax.fill_between(steps, mean - half, mean + half, color=colors[name], alpha=0.2, lw=0)
             ax.set_title(f"{task}: {title}" if len(tasks) > 1 else title, fontsize=9)
             ax.set_xlabel(f"{task} step" if len(tasks) > 1 else "OPD step")
-    axes[0][0].legend(fontsize=7)
+        for ax in block[len(PANELS):]:
+            ax.axis("off")
+        handles, labels = block[0].get_legend_handles_labels()
+        block[len(PANELS)].legend(handles, labels, loc="center", fontsize=8, frameon=False,
+                                  title="method (seeds); band: 95% over seeds", title_fontsize=8)
     save(fig, f"{args.name}_curves", args.out)
 
     fig, axes = plt.subplots(1, len(tasks), figsize=((1.6 + 1.3 * len(order)) * len(tasks), 3.4), squeeze=False)
