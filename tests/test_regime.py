@@ -348,3 +348,31 @@ def test_measure_on_tiny_models_prints_every_key(monkeypatch, tmp_path):
     assert 0 <= line["teacher_top1_mass"] <= 1 and 0 <= line["neg_reward_frac_step1"] <= 1
     assert line["teacher_accuracy"] == 0.0 and "R2" not in line["passes"]  # untrained models solve nothing
     assert line["student_accuracy"] == 0.5
+
+
+def test_the_committed_store_holds_the_regime_models_under_the_keys_the_code_computes(monkeypatch):
+    """A change to the task code or the regime's config changes the SFT cache keys (they hash a sample of the
+    demonstrations); the committed models (results/models) would then be missed and retrained, over an hour
+    on 2 cores, and the tables would no longer describe the models the code prepares. Keys only: nothing is
+    trained or unpacked."""
+    from opd.train import sft
+
+    class KeysComputedError(Exception):
+        pass
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="opd", overrides=["experiment=regime"])
+    keys = {}
+
+    def key_only(label, model_cfg, tasks, sections, sft_cfg, **kw):
+        keys[label] = sft.sft_cache_key(sections, tasks, int(sft_cfg.seed), kw.get("init_from"))
+        if len(keys) == 3:
+            raise KeysComputedError
+        return None, {"sft_eval_spec": kw["eval_spec"], "sft_eval": {"accuracy": 0.0}}  # no evaluation
+
+    monkeypatch.setattr(sft, "prepare", key_only)
+    with pytest.raises(KeysComputedError):
+        regime.measure(cfg, validate(cfg), log=lambda _m: None)
+    stored = {p.name[: -len(".tar.gz")] for p in (CONF.parent / "results" / "models").glob("*.tar.gz")}
+    assert set(keys) == {"teacher/arithmetic", "student/arithmetic", "capacity/arithmetic"}
+    assert {label: key for label, key in keys.items() if key not in stored} == {}
