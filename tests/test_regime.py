@@ -163,13 +163,44 @@ def test_cycled_operands_alternate_two_digits_from_a_start():
         LongSumTask().make_problem([1] * 13, 5)
 
 
+def test_the_countdown_subtracts_from_a_start_that_never_goes_negative():
+    """operation=sub (the second task of the same shape): "s171 x5 y2 n12-" is 171 - 5 - 2 - 5 - ... (12 terms),
+    from a start with room for every nine; every style writes the same running values, its prompts are never
+    the sum's, and the teacher's lines never swap the operands (subtraction does not commute)."""
+    kw = {"width": 3, "min_terms": 10, "max_terms": 12, "operand_form": "cycled"}
+    chain = LongSumTask(style="chain", operation="sub", **kw)
+    worked = chain.teacher_view()
+    assert worked.operation == "sub" and worked.swap_prob > 0
+    items = chain.items("train", 60, 0)
+    for p in items:
+        start, x, y, n = (int(g) for g in re.fullmatch(r"s(\d+) x(\d) y(\d) n(\d+)-", p.prompt).groups())
+        assert chain.operands(p) == [(x, y)[i % 2] for i in range(n)]
+        assert 9 * 12 <= start <= 9 * 12 + 99 and int(p.answer) == start - sum(chain.operands(p)) >= 0
+        total = start
+        for label, v, line in zip("abcdefghijkl"[:n], chain.operands(p), _lines(chain, p), strict=True):
+            assert line == f"{label}:{total:03d}-{v}={total - v:03d}"
+            total -= v
+        assert chain.score(p, chain.tokenizer.decode(chain.tokenizer.encode(chain.demonstration(p)))) == 1.0
+    for p in worked.items("train", 20, 0):
+        start, numbers = worked.parse_prompt(p.prompt)
+        first = re.search(r" (\d+)-(\d+)=(\d+)", _lines(worked, p)[0]).groups()
+        assert [int(g) for g in first] == [start, numbers[0], start - numbers[0]]
+        assert worked.score(p, worked.tokenizer.decode(worked.tokenizer.encode(worked.demonstration(p)))) == 1.0
+    sums = {p.prompt for p in LongSumTask(style="chain", **kw).items("train", 300, 0)}
+    assert not sums & {p.prompt for p in chain.items("train", 300, 0)}
+    assert chain.max_response_len >= 2 * chain.median_teacher_len()
+    with pytest.raises(ValueError, match="start"):
+        chain.make_problem([1, 2] * 5, 50)  # below the countdown's smallest start
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"style": "long"}, "style"), ({"teacher_conventions": "qwen"}, "teacher_conventions"),
     ({"min_terms": 9, "max_terms": 8}, "min_terms"), ({"check_prob": 1.5}, "check_prob"),
     ({"budget_factor": 0.5}, "budget_factor"), ({"max_terms": 27}, "max_terms"), ({"width": 1}, "width"),
     ({"operand_form": "sorted"}, "operand_form"), ({"operand_form": "cycled", "width": 2}, "width"),
     ({"repeat_prob": -0.1}, "repeat_prob"), ({"student_repeat_prob": 2}, "student_repeat_prob"),
-    ({"brief_head": 14}, "brief_head")])
+    ({"brief_head": 14}, "brief_head"), ({"operation": "mul"}, "operation"),
+    ({"operation": "sub"}, "operation")])  # the countdown needs cycled operands
 def test_bad_task_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         make_task("longsum", **kwargs)
@@ -376,3 +407,19 @@ def test_the_committed_store_holds_the_regime_models_under_the_keys_the_code_com
     stored = {p.name[: -len(".tar.gz")] for p in (CONF.parent / "results" / "models").glob("*.tar.gz")}
     assert set(keys) == {"teacher/arithmetic", "student/arithmetic", "capacity/arithmetic"}
     assert {label: key for label, key in keys.items() if key not in stored} == {}
+
+
+def test_table2_routes_reuse_the_regime_teacher_and_the_countdown_report_teacher():
+    """Table 2's long-sum route is Table 1's (its committed teacher is reused), and its countdown route is the
+    configuration `python -m experiments.regime task@tasks.arithmetic.task=countdown` measures, so R1-R6
+    measured there hold for the table's countdown teacher (the same task, model and SFT sections)."""
+    from opd.train.config import to_container
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        table2 = to_container(compose(config_name="opd", overrides=["experiment=table2"]))["tasks"]
+        table1 = to_container(compose(config_name="opd", overrides=["experiment=table1"]))["tasks"]
+        report = to_container(compose(config_name="opd", overrides=[
+            "experiment=regime", "task@tasks.arithmetic.task=countdown"]))["tasks"]
+    assert table2["arithmetic"] == table1["arithmetic"]
+    assert table2["countdown"] == report["arithmetic"]
+    assert table2["countdown"]["task"]["operation"] == "sub" and "operation" not in table2["arithmetic"]["task"]

@@ -40,6 +40,11 @@ One problem space, a teacher's style and three student styles, one shared vocabu
               <think>a7 b12 c21 ...</think>153<eos>
       running sums only, unpadded: each step is a lookup and an addition with nothing written down to check.
 
+`operation="sub"` (cycled operands only) is the countdown, a second task of the same shape for the multi-task
+table: the running value starts at `start` + 9 x max_terms (never negative) and each line subtracts its
+operand ("take a7 mug is 207-7=200"; no swap, subtraction does not commute); its prompts end with "-" instead
+of "=", so the two tasks never share a prompt.
+
 Sums are zero-padded to `width` digits (default: the largest sum's). `LongSumTask` is the student's side of a
 route (`style`, the student's conventions);
 `teacher_view()` is the same problem space as the teacher writes it (`teacher_style`, and with
@@ -78,6 +83,8 @@ CONVENTIONS = ("paper", "same")
 # listed: "a7 b5 c9 ..." (each line looks its operand up by label: an induction-head lookup per line);
 # cycled: "s37 x3 y8 n11=" (start 37, then +3, +8, +3, ... for 11 terms: every line reads one of two fixed keys).
 OPERAND_FORMS = ("listed", "cycled")
+OPERATIONS = ("add", "sub")  # add: the long sum; sub: the countdown (a second task, same shape)
+SIGN = {"add": "+", "sub": "-"}
 MAX_START = 99
 # Single-token pieces of the default vocabulary (the tests check that each encodes as one id).
 OPENERS = ("take", "put", "and", "go", "look", "open", "pick", "see", "can", "you", "the", "arrive")
@@ -95,15 +102,20 @@ def cycled(x: int, y: int, n: int) -> list[int]:
     return [(x, y)[i % 2] for i in range(n)]
 
 
+def step(total: int, x: int, operation: str) -> int:
+    """The running value after one operand."""
+    return total + x if operation == "add" else total - x
+
+
 def worked_line(label: str, x: int, total: int, width: int, opener: str, aside: str, link: str, swap: bool,
-                check_word: str | None) -> str:
-    """One worked line, e.g. "open a5 mug is 063+5=068 it 068\\n"."""
-    new = total + x
+                check_word: str | None, operation: str = "add") -> str:
+    """One worked line, e.g. "open a5 mug is 063+5=068 it 068\\n" (a countdown's: "... 207-7=200 ...")."""
+    new = step(total, x, operation)
     a, b = f"{total:0{width}d}", str(x)
-    if swap:
+    if swap and operation == "add":
         a, b = b, a
     check = f" {check_word} {new:0{width}d}" if check_word is not None else ""
-    return f"{opener} {label}{x} {aside} {link} {a}+{b}={new:0{width}d}{check}\n"
+    return f"{opener} {label}{x} {aside} {link} {a}{SIGN[operation]}{b}={new:0{width}d}{check}\n"
 
 
 def with_repeats(lines: list[str], repeat_prob: float, choices: np.random.Generator) -> str:
@@ -119,7 +131,7 @@ def with_repeats(lines: list[str], repeat_prob: float, choices: np.random.Genera
 
 
 def worked_lines(numbers: list[int], width: int, choices: np.random.Generator, *, swap_prob: float,
-                 check_prob: float, start: int = 0, repeat_prob: float = 0.0) -> str:
+                 check_prob: float, start: int = 0, repeat_prob: float = 0.0, operation: str = "add") -> str:
     """The worked solution's lines (without the think markers): one line per operand from a running sum
     that begins at `start`, free choices from `choices` (see the module docstring)."""
     lines, total = [], start
@@ -129,31 +141,32 @@ def worked_lines(numbers: list[int], width: int, choices: np.random.Generator, *
         link = LINKS[int(choices.integers(len(LINKS)))]
         swap = bool(choices.random() < swap_prob)
         check = CHECK_WORDS[int(choices.integers(len(CHECK_WORDS)))] if choices.random() < check_prob else None
-        lines.append(worked_line(label, x, total, width, opener, aside, link, swap, check))
-        total += x
+        lines.append(worked_line(label, x, total, width, opener, aside, link, swap, check, operation))
+        total = step(total, x, operation)
     return with_repeats(lines, repeat_prob, choices)
 
 
-def chain_line(label: str, x: int, total: int, width: int) -> str:
-    """The terse chain line "a:0000+7=0007\\n" (label, running sum, operand, new sum)."""
-    return f"{label}:{total:0{width}d}+{x}={total + x:0{width}d}\n"
+def chain_line(label: str, x: int, total: int, width: int, operation: str = "add") -> str:
+    """The terse chain line "a:0000+7=0007\\n" (label, running value, operand, new value)."""
+    return f"{label}:{total:0{width}d}{SIGN[operation]}{x}={step(total, x, operation):0{width}d}\n"
 
 
-def chain_lines(numbers: list[int], width: int, start: int = 0, *, head: int = 0) -> list[str]:
+def chain_lines(numbers: list[int], width: int, start: int = 0, *, head: int = 0,
+                operation: str = "add") -> list[str]:
     """The terse chain style's lines, one fixed-format line per operand with no freedom and no words; the
     first `head` lines in the worked format with fixed choices (the brief style)."""
     lines, total = [], start
     for i, (label, x) in enumerate(zip(LABELS, numbers, strict=False)):
-        lines.append(worked_line(label, x, total, width, OPENERS[0], ASIDES[0], LINKS[0], False, None) if i < head
-                     else chain_line(label, x, total, width))
-        total += x
+        lines.append(worked_line(label, x, total, width, OPENERS[0], ASIDES[0], LINKS[0], False, None, operation)
+                     if i < head else chain_line(label, x, total, width, operation))
+        total = step(total, x, operation)
     return lines
 
 
-def direct_lines(numbers: list[int], start: int = 0) -> str:
+def direct_lines(numbers: list[int], start: int = 0, operation: str = "add") -> str:
     total, parts = start, []
     for label, x in zip(LABELS, numbers, strict=False):
-        total += x
+        total = step(total, x, operation)
         parts.append(f"{label}{total}")
     return " ".join(parts)
 
@@ -182,11 +195,13 @@ class LongSumTask(SingleTurnTask):
         eval_fraction: float = 0.1,
         width: int | None = None,
         operand_form: str = "listed",
+        operation: str = "add",
         tokenizer: Tokenizer | None = None,
     ):
         for key, value, allowed in (("style", style, STYLES), ("teacher_style", teacher_style, STYLES),
                                     ("teacher_conventions", teacher_conventions, CONVENTIONS),
-                                    ("operand_form", operand_form, OPERAND_FORMS)):
+                                    ("operand_form", operand_form, OPERAND_FORMS),
+                                    ("operation", operation, OPERATIONS)):
             if value not in allowed:
                 raise ValueError(f"{key}: expected one of {list(allowed)}, got {value!r}")
         if not 2 <= min_terms <= max_terms <= len(LABELS):
@@ -209,8 +224,11 @@ class LongSumTask(SingleTurnTask):
         self.repeat_prob, self.student_repeat_prob = float(repeat_prob), float(student_repeat_prob)
         self.brief_head = int(brief_head)
         self.budget_factor, self.eval_fraction = float(budget_factor), float(eval_fraction)
-        self.operand_form = operand_form
-        least = len(str(self._largest_start() + 9 * self.max_terms))
+        if operation == "sub" and operand_form != "cycled":
+            raise ValueError(f"operation: expected add with operand_form={operand_form!r} (the countdown, sub, "
+                             "needs operand_form=cycled)")
+        self.operand_form, self.operation = operand_form, operation
+        least = len(str(self._largest_value()))
         if width is not None and not least <= int(width) <= 8:
             raise ValueError(f"width: expected null or {least}..8 digits (the largest sum has {least}), got {width}")
         self.width = least if width is None else int(width)
@@ -228,7 +246,7 @@ class LongSumTask(SingleTurnTask):
                 "student_repeat_prob": self.student_repeat_prob, "brief_head": self.brief_head,
                 "budget_factor": self.budget_factor,
                 "eval_fraction": self.eval_fraction, "teacher_style": self.teacher_style, "width": self.width,
-                "operand_form": self.operand_form}
+                "operand_form": self.operand_form, "operation": self.operation}
 
     def teacher_view(self) -> LongSumTask:
         """The same problems as the teacher writes them: `teacher_style`, and the teacher's special-token
@@ -243,7 +261,7 @@ class LongSumTask(SingleTurnTask):
 
     def format_prompt(self, numbers: list[int], start: int = 0) -> str:
         if self.operand_form == "cycled":
-            return f"s{start} x{numbers[0]} y{numbers[1]} n{len(numbers)}="
+            return f"s{start} x{numbers[0]} y{numbers[1]} n{len(numbers)}{'=' if self.operation == 'add' else '-'}"
         return " ".join(f"{label}{x}" for label, x in zip(LABELS, numbers, strict=False)) + "="
 
     def parse_prompt(self, prompt: str) -> tuple[int, list[int]]:
@@ -263,14 +281,18 @@ class LongSumTask(SingleTurnTask):
         if style == "worked":
             choices = np.random.default_rng(hash_bucket("longsum:" + prompt, 2**63))
             body = worked_lines(numbers, self.width, choices, swap_prob=self.swap_prob, check_prob=self.check_prob,
-                                start=start, repeat_prob=self._repeat_prob(style))
+                                start=start, repeat_prob=self._repeat_prob(style), operation=self.operation)
         elif style in ("chain", "brief"):
             choices = np.random.default_rng(hash_bucket("longsum-student:" + prompt, 2**63))
-            lines = chain_lines(numbers, self.width, start, head=self._head(style))
+            lines = chain_lines(numbers, self.width, start, head=self._head(style), operation=self.operation)
             body = with_repeats(lines, self._repeat_prob(style), choices)
         else:
-            body = direct_lines(numbers, start)
-        return "<think>" + body + "</think>" + str(start + sum(numbers)) + "<eos>"
+            body = direct_lines(numbers, start, self.operation)
+        return "<think>" + body + "</think>" + str(self.result(numbers, start)) + "<eos>"
+
+    def result(self, numbers: list[int], start: int = 0) -> int:
+        """The answer: the running value after every operand."""
+        return start + sum(numbers) if self.operation == "add" else start - sum(numbers)
 
     def _repeat_prob(self, style: str) -> float:
         """Recheck probability of a style: `repeat_prob` for the teacher's, `student_repeat_prob` otherwise."""
@@ -285,20 +307,21 @@ class LongSumTask(SingleTurnTask):
             raise ValueError(f"numbers: expected {self.min_terms}..{self.max_terms} terms, got {len(numbers)}")
         if any(not 0 <= x <= 9 for x in numbers):
             raise ValueError(f"numbers: each must be a digit 0..9, got {numbers}")
+        lo = self._start_offset()
         if self.operand_form == "cycled" and (list(numbers) != cycled(numbers[0], numbers[1], len(numbers))
-                                              or not 0 <= start <= MAX_START):
-            raise ValueError(f"numbers/start: cycled operands alternate two digits from a start in 0..{MAX_START}, "
-                             f"got {numbers}, {start}")
+                                              or not lo <= start <= lo + MAX_START):
+            raise ValueError(f"numbers/start: cycled operands alternate two digits from a start in "
+                             f"{lo}..{lo + MAX_START}, got {numbers}, {start}")
         if self.operand_form == "listed" and start != 0:
             raise ValueError(f"start: listed operands sum from 0, got {start}")
-        return Problem(self.format_prompt(numbers, start), str(start + sum(numbers)),
+        return Problem(self.format_prompt(numbers, start), str(self.result(list(numbers), start)),
                        self.solution_text(list(numbers), self.style, start))
 
     def _draw(self, rng: np.random.Generator) -> tuple[int, list[int]]:
         k = int(rng.integers(self.min_terms, self.max_terms + 1))
         if self.operand_form == "cycled":
             start, x, y = (int(v) for v in rng.integers(0, [MAX_START + 1, 10, 10]))
-            return start, cycled(x, y, k)
+            return start + self._start_offset(), cycled(x, y, k)
         return 0, [int(x) for x in rng.integers(0, 10, size=k)]
 
     def split_of(self, p: Problem | str) -> str:
@@ -328,20 +351,28 @@ class LongSumTask(SingleTurnTask):
             return self._encoded_len(self.solution_text(numbers, style, start))
         if style == "worked":
             lines = worked_lines(numbers, self.width, np.random.default_rng(0), swap_prob=0.0, check_prob=1.0,
-                                 start=start)
+                                 start=start, operation=self.operation)
             # opener, aside, link and check word are one token each here; bound them anyway
             longest = max(len(self.tokenizer.encode(w)) for w in OPENERS + ASIDES + LINKS + CHECK_WORDS)
             extra = 4 * (longest - 1) * self.max_terms
         else:
-            lines = "".join(chain_lines(numbers, self.width, start, head=self._head(style)))
+            lines = "".join(chain_lines(numbers, self.width, start, head=self._head(style), operation=self.operation))
             extra = 0
         longest_line = max(len(self.tokenizer.encode(line)) for line in lines.splitlines(keepends=True)) + extra
         repeats = MAX_REPEATS if self._repeat_prob(style) else 0
-        return (self._encoded_len("<think>" + lines + "</think>" + str(start + sum(numbers)) + "<eos>") + extra
+        return (self._encoded_len("<think>" + lines + "</think>" + str(self.result(numbers, start)) + "<eos>") + extra
                 + repeats * longest_line)
 
+    def _start_offset(self) -> int:
+        """The smallest start: 0 for a sum; for the countdown, room for max_terms nines (never negative)."""
+        return 9 * self.max_terms if self.operation == "sub" else 0
+
     def _largest_start(self) -> int:
-        return MAX_START if self.operand_form == "cycled" else 0
+        return self._start_offset() + MAX_START if self.operand_form == "cycled" else 0
+
+    def _largest_value(self) -> int:
+        """The largest number a solution writes (what the zero padding must hold)."""
+        return self._largest_start() + (9 * self.max_terms if self.operation == "add" else 0)
 
     def median_teacher_len(self) -> float:
         """Median token length of the teacher-style demonstration over a fixed sample of problems, in the
