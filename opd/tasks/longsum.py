@@ -410,5 +410,7 @@ class LongSumTask(SingleTurnTask):
         return int(self.demo_len)
 
     def __repr__(self) -> str:
-        return (f"LongSumTask(style={self.style!r}, terms={self.min_terms}..{self.max_terms}, "
+        # the sum's repr is unchanged by the countdown (stored evaluations are matched by it)
+        countdown = "" if self.operation == "add" else f", operation={self.operation!r}"
+        return (f"LongSumTask(style={self.style!r}, terms={self.min_terms}..{self.max_terms}{countdown}, "
                 f"tokenizer={self.tokenizer.name!r})")
