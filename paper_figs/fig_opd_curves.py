@@ -136,14 +136,12 @@ def final_plot(ax, task: str, order: list[str], by_loss: dict, jobs: list, color
         vals = [j["metrics"][f"{who}/{task}/{metric}"] for j in jobs if f"{who}/{task}/{metric}" in j["metrics"]]
         if vals:
             ax.axhline(float(np.mean(vals)), color="0.3", ls=style, lw=1.2, label=f"{text} ({np.mean(vals):.2f})")
-    ax.set_xticks(range(len(order)), [n.replace(" + ", "\n+ ").replace(" @ ", "\n@ ") for n in order])
+    ax.set_xticks(range(len(order)), [n.replace(" + ", "\n+ ").replace(" @ ", "\n@ ") for n in order],
+                  rotation=20, ha="right")  # long objective names side by side
     ax.set_ylabel(f"final held-out {metric} (top-p 0.9)")
     ax.set_title(task)
     ax.set_ylim(0.0, 1.0)
     ax.legend(loc="upper left", fontsize=8)
-
-
-
 
 
 if __name__ == "__main__":

@@ -59,12 +59,17 @@ TABLES = {
     "baselines": "Baselines: every objective side by side, with its cost",
 }
 NAMES = {"sampled_token": "Sampled-token OPD", "lsm": "LSM (teacher top-K)",
-         "lsm_no_renorm": "LSM without renormalization", "constant_negative": "Constant negative advantage (control)"}
+         "lsm_no_renorm": "LSM without renormalization", "constant_negative": "Constant negative advantage (control)",
+         "vopd": "vOPD", "vopd_topk": "vOPD, top-K baseline", "full_rkl": "Full reverse KL",
+         "topk_tail": "Top-K + tail", "stop_grad_topk": "Stop-gradient top-K"}
 HEADLINES = {  # A − B, paired; by default both without mask at the paper's top-p
     "table3": [("lsm @ top-p 0.9", "sampled_token @ top-p 0.9"), ("lsm @ top-p 1", "sampled_token @ top-p 1")],
     "ablation_renorm": [("lsm_no_renorm", "lsm")],
-    # and each against the control: how much of a gain is the teacher's at all
-    "baselines": [("lsm", "sampled_token"), ("sampled_token", "constant_negative"), ("lsm", "constant_negative")],
+    # each against the control (how much of a gain is the teacher's at all), and the variance-reduced
+    # estimator against the one it reduces; pairs whose cells are not measured yet are left out
+    "baselines": [("lsm", "sampled_token"), ("vopd", "sampled_token"), ("vopd_topk", "sampled_token")] + [
+        (objective, "constant_negative") for objective in ("sampled_token", "lsm", "vopd", "vopd_topk", "full_rkl",
+                                                           "topk_tail", "stop_grad_topk")],
 }
 # A table that adds cells to table1's sweep reads from it only the unmasked jobs of these objectives (None: all)
 READS_FROM_TABLE1 = {"table3": None, "ablation_renorm": {"lsm", "lsm_no_renorm"}, "baselines": None}
