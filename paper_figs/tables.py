@@ -67,7 +67,9 @@ HEADLINES = {  # A − B, paired; by default both without mask at the paper's to
     "ablation_renorm": [("lsm_no_renorm", "lsm")],
     # each against the control (how much of a gain is the teacher's at all), and the variance-reduced
     # estimator against the one it reduces; pairs whose cells are not measured yet are left out
-    "baselines": [("lsm", "sampled_token"), ("vopd", "sampled_token"), ("vopd_topk", "sampled_token")] + [
+    # and the top-K objectives against LSM (same rollout top-p 0.9: the objective alone differs)
+    "baselines": [("lsm", "sampled_token"), ("vopd", "sampled_token"), ("vopd_topk", "sampled_token"),
+                  ("topk_tail", "lsm"), ("stop_grad_topk", "lsm"), ("full_rkl", "lsm")] + [
         (objective, "constant_negative") for objective in ("sampled_token", "lsm", "vopd", "vopd_topk", "full_rkl",
                                                            "topk_tail", "stop_grad_topk")],
 }
