@@ -65,9 +65,9 @@ NAMES = {"sampled_token": "Sampled-token OPD", "lsm": "LSM (teacher top-K)",
 HEADLINES = {  # A − B, paired; by default both without mask at the paper's top-p
     "table3": [("lsm @ top-p 0.9", "sampled_token @ top-p 0.9"), ("lsm @ top-p 1", "sampled_token @ top-p 1")],
     "ablation_renorm": [("lsm_no_renorm", "lsm")],
-    # each against the control (how much of a gain is the teacher's at all), and the variance-reduced
-    # estimator against the one it reduces; pairs whose cells are not measured yet are left out
-    # and the top-K objectives against LSM (same rollout top-p 0.9: the objective alone differs)
+    # the paper's headline; the variance-reduced estimators against the one they reduce; the top-K objectives
+    # against LSM (same rollout top-p 0.9: the objective alone differs); each against the control (how much
+    # of a gain is the teacher's at all). Pairs whose cells are not measured yet are left out.
     "baselines": [("lsm", "sampled_token"), ("vopd", "sampled_token"), ("vopd_topk", "sampled_token"),
                   ("topk_tail", "lsm"), ("stop_grad_topk", "lsm"), ("full_rkl", "lsm")] + [
         (objective, "constant_negative") for objective in ("sampled_token", "lsm", "vopd", "vopd_topk", "full_rkl",
