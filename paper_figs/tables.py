@@ -245,15 +245,17 @@ def from_jobs(name: str, jobs: list[dict[str, Any]], failed: list[str], *, min_s
 
 
 def sweep_wall_s(jobs: list[dict]) -> dict[str, float] | None:
-    """Wall time of each sweep the jobs came from (by sweep directory name): from the earliest job's start
-    (its finish minus its preparation and OPD time) to the last finish. A table that reuses another table's
-    cells counts that sweep's span too, named, so a reader sees which part it re-ran."""
+    """Wall time of each sweep the jobs came from (by the sweep directory's last two path parts, e.g.
+    multirun/table1 or <date>/<time>, the same whether the sweep was read from disk or from packed rows):
+    from the earliest job's start (its finish minus its preparation and OPD time) to the last finish. A table
+    that reuses another table's cells counts that sweep's span too, named, so a reader sees which part it
+    re-ran."""
     spans: dict[str, list[float]] = {}
     for j in jobs:
         took = j["metrics"].get("time/prepare_s", 0.0) + j["metrics"].get("time/opd_s", 0.0)
         if j.get("finished_s") is None or not took:
             return None
-        span = spans.setdefault(Path(j["dir"]).parent.name, [math.inf, -math.inf])
+        span = spans.setdefault("/".join(Path(j["dir"]).parent.parts[-2:]), [math.inf, -math.inf])
         span[0], span[1] = min(span[0], j["finished_s"] - took), max(span[1], j["finished_s"])
     return {name: float(hi - lo) for name, (lo, hi) in sorted(spans.items())}
 

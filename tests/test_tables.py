@@ -92,11 +92,12 @@ def test_table_rows_headline_and_failed_jobs(tmp_path):
 
 
 def test_wall_time_is_split_by_source_sweep(tmp_path):
-    first, second = _sweep(tmp_path / "table1", seeds=(0, 1, 2)), _sweep(tmp_path / "rest", seeds=(3, 4))
+    # two sweeps whose directories share a name (e.g. <date>/<time> on two days) stay two spans
+    first, second = _sweep(tmp_path / "a" / "sweep", seeds=(0, 1, 2)), _sweep(tmp_path / "b" / "sweep", seeds=(3, 4))
     t = tables.build("table1", [first, second], min_seeds=5, min_items=20, command="test")
-    assert sorted(t["wall_s_by_sweep"]) == ["rest", "table1"]
+    assert sorted(t["wall_s_by_sweep"]) == ["a/sweep", "b/sweep"]
     assert t["wall_s"] == pytest.approx(sum(t["wall_s_by_sweep"].values()))
-    assert "min of sweep wall time: rest " in tables.markdown(t)
+    assert "min of sweep wall time: a/sweep " in tables.markdown(t)
 
 
 @pytest.mark.parametrize(("change", "message"), [
