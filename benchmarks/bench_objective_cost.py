@@ -31,8 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flax import nnx
 from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
 
 from opd import objectives
+from opd.cli import composition_error
 from opd.train.config import ConfigError, register_configs, validate
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -87,7 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     register_configs()
     try:
-        cfgs = {n: compose_cfg([*overrides, f"loss={n}"]) for n in names}
+        try:
+            cfgs = {n: compose_cfg([*overrides, f"loss={n}"]) for n in names}
+        except (HydraException, OmegaConfBaseException) as err:
+            raise composition_error(err) from None
         built = {n: validate(c) for n, c in cfgs.items()}
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -25,6 +25,7 @@ def bench():
     (["--objectives", ""], "--objectives"),
     (["--rounds", "0"], "--rounds"),
     (["loss.k=0"], "loss.k"),
+    (["nope=1"], "nope"),  # a composition error (Hydra's own report) is one line too
 ])
 def test_bad_input_is_one_line(bench, capsys, argv, key):
     assert bench.main(argv) == 2
