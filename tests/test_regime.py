@@ -193,6 +193,18 @@ def test_the_countdown_subtracts_from_a_start_that_never_goes_negative():
         chain.make_problem([1, 2] * 5, 50)  # below the countdown's smallest start
 
 
+def test_every_countdown_demonstration_fits_its_padded_length():
+    """The padded length bounds every demonstration: the countdown's answer is written unpadded and its
+    all-nines worst case ends at its smallest value, so the bound takes the largest value's digits (the
+    regime's teacher SFT set, seed 0, holds a 3-digit answer after 3 repeated lines, one token past the old
+    bound)."""
+    kw = {"min_terms": 10, "max_terms": 12, "width": 3, "operand_form": "cycled", "check_prob": 0.6,
+          "repeat_prob": 0.15, "teacher_conventions": "paper", "operation": "sub"}
+    teacher = LongSumTask(style="brief", **kw).teacher_view()
+    _tok, _attn, target = teacher.demonstrations(teacher.items("train", 8192, 0))  # raises if one is longer
+    assert target.sum(axis=1).max() <= teacher.demo_len
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"style": "long"}, "style"), ({"teacher_conventions": "qwen"}, "teacher_conventions"),
     ({"min_terms": 9, "max_terms": 8}, "min_terms"), ({"check_prob": 1.5}, "check_prob"),

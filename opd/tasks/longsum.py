@@ -360,7 +360,9 @@ class LongSumTask(SingleTurnTask):
             extra = 0
         longest_line = max(len(self.tokenizer.encode(line)) for line in lines.splitlines(keepends=True)) + extra
         repeats = MAX_REPEATS if self._repeat_prob(style) else 0
-        return (self._encoded_len("<think>" + lines + "</think>" + str(self.result(numbers, start)) + "<eos>") + extra
+        # The answer is written unpadded: the longest is the largest value, not this worst case's result (the
+        # countdown's all-nines result is its smallest).
+        return (self._encoded_len("<think>" + lines + "</think>" + str(self._largest_value()) + "<eos>") + extra
                 + repeats * longest_line)
 
     def _start_offset(self) -> int:
