@@ -8,7 +8,8 @@ the repository.
     python paper_figs/tables.py <table1 sweep> <sweep_dir> --table table3   # objective vs rollout top-p
     python paper_figs/tables.py <table1 sweep> <sweep_dir> --table ablation_renorm   # LSM without renormalization
     python paper_figs/tables.py <table1 sweep> <sweep_dir> --table baselines   # every objective, with its cost
-    python paper_figs/tables.py <sweep_dir> --table ablation_k        # also ablation_top_p, support_variants
+    python paper_figs/tables.py <baselines rows> <K sweeps ...> --table ablation_k   # K=4 and full RKL reused
+    python paper_figs/tables.py <sweep_dir> --table ablation_top_p    # also support_variants
     python paper_figs/tables.py --table table1                        # again, from the committed rows
     python paper_figs/tables.py <sweep_dir> --table NAME --min-seeds 1 --min-items 16   # a smaller analysis
 
@@ -18,7 +19,10 @@ tokens are masked, + K when the jobs vary K, + the rollout top-p (the explicit `
 objective's `loss.rollout_top_p`) when one objective ran at several. table3 compares the unmasked objectives
 (a table1 sweep's masked jobs are left out) and pairs LSM with sampled-token OPD at each rollout top-p;
 ablation_renorm reads table1's unmasked LSM beside LSM without renormalization and pairs the two; baselines
-reads table1's unmasked objectives beside the other objectives' cells.
+reads table1's unmasked objectives beside the other objectives' cells; ablation_k reads LSM and full reverse KL
+(the full vocabulary as support) from the baselines rows beside LSM at the other K, pairs each K with the
+regime's K = 4, and gives each K's coverage: the teacher's top-K mass on the student's rollouts and the
+fraction of sampled tokens outside the teacher's top-K (means over steps and seeds).
 
 A cell is the final held-out sampled pass@1 of one method on one task: the mean over seeds, items and samples,
 with a 95% two-way bootstrap interval over seeds and items (so evaluation noise is in it). Teacher and student
@@ -36,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -62,6 +67,10 @@ NAMES = {"sampled_token": "Sampled-token OPD", "lsm": "LSM (teacher top-K)",
          "lsm_no_renorm": "LSM without renormalization", "constant_negative": "Constant negative advantage (control)",
          "vopd": "vOPD", "vopd_topk": "vOPD, top-K baseline", "full_rkl": "Full reverse KL",
          "topk_tail": "Top-K + tail", "stop_grad_topk": "Stop-gradient top-K"}
+# Objectives whose loss never reads loss.k (their support is the sampled token or the whole vocabulary): a K in
+# their config is only the diagnostics' K, so it never names their method or their coverage.
+SUPPORT_FREE = {"sampled_token", "full_rkl", "vopd", "power_opd", "constant_negative"}
+COVERAGE_TABLES = {"ablation_k"}  # tables with the coverage columns (teacher top-K mass, not_in_topk_frac)
 HEADLINES = {  # A − B, paired; by default both without mask at the paper's top-p
     "table3": [("lsm @ top-p 0.9", "sampled_token @ top-p 0.9"), ("lsm @ top-p 1", "sampled_token @ top-p 1")],
     "ablation_renorm": [("lsm_no_renorm", "lsm")],
@@ -72,9 +81,12 @@ HEADLINES = {  # A − B, paired; by default both without mask at the paper's to
                   ("topk_tail", "lsm"), ("stop_grad_topk", "lsm"), ("full_rkl", "lsm")] + [
         (objective, "constant_negative") for objective in ("sampled_token", "lsm", "vopd", "vopd_topk", "full_rkl",
                                                            "topk_tail", "stop_grad_topk")],
+    # each K against the regime's K = 4 (Table 1's LSM), and the full vocabulary as the largest support
+    "ablation_k": [(f"lsm K={k}", "lsm K=4") for k in (1, 2, 8, 16, 32)] + [("full_rkl", "lsm K=4")],
 }
 # A table that adds cells to table1's sweep reads from it only the unmasked jobs of these objectives (None: all)
-READS_FROM_TABLE1 = {"table3": None, "ablation_renorm": {"lsm", "lsm_no_renorm"}, "baselines": None}
+READS_FROM_TABLE1 = {"table3": None, "ablation_renorm": {"lsm", "lsm_no_renorm"}, "baselines": None,
+                     "ablation_k": {"lsm", "full_rkl"}}
 DEFAULT_HEADLINE = [("lsm", "sampled_token")]
 PAPER_HEADLINE = (NAMES["lsm"], NAMES["sampled_token"])  # the comparison of the paper's +19.8%
 
@@ -98,7 +110,7 @@ def method_key(config: dict[str, Any], *, with_k: bool = False, with_top_p: bool
     """loss name, + ' K=k' when the sweep varies K, + ' + mask', + ' @ top-p P' when the sweep runs an
     objective at several rollout top-p."""
     key = str(get(config, "loss.name", "?"))
-    if with_k:
+    if with_k and key not in SUPPORT_FREE:
         key += f" K={get(config, 'loss.k')}"
     if get(config, "loss.mask_special_tokens", False):
         key += " + mask"
@@ -108,13 +120,20 @@ def method_key(config: dict[str, Any], *, with_k: bool = False, with_top_p: bool
 
 
 def method_keys(jobs: list[dict[str, Any]]) -> list[str]:
-    """Each job's method key, naming K and the rollout top-p only where the jobs vary them."""
-    with_k = len({get(j["config"], "loss.k") for j in jobs}) > 1
+    """Each job's method key, naming K and the rollout top-p only where the jobs vary them (K: among the
+    objectives that read it)."""
+    with_k = len({get(j["config"], "loss.k") for j in jobs
+                  if get(j["config"], "loss.name") not in SUPPORT_FREE}) > 1
     top_ps: dict[str, set[float]] = {}
     for j in jobs:
         top_ps.setdefault(str(get(j["config"], "loss.name")), set()).add(rollout_top_p(j["config"]))
     with_top_p = any(len(v) > 1 for v in top_ps.values())
     return [method_key(j["config"], with_k=with_k, with_top_p=with_top_p) for j in jobs]
+
+
+def natural(key: str) -> list[Any]:
+    """Sort key that orders the numbers in a method key by value ("lsm K=2" before "lsm K=16")."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", key)]
 
 
 def label(key: str) -> str:
@@ -219,14 +238,15 @@ def from_jobs(name: str, jobs: list[dict[str, Any]], failed: list[str], *, min_s
             x, _, samples = score_matrix(jobs[:1], phase, task)
             if x.size:
                 rows.append(_row(who, task, x, samples))
-        for key, members in sorted(groups.items()):
+        for key, members in sorted(groups.items(), key=lambda kv: natural(kv[0])):
             x, seeds, samples = score_matrix(members, "final", task)
             if len(seeds) < min_seeds or x.shape[1] < min_items:
                 raise TableError(f"sweep_dir: method {key!r} on task {task!r} has {len(seeds)} seeds x {x.shape[1]} "
                                  f"items; the protocol asks for >= {min_seeds} seeds and >= {min_items} items "
                                  "(--min-seeds, --min-items)")
             matrices[(key, task)] = (x, seeds)
-            rows.append({**_row(label(key), task, x, samples, key=key), **_cost(members)})
+            rows.append({**_row(label(key), task, x, samples, key=key), **_cost(members),
+                         **(_coverage(members, task) if name in COVERAGE_TABLES else {})})
     headline = []
     for task in tasks:
         for key_a, key_b in HEADLINES.get(name, DEFAULT_HEADLINE):
@@ -275,6 +295,19 @@ def _cost(members: list[dict]) -> dict[str, float | None]:
             "peak_mem_bytes": int(max(peaks)) if peaks else None}
 
 
+def _coverage(members: list[dict], task: str) -> dict[str, float | None]:
+    """The teacher's top-K mass on the student's rollouts and the fraction of sampled tokens outside the
+    teacher's top-K, means over the method's training steps and jobs; None for an objective whose support is
+    not the teacher's top-K (SUPPORT_FREE: full reverse KL's support holds all of the mass)."""
+    if get(members[0]["config"], "loss.name") in SUPPORT_FREE:
+        return {"teacher_topk_mass": None, "not_in_topk_frac": None}
+    out = {}
+    for key in ("teacher_topk_mass", "not_in_topk_frac"):
+        values = [r[key] for j in members for r in j["rows"] if r.get("task") == task and r.get(key) is not None]
+        out[key] = float(np.mean(values)) if values else None
+    return out
+
+
 def _row(method: str, task: str, x: np.ndarray, samples: int, key: str | None = None) -> dict[str, Any]:
     mean, low, high = mean_ci(x)
     return {"method": method, "key": key, "task": task, "mean": mean, "ci_low": low, "ci_high": high,
@@ -292,18 +325,27 @@ def _wall_md(table: dict[str, Any]) -> str:
 
 def markdown(table: dict[str, Any]) -> str:
     """The table as markdown (percent), its protocol and the headline, as RESULTS.md shows it."""
+    coverage = any("teacher_topk_mass" in r for r in table["rows"])
     lines = [f"### {table['title']}", "",
              f"`{table['command']}` at revision `{table['revision']}`, {table['date']}; {table['jobs']} jobs"
              + _wall_md(table)
              + ". "
              f"Cells: final held-out sampled pass@1 (%), mean [{table['interval']}].", "",
-             "| Method | Task | Score | 95% interval | Seeds | Items × samples | s / step | update peak MiB |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| Method | Task | Score | 95% interval | Seeds | Items × samples | s / step | update peak MiB |"
+             + (" teacher top-K mass | sampled outside top-K |" if coverage else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|---|" if coverage else "")]
     for r in table["rows"]:
         cost = "–" if r.get("step_s") is None else f"{r['step_s']:.2f}"
         peak = "–" if r.get("peak_mem_bytes") is None else f"{r['peak_mem_bytes'] / 2**20:.1f}"
+        cells = "".join(" – |" if r.get(k) is None else f" {100 * r[k]:.1f}% |"
+                        for k in ("teacher_topk_mass", "not_in_topk_frac")) if coverage else ""
         lines.append(f"| {r['method']} | {r['task']} | {100 * r['mean']:.1f} | [{100 * r['ci_low']:.1f}, "
-                     f"{100 * r['ci_high']:.1f}] | {r['seeds']} | {r['items']} × {r['samples']} | {cost} | {peak} |")
+                     f"{100 * r['ci_high']:.1f}] | {r['seeds']} | {r['items']} × {r['samples']} | {cost} | {peak} |"
+                     + cells)
+    if coverage:
+        lines += ["", "Coverage columns: means over training steps and seeds of the teacher's top-K mass on the "
+                      "student's rollouts and of the sampled tokens outside the teacher's top-K; – where the support "
+                      "is not the teacher's top-K (full reverse KL's is the whole vocabulary)."]
     for h in table["headline"]:
         gain = "n/a" if h["relative_gain"] is None else f"{h['relative_gain']:+.1%}"
         lines += ["", f"**{h['a']} − {h['b']}** on {h['task']}, paired by seed and item: "

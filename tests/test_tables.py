@@ -145,17 +145,38 @@ def test_results_md_regenerates_byte_identically_from_the_committed_rows():
     assert (ROOT / "RESULTS.md").read_text() == results_md.render(ROOT)
 
 
-def test_a_k_sweep_keeps_each_k_apart(tmp_path):
+def test_a_k_sweep_keeps_each_k_apart_with_its_coverage(tmp_path):
+    """Each K is its own method, ordered by value and paired with K = 4; full reverse KL (whose config carries
+    the diagnostics' K) is one method without a K or a coverage; each K's coverage is the mean of its rows."""
     sweep = tmp_path / "s"
+    cells = [(f"lsm{k}", "lsm", k, 0.3 + 0.01 * k, False) for k in (2, 4, 16)] + [
+        ("full_rkl", "full_rkl", 4, 0.5, False), ("masked", "lsm", 4, 0.9, True)]  # masked: table1's, left out
+    ks = {}
     for s in range(5):
-        for k in (1, 4):
-            _job(sweep, f"k{k}_{s}", loss="lsm", seed=s, p=0.3 + 0.1 * k)
-    for path in sweep.glob("k*_*/metrics.json"):
-        payload = json.loads(path.read_text())
-        payload["config"]["loss"]["k"] = int(path.parent.name[1])
-        path.write_text(json.dumps(payload))
+        for cell, loss, k, p, mask in cells:
+            ks[f"{cell}_{s}"] = k
+            _job(sweep, f"{cell}_{s}", loss=loss, seed=s, p=p, mask=mask)
+    for name, k in ks.items():  # loss.k, and coverage rows that depend on K and the step
+        payload = json.loads((sweep / name / "metrics.json").read_text())
+        payload["config"]["loss"]["k"] = k
+        (sweep / name / "metrics.json").write_text(json.dumps(payload))
+        steps = [{"step": t, "task": "arithmetic", "teacher_topk_mass": 1 - 1 / (k + t),
+                  "not_in_topk_frac": 1 / (k + t)} for t in (1, 2)]
+        (sweep / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps))
     t = tables.build("ablation_k", sweep, min_seeds=5, min_items=20, command="test")
-    assert {r["key"] for r in t["rows"] if r["key"]} == {"lsm K=1", "lsm K=4"}
+    methods = [r for r in t["rows"] if r["key"]]
+    assert [r["key"] for r in methods] == ["full_rkl", "lsm K=2", "lsm K=4", "lsm K=16"]
+    by_key = {r["key"]: r for r in methods}
+    assert by_key["lsm K=16"]["not_in_topk_frac"] == pytest.approx((1 / 17 + 1 / 18) / 2)
+    assert by_key["lsm K=2"]["teacher_topk_mass"] == pytest.approx(1 - (1 / 3 + 1 / 4) / 2)
+    assert by_key["full_rkl"]["teacher_topk_mass"] is None and by_key["full_rkl"]["not_in_topk_frac"] is None
+    assert [(h["a"], h["b"]) for h in t["headline"]] == [("LSM (teacher top-K) K=2", "LSM (teacher top-K) K=4"),
+                                                         ("LSM (teacher top-K) K=16", "LSM (teacher top-K) K=4"),
+                                                         ("Full reverse KL", "LSM (teacher top-K) K=4")]
+    md = tables.markdown(t)
+    assert "| sampled outside top-K |" in md and f"{100 * (1 / 17 + 1 / 18) / 2:.1f}% |" in md
+    assert "sampled outside" not in tables.markdown(tables.build("table1", _sweep(tmp_path / "t1"), min_seeds=5,
+                                                                 min_items=20, command="test"))
 
 
 # -- the validation choice (paper_figs/tune.py) -----------------------------------------------------------
