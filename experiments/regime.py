@@ -9,7 +9,8 @@ validates it, prepares or reuses the cached SFT models of its first route -- the
 (the student's architecture on the teacher's demonstrations with the teacher's SFT recipe) -- and measures,
 with the trainer's own stages (`sample_stage` at the objective's rollout top-p, `score_stage`,
 `build_batch` unmasked) and `opd.failure_modes`; R4-R7 on STEP1_BATCHES step-1 batches together; the capacity
-check takes the teacher's SFT recipe, with `capacity_sft_steps` steps when set:
+check, prepared last (it trains longest) after the other measurements are logged, takes the teacher's SFT
+recipe, with `capacity_sft_steps` steps when set (0: skipped, capacity_accuracy null):
 
     R1 gap            teacher_accuracy >= 0.85 and 0.15 <= student_accuracy <= 0.50 (sampled pass@1, top-p 0.9)
     R2 learnability   capacity_accuracy >= 0.80
@@ -257,16 +258,16 @@ def measure(cfg: Any, built: dict[str, Any], *, log: Callable[[str], None] = pro
                   "role": "capacity"}
     root = cfg.checkpoint_root
     models, acc = {}, {}
-    for label, model_cfg, view, sections, sft_cfg in (
-            ("teacher", r["teacher"], teacher_task, t_sections, rc.sft),
-            ("student", built["student"], task, s_sections, cfg.sft_student),
-            ("capacity", built["student"], teacher_task, c_sections, capacity_sft)):
+
+    def prepared(label, model_cfg, view, sections, sft_cfg):
         eval_fn, spec = eval_fn_for(view)
         models[label], meta = prepare(f"{label}/{name}", model_cfg, [view], sections, sft_cfg, root=root,
                                       store=cfg.checkpoint_store, eval_fn=eval_fn, eval_spec=spec, log=log)
         acc[label] = held_out(label, models[label], meta, view)
-    out: dict[str, Any] = {"teacher_accuracy": acc["teacher"], "student_accuracy": acc["student"],
-                           "capacity_accuracy": acc["capacity"]}
+
+    prepared("teacher", r["teacher"], teacher_task, t_sections, rc.sft)
+    prepared("student", built["student"], task, s_sections, cfg.sft_student)
+    out: dict[str, Any] = {"teacher_accuracy": acc["teacher"], "student_accuracy": acc["student"]}
     n_stats = int(cfg.rollout.prompts_per_step) * int(cfg.rollout.group_size)
     out.update(teacher_rollout_stats(cfg, models["teacher"], teacher_task,
                                      teacher_task.items("eval", n_stats, int(cfg.eval_seed))))
@@ -279,6 +280,13 @@ def measure(cfg: Any, built: dict[str, Any], *, log: Callable[[str], None] = pro
     differ = shared and (student_eos != teacher_eos
                          or task.tokenizer.think_open_id != teacher_task.tokenizer.think_open_id)
     out["eos_logprob_mapped"] = s1["eos_teacher_logprob"] if differ else None
+    if cfg.capacity_sft_steps == 0:
+        log("[regime] capacity check skipped (capacity_sft_steps=0): R2 not measured")
+        out["capacity_accuracy"] = None
+    else:
+        log(f"[regime] measured before the capacity check: {json.dumps(out, default=float)}")
+        prepared("capacity", built["student"], teacher_task, c_sections, capacity_sft)
+        out["capacity_accuracy"] = acc["capacity"]
     out["_context"] = {"budget": int(task.max_response_len), "shared_vocabulary": shared,
                        "conventions_differ": differ, "special_tokens": s1["special_tokens"],
                        "teacher_truncated_frac": out.pop("teacher_truncated_frac"),

@@ -391,6 +391,13 @@ def test_measure_on_tiny_models_prints_every_key(monkeypatch, tmp_path):
     assert 0 <= line["teacher_top1_mass"] <= 1 and 0 <= line["neg_reward_frac_step1"] <= 1
     assert line["teacher_accuracy"] == 0.0 and "R2" not in line["passes"]  # untrained models solve nothing
     assert line["student_accuracy"] == 0.5
+    # capacity_sft_steps=0: the capacity model is never prepared, its accuracy is null, the rest is measured
+    prepared.clear()
+    cfg.capacity_sft_steps = 0
+    skipped = regime.measure(cfg, built, log=lambda _m: None)
+    skipped.pop("_context")
+    assert prepared == [("teacher/arithmetic", "worked"), ("student/arithmetic", "brief")]
+    assert skipped["capacity_accuracy"] is None and set(skipped) == set(r)
 
 
 def test_the_committed_store_holds_the_regime_models_under_the_keys_the_code_computes(monkeypatch):

@@ -144,7 +144,8 @@ class OPDConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     sft_student: SFTConfig = field(default_factory=lambda: SFTConfig(seed=1))  # on every task's demonstrations
     # The regime report's capacity check (R2: the student's architecture SFT'd on the teacher's demonstrations
-    # with the teacher's recipe): its SFT steps, when it needs more than the teacher's; null: the teacher's.
+    # with the teacher's recipe): its SFT steps, when it needs more than the teacher's; null: the teacher's;
+    # 0: skipped (capacity_accuracy null, R2 not measured), e.g. for a report of the other measurements first.
     capacity_sft_steps: int | None = None
     mesh: MeshConfig = field(default_factory=MeshConfig)
     # Sequence positions per chunk of the update's objective and of teacher scoring (opd/chunked.py): null
@@ -474,7 +475,7 @@ def validate(cfg: Any) -> dict[str, Any]:
     _positive(cfg.sft_student.batch_size, "sft_student.batch_size")
     _positive(cfg.sft_student.lr, "sft_student.lr")
     if cfg.capacity_sft_steps is not None:
-        _positive(cfg.capacity_sft_steps, "capacity_sft_steps")
+        _count(cfg, "capacity_sft_steps", minimum=0)
     student = model_config(cfg.student, "student")
     routes: dict[str, dict[str, Any]] = {}
     for name, rc in cfg.tasks.items():
