@@ -9,7 +9,8 @@ the repository.
     python paper_figs/tables.py <table1 sweep> <sweep_dir> --table ablation_renorm   # LSM without renormalization
     python paper_figs/tables.py <table1 sweep> <sweep_dir> --table baselines   # every objective, with its cost
     python paper_figs/tables.py <baselines rows> <K sweeps ...> --table ablation_k   # K=4 and full RKL reused
-    python paper_figs/tables.py <sweep_dir> --table ablation_top_p    # also support_variants
+    python paper_figs/tables.py <table3 rows> <sweep_dir> --table ablation_top_p   # top-p 1 and 0.9 reused
+    python paper_figs/tables.py <sweep_dir> --table support_variants
     python paper_figs/tables.py --table table1                        # again, from the committed rows
     python paper_figs/tables.py <sweep_dir> --table NAME --min-seeds 1 --min-items 16   # a smaller analysis
 
@@ -22,7 +23,9 @@ ablation_renorm reads table1's unmasked LSM beside LSM without renormalization a
 reads table1's unmasked objectives beside the other objectives' cells; ablation_k reads LSM and full reverse KL
 (the full vocabulary as support) from the baselines rows beside LSM at the other K, pairs each K with the
 regime's K = 4, and gives each K's coverage: the teacher's top-K mass on the student's rollouts and the
-fraction of sampled tokens outside the teacher's top-K (means over steps and seeds).
+fraction of sampled tokens outside the teacher's top-K (means over steps and seeds); ablation_top_p reads
+table3's four unmasked cells (both objectives at top-p 1 and 0.9) beside the other top-p, pairs LSM with
+sampled-token OPD at each top-p and each objective with itself at its paper top-p.
 
 A cell is the final held-out sampled pass@1 of one method on one task: the mean over seeds, items and samples,
 with a 95% two-way bootstrap interval over seeds and items (so evaluation noise is in it). Teacher and student
@@ -83,10 +86,15 @@ HEADLINES = {  # A − B, paired; by default both without mask at the paper's to
                                                            "topk_tail", "stop_grad_topk")],
     # each K against the regime's K = 4 (Table 1's LSM), and the full vocabulary as the largest support
     "ablation_k": [(f"lsm K={k}", "lsm K=4") for k in (1, 2, 8, 16, 32)] + [("full_rkl", "lsm K=4")],
+    # the objective at each top-p, then each top-p against the objective's own (LSM 0.9, sampled-token 1)
+    "ablation_top_p": [(f"lsm @ top-p {p}", f"sampled_token @ top-p {p}") for p in ("1", "0.95", "0.9", "0.8")] + [
+        (f"{objective} @ top-p {p}", f"{objective} @ top-p {own}") for objective, own in (("lsm", "0.9"),
+                                                                                          ("sampled_token", "1"))
+        for p in ("1", "0.95", "0.9", "0.8") if p != own],
 }
 # A table that adds cells to table1's sweep reads from it only the unmasked jobs of these objectives (None: all)
 READS_FROM_TABLE1 = {"table3": None, "ablation_renorm": {"lsm", "lsm_no_renorm"}, "baselines": None,
-                     "ablation_k": {"lsm", "full_rkl"}}
+                     "ablation_k": {"lsm", "full_rkl"}, "ablation_top_p": {"lsm", "sampled_token"}}
 DEFAULT_HEADLINE = [("lsm", "sampled_token")]
 PAPER_HEADLINE = (NAMES["lsm"], NAMES["sampled_token"])  # the comparison of the paper's +19.8%
 

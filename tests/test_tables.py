@@ -299,6 +299,26 @@ def test_table3_reads_table1s_sweep_beside_the_swapped_cells_and_pairs_at_each_t
             if r["key"]} == {"lsm", "lsm + mask", "sampled_token"}
 
 
+def test_ablation_top_p_reads_table3s_cells_beside_the_new_top_p_and_pairs_within_each(tmp_path):
+    """table3's four unmasked cells beside 0.95 and 0.8 for both objectives: eight methods ordered by top-p,
+    LSM against sampled-token OPD at each top-p, and each objective against itself at its paper top-p."""
+    table3 = tmp_path / "t3"
+    new = tmp_path / "new"
+    for s in range(5):
+        for top_p, sweep in ((1.0, table3), (0.95, new), (0.9, table3), (0.8, new)):
+            _job(sweep, f"lsm_{top_p}_{s}", loss="lsm", seed=s, p=0.5 + 0.1 * top_p, top_p=top_p)
+            _job(sweep, f"st_{top_p}_{s}", loss="sampled_token", seed=s, p=0.5, top_p=top_p)
+        _job(table3, f"lsm_mask_{s}", loss="lsm", seed=s, p=0.1, mask=True)  # not this block's
+    t = tables.build("ablation_top_p", [table3, new], min_seeds=5, min_items=20, command="test")
+    assert [r["key"] for r in t["rows"] if r["key"]] == [
+        f"{o} @ top-p {p}" for o in ("lsm", "sampled_token") for p in ("0.8", "0.9", "0.95", "1")]
+    pairs = [(h["a"], h["b"]) for h in t["headline"]]
+    lsm, st = tables.NAMES["lsm"], tables.NAMES["sampled_token"]
+    assert pairs[:4] == [(f"{lsm} @ top-p {p}", f"{st} @ top-p {p}") for p in ("1", "0.95", "0.9", "0.8")]
+    assert (f"{lsm} @ top-p 0.8", f"{lsm} @ top-p 0.9") in pairs and (f"{st} @ top-p 0.95", f"{st} @ top-p 1") in pairs
+    assert len(pairs) == 10
+
+
 def test_tables_that_add_cells_to_table1_read_its_unmasked_jobs_of_their_objectives(tmp_path):
     table1 = _sweep(tmp_path / "t1")  # lsm 0.7, sampled-token 0.5
     for s in range(5):
