@@ -10,7 +10,7 @@ the repository.
     python paper_figs/tables.py <table1 sweep> <sweep_dir> --table baselines   # every objective, with its cost
     python paper_figs/tables.py <baselines rows> <K sweeps ...> --table ablation_k   # K=4 and full RKL reused
     python paper_figs/tables.py <table3 rows> <sweep_dir> --table ablation_top_p   # top-p 1 and 0.9 reused
-    python paper_figs/tables.py <sweep_dir> --table support_variants
+    python paper_figs/tables.py <table1 rows> <sweep_dir> --table support_variants   # V1 = table1's LSM
     python paper_figs/tables.py --table table1                        # again, from the committed rows
     python paper_figs/tables.py <sweep_dir> --table NAME --min-seeds 1 --min-items 16   # a smaller analysis
 
@@ -25,7 +25,8 @@ reads table1's unmasked objectives beside the other objectives' cells; ablation_
 regime's K = 4, and gives each K's coverage: the teacher's top-K mass on the student's rollouts and the
 fraction of sampled tokens outside the teacher's top-K (means over steps and seeds); ablation_top_p reads
 table3's four unmasked cells (both objectives at top-p 1 and 0.9) beside the other top-p, pairs LSM with
-sampled-token OPD at each top-p and each objective with itself at its paper top-p.
+sampled-token OPD at each top-p and each objective with itself at its paper top-p; support_variants reads
+table1's unmasked LSM (V1) beside V2-V5 and pairs each with it.
 
 A cell is the final held-out sampled pass@1 of one method on one task: the mean over seeds, items and samples,
 with a 95% two-way bootstrap interval over seeds and items (so evaluation noise is in it). Teacher and student
@@ -69,7 +70,9 @@ TABLES = {
 NAMES = {"sampled_token": "Sampled-token OPD", "lsm": "LSM (teacher top-K)",
          "lsm_no_renorm": "LSM without renormalization", "constant_negative": "Constant negative advantage (control)",
          "vopd": "vOPD", "vopd_topk": "vOPD, top-K baseline", "full_rkl": "Full reverse KL",
-         "topk_tail": "Top-K + tail", "stop_grad_topk": "Stop-gradient top-K"}
+         "topk_tail": "Top-K + tail", "stop_grad_topk": "Stop-gradient top-K",
+         "support_v2": "V2: student top-K ∪ {y}", "support_v3": "V3: teacher top-K ∪ {y}",
+         "support_v4": "V4: EMA-PG head (student top-K) + tail", "support_v5": "V5: EMA-PG head (teacher top-K) + tail"}
 # Objectives whose loss never reads loss.k (their support is the sampled token or the whole vocabulary): a K in
 # their config is only the diagnostics' K, so it never names their method or their coverage.
 SUPPORT_FREE = {"sampled_token", "full_rkl", "vopd", "power_opd", "constant_negative"}
@@ -91,10 +94,12 @@ HEADLINES = {  # A − B, paired; by default both without mask at the paper's to
         (f"{objective} @ top-p {p}", f"{objective} @ top-p {own}") for objective, own in (("lsm", "0.9"),
                                                                                           ("sampled_token", "1"))
         for p in ("1", "0.95", "0.9", "0.8") if p != own],
+    "support_variants": [(f"support_v{v}", "lsm") for v in (2, 3, 4, 5)],  # each against V1
 }
 # A table that adds cells to table1's sweep reads from it only the unmasked jobs of these objectives (None: all)
 READS_FROM_TABLE1 = {"table3": None, "ablation_renorm": {"lsm", "lsm_no_renorm"}, "baselines": None,
-                     "ablation_k": {"lsm", "full_rkl"}, "ablation_top_p": {"lsm", "sampled_token"}}
+                     "ablation_k": {"lsm", "full_rkl"}, "ablation_top_p": {"lsm", "sampled_token"},
+                     "support_variants": {"lsm", "support_v2", "support_v3", "support_v4", "support_v5"}}
 DEFAULT_HEADLINE = [("lsm", "sampled_token")]
 PAPER_HEADLINE = (NAMES["lsm"], NAMES["sampled_token"])  # the comparison of the paper's +19.8%
 

@@ -319,6 +319,20 @@ def test_ablation_top_p_reads_table3s_cells_beside_the_new_top_p_and_pairs_withi
     assert len(pairs) == 10
 
 
+def test_support_variants_read_v1_from_table1_and_pair_each_variant_with_it(tmp_path):
+    table1 = _sweep(tmp_path / "t1")  # LSM (V1) and sampled-token OPD
+    for s in range(5):
+        _job(table1, f"lsm_mask_{s}", loss="lsm", seed=s, p=0.1, mask=True)
+    variants = tmp_path / "v"
+    for s in range(5):
+        for v in (2, 3, 4, 5):
+            _job(variants, f"v{v}_{s}", loss=f"support_v{v}", seed=s, p=0.6, top_p=0.9)
+    t = tables.build("support_variants", [table1, variants], min_seeds=5, min_items=20, command="test")
+    assert [r["key"] for r in t["rows"] if r["key"]] == ["lsm"] + [f"support_v{v}" for v in (2, 3, 4, 5)]
+    assert [(h["a"], h["b"]) for h in t["headline"]] == [
+        (tables.NAMES[f"support_v{v}"], tables.NAMES["lsm"]) for v in (2, 3, 4, 5)]
+
+
 def test_tables_that_add_cells_to_table1_read_its_unmasked_jobs_of_their_objectives(tmp_path):
     table1 = _sweep(tmp_path / "t1")  # lsm 0.7, sampled-token 0.5
     for s in range(5):
