@@ -177,6 +177,27 @@ def test_a_k_sweep_keeps_each_k_apart_with_its_coverage(tmp_path):
     assert "| sampled outside top-K |" in md and f"{100 * (1 / 17 + 1 / 18) / 2:.1f}% |" in md
     assert "sampled outside" not in tables.markdown(tables.build("table1", _sweep(tmp_path / "t1"), min_seeds=5,
                                                                  min_items=20, command="test"))
+    # the block's figure reads the table: score and coverage per K, the full vocabulary last
+    from paper_figs import fig_ablation_k
+
+    (tmp_path / "ablation_k.json").write_text(json.dumps(t))
+    by_k, full, student = fig_ablation_k.points(t)
+    assert [r["k"] for r in by_k] == [2, 4, 16] and full["key"] == "full_rkl" and student is not None
+    assert fig_ablation_k.main(["--table", str(tmp_path / "ablation_k.json"), "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "ablation_k.png").stat().st_size > 0
+
+
+def test_the_ablation_k_figure_refuses_a_missing_or_other_table(tmp_path, capsys):
+    from paper_figs import fig_ablation_k
+
+    (tmp_path / "t.json").write_text(json.dumps({"name": "table1", "rows": []}))
+    for path in (tmp_path / "none.json", tmp_path / "t.json"):
+        with pytest.raises(SystemExit) as exit_info:
+            fig_ablation_k.main(["--table", str(path), "--out", str(tmp_path)])
+        assert exit_info.value.code == 2
+        err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+        assert len(err) == 1 and err[0].startswith("error: --table:")
+    assert not list(tmp_path.glob("*.png"))
 
 
 # -- the validation choice (paper_figs/tune.py) -----------------------------------------------------------
