@@ -126,7 +126,8 @@ def topk_reverse_kl(
     π̂ is a softmax over the K gathered student logits, so the student's full-vocabulary normalizer never
     enters and gradients reach only the K support logits (the paper's "separate softmax"). It is an exact,
     deterministic per-prefix divergence: no sampling variance at this position, but a *biased* surrogate
-    of the full reverse KL (Eq. 4) whenever S misses student mass. With K = V it equals `full_reverse_kl`.
+    of the full reverse KL (Eq. 4) whenever S misses student mass. With K = V it equals `full_reverse_kl`;
+    with K = 1 both renormalized distributions are 1 on the one token, so the loss and its gradient are 0.
 
     renormalize=False (the paper's no-renormalization ablation, Fig. 6a):
         L(c) = Σ_{v∈S} π(v) (log π(v) − log q(v))  with full-vocabulary probabilities.

@@ -182,6 +182,17 @@ def test_full_support_lsm_equals_full_reverse_kl():
     np.testing.assert_allclose(losses.topk_reverse_kl_with_tail(s, ids, t_lp), losses.full_reverse_kl(s, t), atol=TOL)
 
 
+def test_lsm_over_one_token_has_zero_loss_and_gradient():
+    """K = 1: the student and teacher renormalized over one token are both 1, so LSM cannot move the student
+    (why config refuses loss=lsm with loss.k=1), while the unrenormalized partial sum still has a gradient."""
+    s, _t, ids, t_lp = random_case(10, vocab=13, k=1)
+    np.testing.assert_array_equal(np.asarray(losses.topk_reverse_kl(s, ids, t_lp)), 0.0)
+    grad = jax.grad(lambda x: losses.topk_reverse_kl(x, ids, t_lp).sum())(jnp.asarray(s))
+    np.testing.assert_array_equal(np.asarray(grad), 0.0)
+    grad_partial = jax.grad(lambda x: losses.topk_reverse_kl(x, ids, t_lp, renormalize=False).sum())(jnp.asarray(s))
+    assert np.max(np.abs(np.asarray(grad_partial))) > 1e-3
+
+
 def test_truncated_lsm_differs_from_full_reverse_kl():
     """Guards against an implementation that ignores the support: K < V must change the value."""
     s, t, ids, t_lp = random_case(8, vocab=13, k=4)

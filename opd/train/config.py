@@ -374,6 +374,10 @@ def _check_scalars(cfg: Any) -> None:
         if value is not None:
             require(isinstance(value, (int, float)) and 0.0 < value <= 1.0, key, "a number in (0, 1]", value)
     _count(cfg, "loss.k")
+    # Renormalized over one token both distributions are 1: LSM's loss and gradient are identically 0 (a K = 1
+    # run ends where it began; results/notes/33_regime_ablations.md).
+    require(cfg.loss.name != "lsm" or cfg.loss.k >= 2, "loss.k",
+            "an integer >= 2 for loss=lsm (renormalized over K = 1 token its loss and gradient are 0)", cfg.loss.k)
     _positive(cfg.loss.clip_eps, "loss.clip_eps")
     _positive(cfg.loss.box_cox_alpha, "loss.box_cox_alpha")
     require(isinstance(cfg.loss.constant_advantage, (int, float)) and cfg.loss.constant_advantage < 0,
