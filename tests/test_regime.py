@@ -421,6 +421,10 @@ def test_the_committed_store_holds_the_regime_models_under_the_keys_the_code_com
         return None, {"sft_eval_spec": kw["eval_spec"], "sft_eval": {"accuracy": 0.0}}  # no evaluation
 
     monkeypatch.setattr(sft, "prepare", key_only)
+    # the measurements between the student and the capacity check need models; none is loaded here
+    monkeypatch.setattr(regime, "teacher_rollout_stats", lambda *a, **k: {"teacher_truncated_frac": 0.0})
+    monkeypatch.setattr(regime, "step1", lambda *a, **k: dict.fromkeys(
+        ("neg_reward_frac_step1", "gap_iqr_ratio", "endorsed_loop_frac", "eos_teacher_logprob", "special_tokens")))
     with pytest.raises(KeysComputedError):
         regime.measure(cfg, validate(cfg), log=lambda _m: None)
     stored = {p.name[: -len(".tar.gz")] for p in (CONF.parent / "results" / "models").glob("*.tar.gz")}
