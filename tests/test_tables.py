@@ -270,6 +270,36 @@ def test_tune_joins_objectives_tuned_in_separate_sweeps_through_the_packed_rows(
     assert "vopd: 0.0001" in (tmp_path / "conf" / "b.yaml").read_text()
 
 
+def _k_sweep(root: Path, best_k: int, ks=(4, 16, 32), lrs=(3e-6,)) -> Path:
+    """LSM at each K (and each lr), two seeds; the `best_k` scores 0.7 on validation, the others 0.3."""
+    for k in ks:
+        for lr in lrs:
+            for seed in (0, 1):
+                name = f"lsm_k{k}_{lr:g}_{seed}"
+                _job(root, name, loss="lsm", seed=seed, p=0.7 if k == best_k else 0.3, items=50)
+                payload = json.loads((root / name / "metrics.json").read_text())
+                payload["config"].update(eval_split="validation", tuning=True, optimizer={"lr": lr})
+                payload["config"]["loss"]["k"] = k
+                (root / name / "metrics.json").write_text(json.dumps(payload))
+    return root
+
+
+def test_tune_over_k_chooses_the_support_size_at_a_fixed_rate_and_writes_no_preset(tmp_path):
+    from paper_figs import tune
+
+    conf, res = tmp_path / "conf", tmp_path / "res"
+    args = ["--name", "lsm_k", "--over", "loss.k", "--conf-out", str(conf), "--out", str(res)]
+    assert tune.main([str(_k_sweep(tmp_path / "k", best_k=16)), *args]) == 0
+    record = json.loads((res / "lsm_k.json").read_text())
+    assert record["choices"] == {"lsm": 16} and record["over"] == "loss.k"
+    assert [r["k"] for r in record["objectives"]["lsm"]] == [4, 16, 32]
+    assert not conf.exists()  # the configuration has no tuned_k: a cell names its K and cites the record
+    # K chosen across two learning rates is not a choice of K
+    mixed = _k_sweep(tmp_path / "mixed", best_k=4, lrs=(3e-6, 1e-5))
+    with pytest.raises(tables.TableError, match=r"several optimizer\.lr"):
+        tune.choose(tables.load([mixed])[0], [], min_values=3, command="test", over="loss.k")
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"split": "eval"}, "evaluated on the test split"),
     ({"lrs": (1e-4, 1e-3)}, "ran 2 learning rates"),
