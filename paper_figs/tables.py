@@ -23,7 +23,9 @@ ablation_renorm reads table1's unmasked LSM beside LSM without renormalization a
 reads table1's unmasked objectives beside the other objectives' cells; ablation_k reads LSM and full reverse KL
 (the full vocabulary as support) from the baselines rows beside LSM at the other K, pairs each K with the
 regime's K = 4, and gives each K's coverage: the teacher's top-K mass on the student's rollouts and the
-fraction of sampled tokens outside the teacher's top-K (means over steps and seeds); ablation_top_p reads
+fraction of sampled tokens outside the teacher's top-K (means over steps and seeds); when LSM's K was chosen on
+validation (results/tuning/lsm_k.json, `paper_figs/tune.py --over loss.k`) it also pairs that K with table1's
+sampled-token OPD, the one LSM-vs-sampled-token claim the block makes; ablation_top_p reads
 table3's four unmasked cells (both objectives at top-p 1 and 0.9) beside the other top-p, pairs LSM with
 sampled-token OPD at each top-p and each objective with itself at its paper top-p; support_variants reads
 table1's unmasked LSM (V1) beside V2-V5 and pairs each with it.
@@ -100,9 +102,12 @@ HEADLINES = {  # A − B, paired; by default both without mask at the paper's to
 }
 # A table that adds cells to table1's sweep reads from it only the unmasked jobs of these objectives (None: all)
 READS_FROM_TABLE1 = {"table3": None, "ablation_renorm": {"lsm", "lsm_no_renorm"}, "baselines": None,
-                     "ablation_k": {"lsm", "full_rkl"}, "ablation_top_p": {"lsm", "sampled_token"},
+                     "ablation_k": {"lsm", "full_rkl", "sampled_token"}, "ablation_top_p": {"lsm", "sampled_token"},
                      "support_variants": {"lsm", "support_v2", "support_v3", "support_v4", "support_v5"}}
 DEFAULT_HEADLINE = [("lsm", "sampled_token")]
+# A table whose ablated variable was also chosen on validation (paper_figs/tune.py --over) adds the protocol's
+# claim: the chosen value against sampled-token OPD. {table: (objective, key in the method name, tuning record)}
+VALIDATION_CHOICE = {"ablation_k": ("lsm", "K", ROOT / "results" / "tuning" / "lsm_k.json")}
 PAPER_HEADLINE = (NAMES["lsm"], NAMES["sampled_token"])  # the comparison of the paper's +19.8%
 
 
@@ -263,20 +268,36 @@ def from_jobs(name: str, jobs: list[dict[str, Any]], failed: list[str], *, min_s
             rows.append({**_row(label(key), task, x, samples, key=key), **_cost(members),
                          **(_coverage(members, task) if name in COVERAGE_TABLES else {})})
     headline = []
+    pairs = HEADLINES.get(name, DEFAULT_HEADLINE) + _validation_pairs(name)
     for task in tasks:
-        for key_a, key_b in HEADLINES.get(name, DEFAULT_HEADLINE):
+        for key_a, key_b in pairs:
             a, b = matrices.get((key_a, task)), matrices.get((key_b, task))
             if a is None or b is None:
                 continue
             if a[1] != b[1]:
                 raise TableError(f"sweep_dir: {key_a} and {key_b} ran different seeds ({a[1]} vs {b[1]}) on task "
                                  f"{task!r}; the paired difference needs the same seeds")
-            headline.append({"task": task, "a": label(key_a), "b": label(key_b), **paired_diff(a[0], b[0])})
+            headline.append({"task": task, "a": label(key_a), "b": label(key_b), **paired_diff(a[0], b[0]),
+                             **({"chosen_on": _rel(VALIDATION_CHOICE[name][2])}
+                                if (key_a, key_b) in _validation_pairs(name) else {})})
     return {"name": name, "title": TABLES[name], "command": command, "revision": revisions[0],
             "date": max(j["date"] for j in jobs), "jobs": len(jobs), **_wall(jobs),
             "failed_jobs": failed,
             "interval": "95% two-way bootstrap over seeds and items (2000 resamples)",
             "rows": rows, "headline": headline}
+
+
+def _validation_pairs(name: str) -> list[tuple[str, str]]:
+    """[(the validation-chosen method, sampled-token OPD)] when table `name` has a choice on record, else []."""
+    if name not in VALIDATION_CHOICE or not VALIDATION_CHOICE[name][2].exists():
+        return []
+    objective, key, record = VALIDATION_CHOICE[name]
+    chosen = json.loads(record.read_text())["choices"][objective]
+    return [(f"{objective} {key}={chosen:g}", "sampled_token")]
+
+
+def _rel(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def sweep_wall_s(jobs: list[dict]) -> dict[str, float] | None:
@@ -366,7 +387,9 @@ def markdown(table: dict[str, Any]) -> str:
         lines += ["", f"**{h['a']} − {h['b']}** on {h['task']}, paired by seed and item: "
                       f"{100 * h['paired_diff']:+.1f} points [{100 * h['paired_ci_low']:+.1f}, "
                       f"{100 * h['paired_ci_high']:+.1f}]; relative gain {gain}"
-                      + (" (the paper: +19.8% on its Table 2)." if (h["a"], h["b"]) == PAPER_HEADLINE else ".")]
+                      + (" (the paper: +19.8% on its Table 2)." if (h["a"], h["b"]) == PAPER_HEADLINE else ".")
+                      + (f" The first method's setting was chosen on validation ({h['chosen_on']})."
+                         if h.get("chosen_on") else "")]
     if table["failed_jobs"]:
         lines += ["", "Failed jobs (no results): " + ", ".join(f"`{f}`" for f in table["failed_jobs"])]
     return "\n".join(lines) + "\n"

@@ -187,6 +187,32 @@ def test_a_k_sweep_keeps_each_k_apart_with_its_coverage(tmp_path):
     assert (tmp_path / "ablation_k.png").stat().st_size > 0
 
 
+def test_ablation_k_pairs_the_validation_chosen_k_with_sampled_token_opd_only(tmp_path, monkeypatch):
+    """Every K is an ablation against K = 4; only the K on record as chosen on validation is also compared with
+    sampled-token OPD (the protocol's claim), and without a record no K is."""
+    sweep = tmp_path / "s"
+    for s in range(5):
+        for k, p in ((4, 0.5), (16, 0.7)):
+            _job(sweep, f"lsm{k}_{s}", loss="lsm", seed=s, p=p)
+            payload = json.loads((sweep / f"lsm{k}_{s}" / "metrics.json").read_text())
+            payload["config"]["loss"]["k"] = k
+            (sweep / f"lsm{k}_{s}" / "metrics.json").write_text(json.dumps(payload))
+        _job(sweep, f"st_{s}", loss="sampled_token", seed=s, p=0.55)
+    record = tmp_path / "lsm_k.json"
+    monkeypatch.setitem(tables.VALIDATION_CHOICE, "ablation_k", ("lsm", "K", record))
+    pairs = lambda t: {(h["a"], h["b"]): h for h in t["headline"]}  # noqa: E731
+    claim = ("LSM (teacher top-K) K=16", "Sampled-token OPD")
+    unrecorded = tables.build("ablation_k", sweep, min_seeds=5, min_items=20, command="test")
+    assert claim not in pairs(unrecorded) and len(pairs(unrecorded)) == 1  # K=16 - K=4 only
+    record.write_text(json.dumps({"choices": {"lsm": 16}, "over": "loss.k"}))
+    t = tables.build("ablation_k", sweep, min_seeds=5, min_items=20, command="test")
+    assert {r["key"] for r in t["rows"] if r["key"]} == {"lsm K=4", "lsm K=16", "sampled_token"}
+    h = pairs(t)[claim]
+    assert h["paired_diff"] > 0.1 and h["chosen_on"] == str(record)  # 0.7 vs 0.55
+    assert "chosen on validation" in tables.markdown(t)
+    assert "chosen_on" not in pairs(t)[("LSM (teacher top-K) K=16", "LSM (teacher top-K) K=4")]
+
+
 def test_the_ablation_k_figure_refuses_a_missing_or_other_table(tmp_path, capsys):
     from paper_figs import fig_ablation_k
 
