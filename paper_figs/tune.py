@@ -8,7 +8,7 @@
 A tuning sweep runs every objective at several learning rates (`tuning=true`, evaluated on the validation
 split), or, with `--over loss.k`, at several support sizes K (every other setting fixed, e.g. the rate chosen
 before). For each objective (`loss.name`; its masked and top-p variants share the choice) this picks the
-`optimizer.lr` with the highest final validation score -- the mean over seeds, items and samples, exactly the
+`optimizer.lr` (or K) with the highest final validation score -- the mean over seeds, items and samples, exactly the
 quantity a table reports -- and writes
 
     conf/tuned/<name>.yaml       `tuned_lr: {objective: lr}`, what a table preset reads (defaults: tuned/<name>)
