@@ -4,9 +4,10 @@ K buys (reads results/tables/ablation_k.json, which paper_figs/tables.py writes;
     python paper_figs/fig_ablation_k.py [--table results/tables/ablation_k.json] [--out paper_figs]
 
 Writes `ablation_k.png`: left, the final held-out sampled score per K (95% interval as bars) with the full
-vocabulary (full reverse KL) as the last point and the student before OPD as a line; right, the teacher's
-top-K mass on the student's rollouts and the fraction of sampled tokens outside the teacher's top-K per K
-(the full vocabulary holds all of the mass by definition, drawn hollow).
+vocabulary (full reverse KL) as the last point, the student before OPD and (when the table holds it)
+sampled-token OPD as lines; right, the teacher's top-K mass on the student's rollouts and the fraction of
+sampled tokens outside the teacher's top-K per K (the full vocabulary holds all of the mass by definition,
+drawn hollow).
 """
 
 from __future__ import annotations
@@ -63,7 +64,10 @@ def main(argv: list[str]) -> int:
     score_ax.plot(ks, [100 * r["mean"] for r in by_k], color=PALETTE[0], alpha=0.5)
     if student:
         score_ax.axhline(100 * student["mean"], color="gray", ls="--", lw=1, label="student before OPD")
-    score_ax.legend(loc="lower right")
+    baseline = next((r for r in table["rows"] if r.get("key") == "sampled_token"), None)
+    if baseline:  # the comparison the block's validation-chosen K is paired with
+        score_ax.axhline(100 * baseline["mean"], color=PALETTE[2], ls=":", lw=1.5, label="sampled-token OPD")
+    score_ax.legend(loc="upper left")
     score_ax.set(xscale="log", xlabel="support size K", ylabel="final held-out score (%)",
                  title="LSM score by K (95% interval)")
 
