@@ -84,7 +84,7 @@ def main(argv: list[str]) -> int:
         ax.set_xticks(ticks, labels)
         ax.minorticks_off()
     fig.suptitle(f"ablation_k at revision {table['revision'][:7]}: {table['jobs']} jobs", fontsize=10)
-    save(fig, 'ablation_k', args.out)
+    save(fig, "ablation_k", args.out)
     return 0
 
 

@@ -268,7 +268,8 @@ def from_jobs(name: str, jobs: list[dict[str, Any]], failed: list[str], *, min_s
             rows.append({**_row(label(key), task, x, samples, key=key), **_cost(members),
                          **(_coverage(members, task) if name in COVERAGE_TABLES else {})})
     headline = []
-    pairs = HEADLINES.get(name, DEFAULT_HEADLINE) + _validation_pairs(name)
+    chosen = _validation_pairs(name)  # reads the tuning record once
+    pairs = HEADLINES.get(name, DEFAULT_HEADLINE) + chosen
     for task in tasks:
         for key_a, key_b in pairs:
             a, b = matrices.get((key_a, task)), matrices.get((key_b, task))
@@ -279,7 +280,7 @@ def from_jobs(name: str, jobs: list[dict[str, Any]], failed: list[str], *, min_s
                                  f"{task!r}; the paired difference needs the same seeds")
             headline.append({"task": task, "a": label(key_a), "b": label(key_b), **paired_diff(a[0], b[0]),
                              **({"chosen_on": _rel(VALIDATION_CHOICE[name][2])}
-                                if (key_a, key_b) in _validation_pairs(name) else {})})
+                                if (key_a, key_b) in chosen else {})})
     return {"name": name, "title": TABLES[name], "command": command, "revision": revisions[0],
             "date": max(j["date"] for j in jobs), "jobs": len(jobs), **_wall(jobs),
             "failed_jobs": failed,
