@@ -106,8 +106,9 @@ READS_FROM_TABLE1 = {"table3": None, "ablation_renorm": {"lsm", "lsm_no_renorm"}
                      "support_variants": {"lsm", "support_v2", "support_v3", "support_v4", "support_v5"}}
 DEFAULT_HEADLINE = [("lsm", "sampled_token")]
 # A table whose ablated variable was also chosen on validation (paper_figs/tune.py --over) adds the protocol's
-# claim: the chosen value against sampled-token OPD. {table: (objective, key in the method name, tuning record)}
-VALIDATION_CHOICE = {"ablation_k": ("lsm", "K", ROOT / "results" / "tuning" / "lsm_k.json")}
+# claim: the chosen value against sampled-token OPD.
+# {table: (objective, key in the method name, config key the record chose over, tuning record)}
+VALIDATION_CHOICE = {"ablation_k": ("lsm", "K", "loss.k", ROOT / "results" / "tuning" / "lsm_k.json")}
 PAPER_HEADLINE = (NAMES["lsm"], NAMES["sampled_token"])  # the comparison of the paper's +19.8%
 
 
@@ -279,7 +280,7 @@ def from_jobs(name: str, jobs: list[dict[str, Any]], failed: list[str], *, min_s
                 raise TableError(f"sweep_dir: {key_a} and {key_b} ran different seeds ({a[1]} vs {b[1]}) on task "
                                  f"{task!r}; the paired difference needs the same seeds")
             headline.append({"task": task, "a": label(key_a), "b": label(key_b), **paired_diff(a[0], b[0]),
-                             **({"chosen_on": _rel(VALIDATION_CHOICE[name][2])}
+                             **({"chosen_on": _rel(VALIDATION_CHOICE[name][3])}
                                 if (key_a, key_b) in chosen else {})})
     return {"name": name, "title": TABLES[name], "command": command, "revision": revisions[0],
             "date": max(j["date"] for j in jobs), "jobs": len(jobs), **_wall(jobs),
@@ -290,10 +291,15 @@ def from_jobs(name: str, jobs: list[dict[str, Any]], failed: list[str], *, min_s
 
 def _validation_pairs(name: str) -> list[tuple[str, str]]:
     """[(the validation-chosen method, sampled-token OPD)] when table `name` has a choice on record, else []."""
-    if name not in VALIDATION_CHOICE or not VALIDATION_CHOICE[name][2].exists():
+    if name not in VALIDATION_CHOICE or not VALIDATION_CHOICE[name][3].exists():
         return []
-    objective, key, record = VALIDATION_CHOICE[name]
-    chosen = json.loads(record.read_text())["choices"][objective]
+    objective, key, over, record = VALIDATION_CHOICE[name]
+    choice = json.loads(record.read_text())
+    if choice.get("over") != over or objective not in choice.get("choices", {}):
+        # a record of another choice (e.g. the learning rate) must not pass for the K choice, nor vanish silently
+        raise TableError(f"{_rel(record)}: records a choice of {choice.get('over')!r} for "
+                         f"{sorted(choice.get('choices', {}))}; table {name} needs {objective}'s choice of {over}")
+    chosen = choice["choices"][objective]
     return [(f"{objective} {key}={chosen:g}", "sampled_token")]
 
 

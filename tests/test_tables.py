@@ -199,7 +199,7 @@ def test_ablation_k_pairs_the_validation_chosen_k_with_sampled_token_opd_only(tm
             (sweep / f"lsm{k}_{s}" / "metrics.json").write_text(json.dumps(payload))
         _job(sweep, f"st_{s}", loss="sampled_token", seed=s, p=0.55)
     record = tmp_path / "lsm_k.json"
-    monkeypatch.setitem(tables.VALIDATION_CHOICE, "ablation_k", ("lsm", "K", record))
+    monkeypatch.setitem(tables.VALIDATION_CHOICE, "ablation_k", ("lsm", "K", "loss.k", record))
     pairs = lambda t: {(h["a"], h["b"]): h for h in t["headline"]}  # noqa: E731
     claim = ("LSM (teacher top-K) K=16", "Sampled-token OPD")
     unrecorded = tables.build("ablation_k", sweep, min_seeds=5, min_items=20, command="test")
@@ -211,6 +211,10 @@ def test_ablation_k_pairs_the_validation_chosen_k_with_sampled_token_opd_only(tm
     assert h["paired_diff"] > 0.1 and h["chosen_on"] == str(record)  # 0.7 vs 0.55
     assert "chosen on validation" in tables.markdown(t)
     assert "chosen_on" not in pairs(t)[("LSM (teacher top-K) K=16", "LSM (teacher top-K) K=4")]
+    for wrong in ({"choices": {"lsm": 3e-6}, "over": "optimizer.lr"}, {"choices": {"full_rkl": 16}, "over": "loss.k"}):
+        record.write_text(json.dumps(wrong))  # a record of another choice is refused, not read as no choice
+        with pytest.raises(tables.TableError, match=r"needs lsm's choice of loss\.k"):
+            tables.build("ablation_k", sweep, min_seeds=5, min_items=20, command="test")
 
 
 def test_the_ablation_k_figure_refuses_a_missing_or_other_table(tmp_path, capsys):
