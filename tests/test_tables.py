@@ -3,6 +3,7 @@ byte-identically from the committed rows."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 import subprocess
@@ -217,13 +218,13 @@ def test_ablation_k_pairs_the_validation_chosen_k_with_sampled_token_opd_only(tm
             tables.build("ablation_k", sweep, min_seeds=5, min_items=20, command="test")
 
 
-def test_the_ablation_k_figure_refuses_a_missing_or_other_table(tmp_path, capsys):
-    from paper_figs import fig_ablation_k
-
+@pytest.mark.parametrize("figure", ["fig_ablation_k", "fig_ablation_top_p"])
+def test_an_ablation_figure_refuses_a_missing_or_other_table(tmp_path, capsys, figure):
+    module = importlib.import_module(f"paper_figs.{figure}")
     (tmp_path / "t.json").write_text(json.dumps({"name": "table1", "rows": []}))
     for path in (tmp_path / "none.json", tmp_path / "t.json"):
         with pytest.raises(SystemExit) as exit_info:
-            fig_ablation_k.main(["--table", str(path), "--out", str(tmp_path)])
+            module.main(["--table", str(path), "--out", str(tmp_path)])
         assert exit_info.value.code == 2
         err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
         assert len(err) == 1 and err[0].startswith("error: --table:")
@@ -398,6 +399,17 @@ def test_ablation_top_p_reads_table3s_cells_beside_the_new_top_p_and_pairs_withi
     assert pairs[:4] == [(f"{lsm} @ top-p {p}", f"{st} @ top-p {p}") for p in ("1", "0.95", "0.9", "0.8")]
     assert (f"{lsm} @ top-p 0.8", f"{lsm} @ top-p 0.9") in pairs and (f"{st} @ top-p 0.95", f"{st} @ top-p 1") in pairs
     assert len(pairs) == 10
+    # the block's figure reads the table: both objectives per top-p, and their paired difference at each
+    from paper_figs import fig_ablation_top_p
+
+    by_objective = fig_ablation_top_p.points(t)
+    assert {o: [r["top_p"] for r in rows] for o, rows in by_objective.items()} == {
+        "lsm": [0.8, 0.9, 0.95, 1.0], "sampled_token": [0.8, 0.9, 0.95, 1.0]}
+    diffs = fig_ablation_top_p.paired(t, by_objective)
+    assert [p for p, _ in diffs] == [0.8, 0.9, 0.95, 1.0] and all(h["b"].startswith(st) for _, h in diffs)
+    (tmp_path / "ablation_top_p.json").write_text(json.dumps(t))
+    assert fig_ablation_top_p.main(["--table", str(tmp_path / "ablation_top_p.json"), "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "ablation_top_p.png").stat().st_size > 0
 
 
 def test_support_variants_read_v1_from_table1_and_pair_each_variant_with_it(tmp_path):
