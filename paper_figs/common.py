@@ -16,7 +16,9 @@ import matplotlib.pyplot as plt
 
 FIG_DIR = Path(__file__).resolve().parent
 
-PALETTE = ["#0b4f6c", "#d1495b", "#edae49", "#66a182", "#8d6a9f", "#2e4057", "#f4845f"]
+# ten distinct colours: a block with up to ten methods (baselines has eight) never repeats one
+PALETTE = ["#0b4f6c", "#d1495b", "#edae49", "#66a182", "#8d6a9f", "#2e4057", "#f4845f", "#00a6a6", "#9c6644",
+           "#b5179e"]
 
 
 def setup_style() -> None:
