@@ -15,6 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 FIG_DIR = Path(__file__).resolve().parent
+ROOT = FIG_DIR.parent
 
 # ten distinct colours: a block with up to ten methods (baselines has eight) never repeats one
 PALETTE = ["#0b4f6c", "#d1495b", "#edae49", "#66a182", "#8d6a9f", "#2e4057", "#f4845f", "#00a6a6", "#9c6644",
@@ -85,3 +86,23 @@ def save(fig: plt.Figure, name: str, out_dir: str | Path | None = None) -> Path:
     plt.close(fig)
     print(f"wrote {path}")
     return path
+
+
+def block_table(argv: list[str], name: str, doc: str) -> tuple[dict[str, Any], Path, Path | None]:
+    """A block figure's command line: --table (default results/tables/<name>.json, which paper_figs/tables.py
+    writes) and --out. Returns (the table, its path, the output folder); a missing file is refused with one line.
+    The figure itself checks that the table is the block's and holds what it draws."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--table", type=Path, default=ROOT / "results" / "tables" / f"{name}.json")
+    ap.add_argument("--out", type=Path, default=None, help=f"directory of {name}.png (default paper_figs/)")
+    args = ap.parse_args(argv)
+    if not args.table.is_file():
+        fail(f"--table: expected the {name} table (python paper_figs/tables.py ... --table {name}), got {args.table}")
+    return json.loads(args.table.read_text()), args.table, args.out
+
+
+def interval(ax: plt.Axes, x: float, mean: float, low: float, high: float, **kw: Any) -> None:
+    """One point with its 95% interval as bars, in percent (the tables hold fractions)."""
+    ax.errorbar([x], [100 * mean], yerr=[[100 * (mean - low)], [100 * (high - mean)]], capsize=3, **kw)

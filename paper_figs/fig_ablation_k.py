@@ -12,16 +12,12 @@ drawn hollow).
 
 from __future__ import annotations
 
-import argparse
-import json
 import re
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from paper_figs.common import PALETTE, fail, plt, save, setup_style
-
-ROOT = Path(__file__).resolve().parents[1]
+from paper_figs.common import PALETTE, block_table, fail, interval, plt, save, setup_style
 
 
 def points(table: dict) -> tuple[list[dict], dict | None, dict | None]:
@@ -39,17 +35,10 @@ def points(table: dict) -> tuple[list[dict], dict | None, dict | None]:
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--table", type=Path, default=ROOT / "results" / "tables" / "ablation_k.json")
-    ap.add_argument("--out", type=Path, default=None, help="directory of ablation_k.png (default paper_figs/)")
-    args = ap.parse_args(argv)
-    if not args.table.is_file():
-        fail(f"--table: expected the ablation_k table (python paper_figs/tables.py ... --table ablation_k), "
-             f"got {args.table}")
-    table = json.loads(args.table.read_text())
+    table, path, out = block_table(argv, "ablation_k", __doc__)
     by_k, full, student = points(table)
     if table.get("name") != "ablation_k" or len(by_k) < 2:
-        fail(f"--table: expected an ablation_k table with LSM at two or more K, got {args.table}")
+        fail(f"--table: expected an ablation_k table with LSM at two or more K, got {path}")
     setup_style()
     fig, (score_ax, cover_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
     ks = [r["k"] for r in by_k]
@@ -58,9 +47,8 @@ def main(argv: list[str]) -> int:
 
     for r, x in [(r, r["k"]) for r in by_k] + ([(full, full_x)] if full else []):
         color = PALETTE[1] if r is full else PALETTE[0]
-        score_ax.errorbar([x], [100 * r["mean"]], yerr=[[100 * (r["mean"] - r["ci_low"])],
-                                                        [100 * (r["ci_high"] - r["mean"])]],
-                          fmt="o", color=color, capsize=3, label="full reverse KL" if r is full else None)
+        interval(score_ax, x, r["mean"], r["ci_low"], r["ci_high"], fmt="o", color=color,
+                 label="full reverse KL" if r is full else None)
     score_ax.plot(ks, [100 * r["mean"] for r in by_k], color=PALETTE[0], alpha=0.5)
     if student:
         score_ax.axhline(100 * student["mean"], color="gray", ls="--", lw=1, label="student before OPD")
@@ -84,7 +72,7 @@ def main(argv: list[str]) -> int:
         ax.set_xticks(ticks, labels)
         ax.minorticks_off()
     fig.suptitle(f"ablation_k at revision {table['revision'][:7]}: {table['jobs']} jobs", fontsize=10)
-    save(fig, "ablation_k", args.out)
+    save(fig, "ablation_k", out)
     return 0
 
 

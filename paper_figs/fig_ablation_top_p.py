@@ -12,16 +12,13 @@ seed and item (95% interval), so the reader sees at which rollout policies the o
 
 from __future__ import annotations
 
-import argparse
-import json
 import re
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from paper_figs.common import PALETTE, fail, plt, save, setup_style
+from paper_figs.common import PALETTE, block_table, fail, interval, plt, save, setup_style
 
-ROOT = Path(__file__).resolve().parents[1]
 OBJECTIVES = {"lsm": ("LSM", 0.9, PALETTE[0]), "sampled_token": ("sampled-token OPD", 1.0, PALETTE[1])}
 
 
@@ -43,31 +40,20 @@ def paired(table: dict, by_objective: dict[str, list[dict]]) -> list[tuple[float
             if (r["method"], st.get(r["top_p"])) in headline]
 
 
-def _interval(ax, x: float, mean: float, low: float, high: float, **kw) -> None:
-    ax.errorbar([x], [100 * mean], yerr=[[100 * (mean - low)], [100 * (high - mean)]], capsize=3, **kw)
-
-
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--table", type=Path, default=ROOT / "results" / "tables" / "ablation_top_p.json")
-    ap.add_argument("--out", type=Path, default=None, help="directory of ablation_top_p.png (default paper_figs/)")
-    args = ap.parse_args(argv)
-    if not args.table.is_file():
-        fail(f"--table: expected the ablation_top_p table (python paper_figs/tables.py ... --table ablation_top_p), "
-             f"got {args.table}")
-    table = json.loads(args.table.read_text())
+    table, path, out = block_table(argv, "ablation_top_p", __doc__)
     by_objective = points(table) if table.get("name") == "ablation_top_p" else {}
     if not by_objective or any(len(rows) < 2 for rows in by_objective.values()):
-        fail(f"--table: expected an ablation_top_p table with each objective at two or more top-p, got {args.table}")
+        fail(f"--table: expected an ablation_top_p table with each objective at two or more top-p, got {path}")
     setup_style()
     fig, (score_ax, diff_ax) = plt.subplots(1, 2, figsize=(11, 3.8))
     for (name, rows), shift in zip(by_objective.items(), (-0.004, 0.004)):
         label, own, color = OBJECTIVES[name]
         score_ax.plot([r["top_p"] + shift for r in rows], [100 * r["mean"] for r in rows], color=color, alpha=0.5)
         for r in rows:  # the objective's own paper top-p filled, the ablated ones hollow
-            _interval(score_ax, r["top_p"] + shift, r["mean"], r["ci_low"], r["ci_high"], fmt="o", color=color,
-                      mfc=color if r["top_p"] == own else "white",
-                      label=f"{label} (filled: its paper top-p {own:g})" if r["top_p"] == own else None)
+            interval(score_ax, r["top_p"] + shift, r["mean"], r["ci_low"], r["ci_high"], fmt="o", color=color,
+                     mfc=color if r["top_p"] == own else "white",
+                     label=f"{label} (filled: its paper top-p {own:g})" if r["top_p"] == own else None)
     student = next((r for r in table["rows"] if r["method"] == "Student before OPD"), None)
     if student:
         score_ax.axhline(100 * student["mean"], color="gray", ls="--", lw=1, label="student before OPD")
@@ -77,8 +63,8 @@ def main(argv: list[str]) -> int:
 
     diffs = paired(table, by_objective)
     for top_p, h in diffs:
-        _interval(diff_ax, top_p, h["paired_diff"], h["paired_ci_low"], h["paired_ci_high"], fmt="o",
-                  color=PALETTE[3])
+        interval(diff_ax, top_p, h["paired_diff"], h["paired_ci_low"], h["paired_ci_high"], fmt="o",
+                 color=PALETTE[3])
     diff_ax.plot([p for p, _ in diffs], [100 * h["paired_diff"] for _, h in diffs], color=PALETTE[3], alpha=0.5)
     diff_ax.axhline(0, color="gray", lw=1)
     diff_ax.set(xlabel="rollout top-p (both objectives)", ylabel="points",
@@ -88,7 +74,7 @@ def main(argv: list[str]) -> int:
         ax.set_xticks(top_ps, [f"{p:g}" for p in top_ps])
         ax.invert_xaxis()  # from full sampling (1.0) to the narrowest nucleus, left to right
     fig.suptitle(f"ablation_top_p at revision {table['revision'][:7]}: {table['jobs']} jobs", fontsize=10)
-    save(fig, "ablation_top_p", args.out)
+    save(fig, "ablation_top_p", out)
     return 0
 
 
