@@ -11,6 +11,7 @@ the repository.
     python paper_figs/tables.py <baselines rows> <K sweeps ...> --table ablation_k   # K=4 and full RKL reused
     python paper_figs/tables.py <table3 rows> <sweep_dir> --table ablation_top_p   # top-p 1 and 0.9 reused
     python paper_figs/tables.py <table1 rows> <sweep_dir> --table support_variants   # V1 = table1's LSM
+    python paper_figs/tables.py <confirmation sweeps ...> --table confirm_k   # as preregistered, or refused
     python paper_figs/tables.py --table table1                        # again, from the committed rows
     python paper_figs/tables.py <sweep_dir> --table NAME --min-seeds 1 --min-items 16   # a smaller analysis
 
@@ -28,7 +29,9 @@ validation (results/tuning/lsm_k.json, `paper_figs/tune.py --over loss.k`) it al
 sampled-token OPD, the one LSM-vs-sampled-token claim the block makes; ablation_top_p reads
 table3's four unmasked cells (both objectives at top-p 1 and 0.9) beside the other top-p, pairs LSM with
 sampled-token OPD at each top-p and each objective with itself at its paper top-p; support_variants reads
-table1's unmasked LSM (V1) beside V2-V5 and pairs each with it.
+table1's unmasked LSM (V1) beside V2-V5 and pairs each with it; confirm_k reads only jobs that match its
+preregistration record (results/preregistered/confirm_k.json: objectives, settings, every seed, revision) and
+says whether the recorded prediction held.
 
 A cell is the final held-out sampled pass@1 of one method on one task: the mean over seeds, items and samples,
 with a 95% two-way bootstrap interval over seeds and items (so evaluation noise is in it). Teacher and student
@@ -68,6 +71,7 @@ TABLES = {
     "ablation_top_p": "Ablation: rollout top-p for LSM and sampled-token OPD",
     "support_variants": "Support variants V1-V5",
     "baselines": "Baselines: every objective side by side, with its cost",
+    "confirm_k": "Preregistered: LSM at the validation-chosen K against sampled-token OPD, on new seeds",
 }
 NAMES = {"sampled_token": "Sampled-token OPD", "lsm": "LSM (teacher top-K)",
          "lsm_no_renorm": "LSM without renormalization", "constant_negative": "Constant negative advantage (control)",
@@ -110,6 +114,10 @@ DEFAULT_HEADLINE = [("lsm", "sampled_token")]
 # {table: (objective, key in the method name, config key the record chose over, tuning record)}
 VALIDATION_CHOICE = {"ablation_k": ("lsm", "K", "loss.k", ROOT / "results" / "tuning" / "lsm_k.json")}
 PAPER_HEADLINE = (NAMES["lsm"], NAMES["sampled_token"])  # the comparison of the paper's +19.8%
+# A preregistered table reads only jobs that match a record committed before they ran: the objectives and
+# their settings, the seeds (all of them: none dropped) and the revision; its headline states whether the
+# recorded prediction (the paired interval of A − B lies above 0) held. {table: record}
+PREREGISTERED = {"confirm_k": ROOT / "results" / "preregistered" / "confirm_k.json"}
 
 
 class TableError(ValueError):
@@ -233,6 +241,7 @@ def build(name: str, sources: Path | list[Path], *, min_seeds: int, min_items: i
 
 def from_jobs(name: str, jobs: list[dict[str, Any]], failed: list[str], *, min_seeds: int, min_items: int,
               command: str) -> dict[str, Any]:
+    registration = _registration(name, jobs)
     tuning = [str(j["dir"]) for j in jobs if get(j["config"], "eval_split", "eval") != "eval"]
     if tuning:
         raise TableError(f"sweep_dir: {len(tuning)} jobs were evaluated on the validation split (tuning runs, e.g. "
@@ -282,6 +291,8 @@ def from_jobs(name: str, jobs: list[dict[str, Any]], failed: list[str], *, min_s
             headline.append({"task": task, "a": label(key_a), "b": label(key_b), **paired_diff(a[0], b[0]),
                              **({"chosen_on": _rel(VALIDATION_CHOICE[name][3])}
                                 if (key_a, key_b) in chosen else {})})
+    if registration is not None:
+        _judge(registration, headline)
     return {"name": name, "title": TABLES[name], "command": command, "revision": revisions[0],
             "date": max(j["date"] for j in jobs), "jobs": len(jobs), **_wall(jobs),
             "failed_jobs": failed,
@@ -301,6 +312,45 @@ def _validation_pairs(name: str) -> list[tuple[str, str]]:
                          f"{sorted(choice.get('choices', {}))}; table {name} needs {objective}'s choice of {over}")
     chosen = choice["choices"][objective]
     return [(f"{objective} {key}={chosen:g}", "sampled_token")]
+
+
+def _registration(name: str, jobs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Table `name`'s preregistration record, after checking that the jobs are what it registered; None for a
+    table without one."""
+    if name not in PREREGISTERED:
+        return None
+    path = PREREGISTERED[name]
+    if not path.exists():
+        raise TableError(f"{_rel(path)}: table {name} is preregistered and its record is missing")
+    record = json.loads(path.read_text())
+    seeds: dict[str, set[int]] = {}
+    for j in jobs:
+        objective = str(get(j["config"], "loss.name"))
+        if objective not in record["config"]:
+            raise TableError(f"sweep_dir: {j['dir']} ran {objective}; {_rel(path)} registered only "
+                             f"{', '.join(sorted(record['config']))}")
+        for key, want in record["config"][objective].items():
+            if get(j["config"], key) != want:
+                raise TableError(f"sweep_dir: {j['dir']} ran {key}={get(j['config'], key)!r}; {_rel(path)} "
+                                 f"registered {objective} at {key}={want!r}")
+        if not j["revision"].startswith(record["revision"]):
+            raise TableError(f"sweep_dir: {j['dir']} ran revision {j['revision'][:12]}; {_rel(path)} registered "
+                             f"{record['revision'][:12]}")
+        seeds.setdefault(objective, set()).add(int(get(j["config"], "seed", 0)))
+    for objective in record["config"]:
+        if seeds.get(objective) != set(record["seeds"]):
+            raise TableError(f"sweep_dir: {objective} ran seeds {sorted(seeds.get(objective, []))}; {_rel(path)} "
+                             f"registered seeds {record['seeds']} (every one, none left out)")
+    return {**record, "path": _rel(path)}
+
+
+def _judge(record: dict[str, Any], headline: list[dict[str, Any]]) -> None:
+    """Marks the registered comparison in the headline with its record and whether the prediction held."""
+    a, b = label(record["a"]), label(record["b"])
+    for h in headline:
+        if (h["a"], h["b"]) == (a, b):
+            h.update(preregistered=record["path"], registered_on=record["registered_on"],
+                     prediction=record["prediction"], prediction_holds=bool(h["paired_ci_low"] > 0))
 
 
 def _rel(path: Path) -> str:
@@ -396,7 +446,10 @@ def markdown(table: dict[str, Any]) -> str:
                       f"{100 * h['paired_ci_high']:+.1f}]; relative gain {gain}"
                       + (" (the paper: +19.8% on its Table 2)." if (h["a"], h["b"]) == PAPER_HEADLINE else ".")
                       + (f" The first method's setting was chosen on validation ({h['chosen_on']})."
-                         if h.get("chosen_on") else "")]
+                         if h.get("chosen_on") else "")
+                      + (f" Preregistered on {h['registered_on']} ({h['preregistered']}): {h['prediction']} — "
+                         + ("**held**." if h["prediction_holds"] else "**did not hold**.")
+                         if h.get("preregistered") else "")]
     if table["failed_jobs"]:
         lines += ["", "Failed jobs (no results): " + ", ".join(f"`{f}`" for f in table["failed_jobs"])]
     return "\n".join(lines) + "\n"

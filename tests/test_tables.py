@@ -218,6 +218,67 @@ def test_ablation_k_pairs_the_validation_chosen_k_with_sampled_token_opd_only(tm
             tables.build("ablation_k", sweep, min_seeds=5, min_items=20, command="test")
 
 
+def _registered(tmp_path: Path, monkeypatch, *, seeds=(5, 6, 7, 8, 9), k=32, p_lsm=0.7) -> Path:
+    """A preregistration record for confirm_k and a sweep of the jobs it names (LSM at K = k)."""
+    sweep = tmp_path / "confirm"
+    for s in seeds:
+        _job(sweep, f"lsm_{s}", loss="lsm", seed=s, p=p_lsm)
+        payload = json.loads((sweep / f"lsm_{s}" / "metrics.json").read_text())
+        payload["config"]["loss"]["k"] = k
+        (sweep / f"lsm_{s}" / "metrics.json").write_text(json.dumps(payload))
+        _job(sweep, f"st_{s}", loss="sampled_token", seed=s, p=0.5)
+    record = tmp_path / "confirm_k.json"
+    record.write_text(json.dumps({"registered_on": "2026-12-05", "a": "lsm", "b": "sampled_token",
+                                  "prediction": "A − B above 0", "revision": "abc", "seeds": [5, 6, 7, 8, 9],
+                                  "config": {"lsm": {"loss.k": 32, "loss.mask_special_tokens": False},
+                                             "sampled_token": {"loss.mask_special_tokens": False}}}))
+    monkeypatch.setitem(tables.PREREGISTERED, "confirm_k", record)
+    return sweep
+
+
+@pytest.mark.parametrize(("p_lsm", "holds"), [(0.7, True), (0.5, False)])
+def test_confirm_k_judges_its_preregistered_prediction(tmp_path, monkeypatch, p_lsm, holds):
+    sweep = _registered(tmp_path, monkeypatch, p_lsm=p_lsm)
+    t = tables.build("confirm_k", sweep, min_seeds=5, min_items=20, command="test")
+    (h,) = t["headline"]
+    assert (h["a"], h["b"]) == (tables.NAMES["lsm"], tables.NAMES["sampled_token"])
+    assert h["prediction_holds"] is holds and h["preregistered"] == str(tmp_path / "confirm_k.json")
+    assert ("**held**" if holds else "**did not hold**") in tables.markdown(t)
+
+
+@pytest.mark.parametrize(("change", "named"), [
+    ({"seeds": (5, 6, 7, 8)}, "registered seeds"),           # a seed left out
+    ({"seeds": (4, 5, 6, 7, 8, 9)}, "registered seeds"),     # a seed whose test score was already read
+    ({"k": 16}, "loss.k=16"),                                # another support size than registered
+])
+def test_confirm_k_refuses_jobs_its_record_did_not_register(tmp_path, monkeypatch, change, named):
+    sweep = _registered(tmp_path, monkeypatch, **change)
+    with pytest.raises(tables.TableError, match=named):
+        tables.build("confirm_k", sweep, min_seeds=4, min_items=20, command="test")
+
+
+def test_confirm_k_refuses_another_objective_or_revision(tmp_path, monkeypatch):
+    sweep = _registered(tmp_path, monkeypatch)
+    _job(tmp_path / "other", "x", loss="full_rkl", seed=5, p=0.5)
+    with pytest.raises(tables.TableError, match="registered only lsm, sampled_token"):
+        tables.build("confirm_k", [sweep, tmp_path / "other"], min_seeds=5, min_items=20, command="test")
+    shutil.rmtree(sweep)
+    sweep = _registered(tmp_path, monkeypatch)
+    for job in sweep.iterdir():
+        payload = json.loads((job / "metrics.json").read_text())
+        (job / "metrics.json").write_text(json.dumps({**payload, "git_revision": "def"}))
+    with pytest.raises(tables.TableError, match="registered abc"):
+        tables.build("confirm_k", sweep, min_seeds=5, min_items=20, command="test")
+
+
+def test_the_committed_preregistration_names_the_validation_choice():
+    """The record committed before the confirmation ran registers the K and the revision the choice was made at."""
+    record = json.loads(tables.PREREGISTERED["confirm_k"].read_text())
+    choice = json.loads(tables.VALIDATION_CHOICE["ablation_k"][3].read_text())
+    assert record["config"]["lsm"]["loss.k"] == choice["choices"]["lsm"] and record["revision"] == choice["revision"]
+    assert not set(record["seeds"]) & {0, 1, 2, 3, 4}  # the seeds whose test scores the choice came after
+
+
 @pytest.mark.parametrize("figure", ["fig_ablation_k", "fig_ablation_top_p"])
 def test_an_ablation_figure_refuses_a_missing_or_other_table(tmp_path, capsys, figure):
     module = importlib.import_module(f"paper_figs.{figure}")
