@@ -47,12 +47,13 @@ def test_paired_difference_is_exact_for_a_constant_shift_and_refuses_unpaired_sh
 
 
 def _job(root: Path, name: str, *, loss: str, seed: int, p: float, items: int = 20, revision: str = "abc",
-         mask: bool = False, top_p: float | None = None):
+         mask: bool = False, top_p: float | None = None, k: int | None = None):
     job = root / name
     (job / ".hydra").mkdir(parents=True)
     default_top_p = 0.9 if loss == "lsm" else 1.0  # the objectives' own rollout top-p (conf/loss/)
     config = {"seed": seed, "loss": {"name": loss, "mask_special_tokens": mask,
-                                     "rollout_top_p": default_top_p if top_p is None else top_p},
+                                     "rollout_top_p": default_top_p if top_p is None else top_p,
+                                     **({} if k is None else {"k": k})},
               "rollout": {"top_p": None}, "tasks": {"arithmetic": {}}}
     metrics = {"time/prepare_s": 1.0, "time/opd_s": 2.0}
     (job / "metrics.json").write_text(json.dumps({"config": config, "metrics": metrics, "git_revision": revision}))
@@ -194,10 +195,7 @@ def test_ablation_k_pairs_the_validation_chosen_k_with_sampled_token_opd_only(tm
     sweep = tmp_path / "s"
     for s in range(5):
         for k, p in ((4, 0.5), (16, 0.7)):
-            _job(sweep, f"lsm{k}_{s}", loss="lsm", seed=s, p=p)
-            payload = json.loads((sweep / f"lsm{k}_{s}" / "metrics.json").read_text())
-            payload["config"]["loss"]["k"] = k
-            (sweep / f"lsm{k}_{s}" / "metrics.json").write_text(json.dumps(payload))
+            _job(sweep, f"lsm{k}_{s}", loss="lsm", seed=s, p=p, k=k)
         _job(sweep, f"st_{s}", loss="sampled_token", seed=s, p=0.55)
     record = tmp_path / "lsm_k.json"
     monkeypatch.setitem(tables.VALIDATION_CHOICE, "ablation_k", ("lsm", "K", "loss.k", record))
@@ -222,10 +220,7 @@ def _registered(tmp_path: Path, monkeypatch, *, seeds=(5, 6, 7, 8, 9), k=32, p_l
     """A preregistration record for confirm_k and a sweep of the jobs it names (LSM at K = k)."""
     sweep = tmp_path / "confirm"
     for s in seeds:
-        _job(sweep, f"lsm_{s}", loss="lsm", seed=s, p=p_lsm)
-        payload = json.loads((sweep / f"lsm_{s}" / "metrics.json").read_text())
-        payload["config"]["loss"]["k"] = k
-        (sweep / f"lsm_{s}" / "metrics.json").write_text(json.dumps(payload))
+        _job(sweep, f"lsm_{s}", loss="lsm", seed=s, p=p_lsm, k=k)
         _job(sweep, f"st_{s}", loss="sampled_token", seed=s, p=0.5)
     record = tmp_path / "confirm_k.json"
     record.write_text(json.dumps({"registered_on": "2026-12-05", "a": "lsm", "b": "sampled_token",
