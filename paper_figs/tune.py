@@ -71,25 +71,25 @@ def choose(jobs: list[dict[str, Any]], failed: list[str], *, min_values: int, co
         groups.setdefault(str(get(j["config"], "loss.name")), {}).setdefault(
             float(get(j["config"], over)), []).append(j)
     choices, table = {}, {}
-    for objective, by_lr in sorted(groups.items()):
-        if len(by_lr) < min_values:
-            raise TableError(f"sweep_dir: objective {objective!r} ran {len(by_lr)} {kind} "
-                             f"({sorted(by_lr)}); the protocol chooses from >= {min_values} (--min-values)")
+    for objective, by_value in sorted(groups.items()):
+        if len(by_value) < min_values:
+            raise TableError(f"sweep_dir: objective {objective!r} ran {len(by_value)} {kind} "
+                             f"({sorted(by_value)}); the protocol chooses from >= {min_values} (--min-values)")
         for held in (key for key in CHOOSABLE if key != over):  # the other choosable keys stay fixed
-            fixed = {get(j["config"], held) for members in by_lr.values() for j in members}
+            fixed = {get(j["config"], held) for members in by_value.values() for j in members}
             if len(fixed) > 1:
                 raise TableError(f"sweep_dir: objective {objective!r} ran its {kind} at several {held} "
                                  f"({', '.join(sorted(map(str, fixed)))}); a choice of {over} holds {held} fixed")
         rows, seeds_of = [], {}
-        for lr, members in sorted(by_lr.items()):
+        for value, members in sorted(by_value.items()):
             # the macro mean over tasks, as the trainer's final/score: one [seeds, items] matrix per task
             mats = {task: score_matrix(members, "final", task) for task in tasks}
-            seeds_of[lr] = mats[tasks[0]][1]
+            seeds_of[value] = mats[tasks[0]][1]
             per_task = {task: dict(zip(("mean", "ci_low", "ci_high"), mean_ci(m[0]), strict=True))
                         for task, m in mats.items()}
-            rows.append({field: int(lr) if field == "k" else lr,
+            rows.append({field: int(value) if field == "k" else value,
                          "mean": sum(t["mean"] for t in per_task.values()) / len(per_task),
-                         "per_task": per_task, "seeds": len(seeds_of[lr]),
+                         "per_task": per_task, "seeds": len(seeds_of[value]),
                          "items": int(mats[tasks[0]][0].shape[1])})
         if len({tuple(s) for s in seeds_of.values()}) > 1:
             raise TableError(f"sweep_dir: objective {objective!r} ran its {kind} on different seeds "

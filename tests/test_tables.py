@@ -157,11 +157,8 @@ def test_a_k_sweep_keeps_each_k_apart_with_its_coverage(tmp_path):
     for s in range(5):
         for cell, loss, k, p, mask in cells:
             ks[f"{cell}_{s}"] = k
-            _job(sweep, f"{cell}_{s}", loss=loss, seed=s, p=p, mask=mask)
-    for name, k in ks.items():  # loss.k, and coverage rows that depend on K and the step
-        payload = json.loads((sweep / name / "metrics.json").read_text())
-        payload["config"]["loss"]["k"] = k
-        (sweep / name / "metrics.json").write_text(json.dumps(payload))
+            _job(sweep, f"{cell}_{s}", loss=loss, seed=s, p=p, mask=mask, k=k)
+    for name, k in ks.items():  # coverage rows that depend on K and the step
         steps = [{"step": t, "task": "arithmetic", "teacher_topk_mass": 1 - 1 / (k + t),
                   "not_in_topk_frac": 1 / (k + t)} for t in (1, 2)]
         (sweep / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps))
@@ -363,10 +360,9 @@ def _k_sweep(root: Path, best_k: int, ks=(4, 16, 32), lrs=(3e-6,)) -> Path:
         for lr in lrs:
             for seed in (0, 1):
                 name = f"lsm_k{k}_{lr:g}_{seed}"
-                _job(root, name, loss="lsm", seed=seed, p=0.7 if k == best_k else 0.3, items=50)
+                _job(root, name, loss="lsm", seed=seed, p=0.7 if k == best_k else 0.3, items=50, k=k)
                 payload = json.loads((root / name / "metrics.json").read_text())
                 payload["config"].update(eval_split="validation", tuning=True, optimizer={"lr": lr})
-                payload["config"]["loss"]["k"] = k
                 (root / name / "metrics.json").write_text(json.dumps(payload))
     return root
 
