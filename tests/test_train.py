@@ -479,3 +479,34 @@ def test_rollout_drops_ids_past_the_tokenizer():
 
     out = task.rollout(None, items, jax.random.key(0), temperature=1.0, top_p=1.0, sample_fn=fake_sample)
     np.testing.assert_array_equal(out.score, [1.0, 1.0])
+
+
+def test_an_interrupted_sft_resumes_to_the_uninterrupted_model(tmp_path):
+    from opd.train.sft import train_sft
+
+    task = _tiny_task()
+    mc = ModelConfig(vocab_size=task.tokenizer.vocab_size, hidden_size=16, num_layers=1, num_heads=2,
+                     num_kv_heads=1, intermediate_size=32, max_seq_len=64)
+    sft = _sft_cfg(steps=6, warmup_steps=2)
+    whole = Transformer(mc, rngs=nnx.Rngs(0))
+    losses, _ = train_sft(whole, [task], sft, log=lambda _: None)
+
+    class Killed(Exception):
+        pass
+
+    def killed_at_step_4(line):
+        if "step 4/6" in line:
+            raise Killed
+
+    first = Transformer(mc, rngs=nnx.Rngs(0))
+    with pytest.raises(Killed):  # checkpoints after every step (save_every_s=0); dies before saving step 4
+        train_sft(first, [task], sft, log=killed_at_step_4, resume_dir=tmp_path, save_every_s=0)
+    logs: list[str] = []
+    resumed = Transformer(mc, rngs=nnx.Rngs(1))  # other initial weights: everything must come from the checkpoint
+    resumed_losses, _ = train_sft(resumed, [task], sft, log=logs.append, resume_dir=tmp_path, save_every_s=0)
+    assert "resuming after step 3/6" in logs[0]
+    assert [x for x in logs if "step" in x and "loss" in x][0].startswith("[sft sft] step 4/6")
+    assert resumed_losses == losses
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(whole, nnx.Param), nnx.state(resumed, nnx.Param))
+    untrained = jax.tree.leaves(nnx.state(Transformer(mc, rngs=nnx.Rngs(1)), nnx.Param))
+    assert not all(np.array_equal(a, b) for a, b in zip(untrained, jax.tree.leaves(nnx.state(resumed, nnx.Param))))

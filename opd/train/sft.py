@@ -14,6 +14,7 @@ to improve it.
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,11 +27,12 @@ import optax
 from flax import nnx
 
 from opd.cli import progress_bar
-from opd.train import checkpoints
+from opd.train import checkpoints, resume
 from opd.train.batch import positions_from_mask
 from opd.train.store import archive, unpack
 
 FINGERPRINT_PROBLEMS = 32  # demonstrations hashed into the cache key
+SAVE_EVERY_S = 600.0  # how often a long SFT leaves a checkpoint to resume from (not part of its cache key)
 
 
 def sft_loss(model, tokens_BxL, attention_mask_BxL, target_mask_BxL):
@@ -72,18 +74,31 @@ def _demonstrations(tasks: list, n: int, seed: int) -> list[tuple[np.ndarray, np
 
 
 def train_sft(model: nnx.Module, tasks: list, cfg, *, label: str = "sft",
-              log: Callable[[str], None] = print) -> list[float]:
+              log: Callable[[str], None] = print, resume_dir: str | Path | None = None,
+              save_every_s: float = SAVE_EVERY_S) -> tuple[list[float], float]:
     """Train `model` in place on `cfg.train_problems` demonstrations of each task for `cfg.steps` steps
-    (step i draws a batch of task (i − 1) mod len(tasks)); returns the logged losses."""
+    (step i draws a batch of task (i − 1) mod len(tasks)); returns (the logged losses, seconds trained, earlier
+    sessions' included).
+
+    resume_dir: where the SFT leaves a run-state checkpoint (parameters, optimizer state, the batch sampler's
+    state) every `save_every_s` seconds, and where it continues from the newest one: a long SFT survives the
+    end of the session that started it, and the resumed model equals the uninterrupted one bit for bit."""
     data = _demonstrations(tasks, int(cfg.train_problems), int(cfg.seed))
     optimizer = sft_optimizer(model, cfg)
     graphdef, state = nnx.split((model, optimizer))
     step = make_sft_step(graphdef)
     rng = np.random.default_rng(int(cfg.seed))
     losses: list[float] = []
-    t0 = time.time()
-    bar = progress_bar(int(cfg.steps), desc=f"sft {label}")
-    for i in range(1, int(cfg.steps) + 1):
+    start, before_s = 1, 0.0
+    found = resume.latest(resume_dir) if resume_dir is not None else None
+    if found is not None:
+        state, run_state = resume.restore(found, state)
+        rng.bit_generator.state = run_state["sampler"]
+        losses, start, before_s = run_state["losses"], run_state["step"] + 1, run_state["elapsed_s"]
+        log(f"[sft {label}] resuming after step {run_state['step']}/{cfg.steps} ({before_s:.0f}s trained) from {found}")
+    t0 = last_save = time.time()
+    bar = progress_bar(int(cfg.steps), desc=f"sft {label}", initial=start - 1)
+    for i in range(start, int(cfg.steps) + 1):
         bar.update(1)
         tokens, attn, target = data[(i - 1) % len(data)]
         idx = rng.integers(0, len(tokens), int(cfg.batch_size))
@@ -92,9 +107,16 @@ def train_sft(model: nnx.Module, tasks: list, cfg, *, label: str = "sft",
             losses.append(float(loss))
             log(f"[sft {label}] step {i}/{cfg.steps} ({tasks[(i - 1) % len(tasks)].name}) loss {float(loss):.4f} "
                 f"({time.time() - t0:.0f}s)")
+        if resume_dir is not None and i < int(cfg.steps) and time.time() - last_save >= save_every_s:
+            try:
+                resume.save(resume_dir, i, state, {"sampler": rng.bit_generator.state, "losses": losses,
+                                                   "elapsed_s": before_s + time.time() - t0}, keep=1)
+            except OSError as e:  # parallel jobs training the same key share resume_dir; a lost save costs little
+                log(f"[sft {label}] no checkpoint at step {i}: {e}")
+            last_save = time.time()
     bar.close()
     nnx.update((model, optimizer), state)
-    return losses
+    return losses, before_s + time.time() - t0
 
 
 def new_model(model_cfg, seed: int) -> nnx.Module:
@@ -185,15 +207,16 @@ def prepare(
         if model.cfg != model_cfg:
             raise ValueError(f"init_from: {init_from} holds another model than model_cfg ({model.cfg} vs {model_cfg})")
         log(f"[sft {label}] starting from the weights of {init_from}")
-    t0 = time.time()
-    losses = train_sft(model, tasks, sft_cfg, label=label, log=log)
+    partial = Path(root) / f".partial-{key}"  # run-state checkpoints of this key's SFT while it trains
+    losses, train_s = train_sft(model, tasks, sft_cfg, label=label, log=log, resume_dir=partial)
     sft_eval, sft_items = eval_fn(model) if eval_fn is not None else ({}, {})
     if sft_eval:
         log(f"[sft {label}] held-out " + " ".join(f"{k} {v:.3f}" for k, v in sft_eval.items()))
     meta = {"key": key, "label": label, **sections, "init_from": None if init_from is None else str(init_from),
             "final_loss": losses[-1] if losses else None, "sft_eval": sft_eval, "sft_eval_spec": eval_spec,
             "sft_eval_items": sft_items,
-            "train_time_s": round(time.time() - t0, 1)}
+            "train_time_s": round(train_s, 1)}
     checkpoints.save_model(model, path, meta)
+    shutil.rmtree(partial, ignore_errors=True)
     log(f"[sft {label}] saved {path}")
     return model, {**meta, "path": str(path), "trained": True}
