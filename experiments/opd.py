@@ -86,7 +86,7 @@ def run_experiment(cfg: Any, built: dict[str, Any], out_dir: Path, *, log: Calla
     from opd.train import evaluate as ev
     from opd.train.checkpoints import read_eval, write_eval
     from opd.train.loop import Route, run_opd
-    from opd.train.sft import prepare
+    from opd.train.sft import prepare, prepare_base
 
     t_start = time.time()
     resolved = to_container(cfg)
@@ -139,13 +139,14 @@ def run_experiment(cfg: Any, built: dict[str, Any], out_dir: Path, *, log: Calla
             write_eval(path, spec, {"scores": scores, "items": items})
         return {prefix + k: v for k, v in scores.items()}, items
 
-    def prepare_model(label, model_cfg, hf_dir, names_tasks, sections, sft_cfg, checkpoint, n_of, hf_sft=False):
+    def prepare_model(label, model_cfg, hf_dir, names_tasks, sections, sft_cfg, checkpoint, n_of, hf_sft=False,
+                      base=None):
         if hf_dir is not None and not hf_sft:  # a Hugging Face checkpoint replaces SFT preparation
             return load_hf(label, hf_dir, model_cfg, log=log)
         eval_fn, spec = sft_eval(names_tasks, n_of)
         return prepare(label, model_cfg, [t for _, t in names_tasks], sections, sft_cfg, root=cfg.checkpoint_root,
-                       store=cfg.checkpoint_store,
-                       checkpoint=checkpoint, eval_fn=eval_fn, eval_spec=spec, log=log, init_from=hf_dir)
+                       store=cfg.checkpoint_store, checkpoint=checkpoint, eval_fn=eval_fn, eval_spec=spec, log=log,
+                       init_from=hf_dir if base is None else base)
 
     teachers, teacher_scores, item_rows = {}, {}, []
     for name, r in route_cfgs.items():
@@ -153,10 +154,13 @@ def run_experiment(cfg: Any, built: dict[str, Any], out_dir: Path, *, log: Calla
         sections = {"model": r["teacher"].to_dict(),
                     "task": teacher_cache_section(r["task"], resolved["tasks"][name]["task"]),
                     "tokenizer": [cfg.tokenizer, rc.teacher_tokenizer], "sft": resolved["tasks"][name]["sft"]}
+        base = None if r["base_task"] is None else prepare_base(
+            f"teacher/{name}", r["teacher"], r["base_task"], sections, rc.sft, rc.teacher_base_steps,
+            root=cfg.checkpoint_root, store=cfg.checkpoint_store, log=log)
         teachers[name], tmeta = prepare_model(
             f"teacher/{name}", r["teacher"], r["hf_teacher"], [(name, r["teacher_task"])], sections, rc.sft,
             rc.teacher_checkpoint, lambda _n, rc=rc: min(int(rc.sft.eval_problems), int(cfg.eval_problems)),
-            hf_sft=r["teacher_sft"])
+            hf_sft=r["teacher_sft"], base=base)
         scores, items = held_out(teachers[name], tmeta, [(name, r["teacher_task"])], "teacher/")
         teacher_scores.update(scores)
         item_rows += [{"phase": "teacher", "task": name, **row} for row in items.get(name, [])]

@@ -446,3 +446,43 @@ def test_table2_routes_reuse_the_regime_teacher_and_the_countdown_report_teacher
     assert table2["arithmetic"] == table1["arithmetic"]
     assert table2["countdown"] == report["arithmetic"]
     assert table2["countdown"]["task"]["operation"] == "sub" and "operation" not in table2["arithmetic"]["task"]
+
+
+def test_the_teacher_base_is_sft_in_the_students_conventions_and_starts_the_teacher(tmp_path):
+    """teacher_base_steps: the base writes the teacher's lines with the student's special ids (its EOS ends
+    every demonstration, as the paper's teacher's base ended its turns with the student's EOS); the teacher's
+    SFT starts from the base's weights and is cached under another key than a teacher from a random init."""
+    import jax
+    from flax import nnx
+    from omegaconf import OmegaConf
+
+    from opd.model import ModelConfig
+    from opd.train.sft import prepare, prepare_base
+
+    task = LongSumTask(style="brief", min_terms=2, max_terms=2, brief_head=1)
+    base_view, teacher_view = task.base_view(), task.teacher_view()
+    student_specials = {task.tokenizer.eos_id, task.tokenizer.think_open_id, task.tokenizer.think_close_id}
+    items = task.items("train", 4, 0)
+    base_tokens, _, base_target = base_view.demonstrations(items)
+    teacher_tokens, _, teacher_target = teacher_view.demonstrations(items)
+    for b in range(len(items)):
+        base_fitted, teacher_fitted = base_tokens[b][base_target[b] > 0], teacher_tokens[b][teacher_target[b] > 0]
+        assert base_fitted[-1] == task.tokenizer.eos_id and student_specials <= set(base_fitted.tolist())
+        assert not student_specials & set(teacher_fitted.tolist())
+        assert base_view.tokenizer.decode(base_fitted) == teacher_view.tokenizer.decode(teacher_fitted)
+    mc = ModelConfig(vocab_size=task.tokenizer.vocab_size, hidden_size=16, num_layers=1, num_heads=2,
+                     num_kv_heads=1, intermediate_size=32, max_seq_len=task.max_prompt_len + task.max_response_len)
+    sft = OmegaConf.create({"steps": 2, "batch_size": 2, "lr": 1e-3, "warmup_steps": 1, "weight_decay": 0.01,
+                            "grad_clip": 1.0, "train_problems": 8, "eval_problems": 4, "log_every": 1, "seed": 0})
+    sections = {"model": mc.to_dict(), "task": {"name": "longsum"}, "sft": dict(sft)}
+    logs: list[str] = []
+    base = prepare_base("teacher", mc, base_view, sections, sft, 3, root=tmp_path, log=logs.append)
+    assert any("[sft teacher base] step 3/3" in x for x in logs)
+    frozen = OmegaConf.merge(sft, {"lr": 0.0})  # no update: the teacher must hold exactly the base's weights
+    teacher, meta = prepare("teacher", mc, [teacher_view], {**sections, "sft": dict(frozen)}, frozen,
+                            root=tmp_path, init_from=base, log=logs.append)
+    _, scratch = prepare("teacher", mc, [teacher_view], {**sections, "sft": dict(frozen)}, frozen, root=tmp_path,
+                         log=logs.append)
+    assert len({meta["key"], scratch["key"], Path(base).name}) == 3
+    base_model, _ = prepare("teacher base", mc, [base_view], {}, sft, checkpoint=base, root=tmp_path)
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(base_model, nnx.Param), nnx.state(teacher, nnx.Param))

@@ -257,6 +257,15 @@ class LongSumTask(SingleTurnTask):
         view.max_response_len = self.max_response_len  # one budget for both sides
         return view
 
+    def base_view(self) -> LongSumTask:
+        """The teacher's demonstrations in the student's special-token conventions: what the teacher's base is
+        SFT'd on (a route's teacher_base_steps), as the paper's teacher starts from a model that ended its
+        turns with the student's EOS."""
+        view = LongSumTask(style=self.teacher_style, teacher_conventions="same", tokenizer=self.tokenizer,
+                           **self._kwargs())
+        view.max_response_len = self.max_response_len
+        return view
+
     # -- problems: (start, numbers), the running sum's first value and the operands in line order ----------
 
     def format_prompt(self, numbers: list[int], start: int = 0) -> str:

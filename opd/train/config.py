@@ -118,6 +118,11 @@ class RouteConfig:
     # from the checkpoint's weights (cached by config hash and the checkpoint's fingerprint), the way the
     # paper's teacher is an SFT of its student's base; false loads it as is.
     teacher_sft: bool = False
+    # The paper's teacher is an SFT of its student's base, a model that ended its turns with the student's EOS.
+    # > 0: the teacher's architecture is first SFT'd this many steps (the teacher's recipe otherwise) on its
+    # demonstrations written in the student's special-token conventions (the task's `base_view`), and its SFT
+    # starts from those weights; 0: from a random init.
+    teacher_base_steps: int = 0
     sft: SFTConfig = field(default_factory=lambda: SFTConfig(seed=0))  # the teacher's SFT on this task
 
 
@@ -533,10 +538,20 @@ def validate(cfg: Any) -> dict[str, Any]:
                     f"null when the teacher is a Hugging Face checkpoint ({key}.teacher.path is loaded as is)",
                     rc.teacher_checkpoint)
         _checkpoint_dir(rc.teacher_checkpoint, f"{key}.teacher_checkpoint")
+        _count(cfg, f"{key}.teacher_base_steps", minimum=0)
+        base_task = None
+        if rc.teacher_base_steps > 0:
+            require(hf_teacher is None and rc.teacher_checkpoint is None, f"{key}.teacher_base_steps",
+                    "0 unless the teacher is SFT'd here from a random init (not a Hugging Face or existing "
+                    "checkpoint)", rc.teacher_base_steps)
+            require(hasattr(task, "base_view"), f"{key}.teacher_base_steps",
+                    f"0 for a {task_name} task (it has no demonstrations in the student's conventions for the "
+                    "teacher: base_view)", rc.teacher_base_steps)
+            base_task = task.base_view()
         teacher = model_config(rc.teacher, f"{key}.teacher")
         routes[name] = {"task": task, "teacher_task": teacher_task, "teacher": teacher, "mapping": mapping,
                         "hf_teacher": hf_teacher, "teacher_sft": bool(rc.teacher_sft),
-                        "teacher_vocab": teacher_tok.vocab_size}
+                        "teacher_vocab": teacher_tok.vocab_size, "base_task": base_task}
     student = _check_models(cfg, student, hf_student, student_tok.vocab_size, routes)
     return {"student": student, "tokenizer": student_tok, "hf_student": hf_student, "routes": routes,
             "chunk_size": _chunk_size(cfg.chunk_size, student.vocab_size)}

@@ -151,8 +151,9 @@ def sft_cache_key(sections: dict[str, Any], tasks: list, seed: int, init_from: s
     retrains) and, when it starts from a checkpoint, that checkpoint's fingerprint."""
     sample = _demonstrations(tasks, FINGERPRINT_PROBLEMS, seed)
     keyed = {**sections, "data": checkpoints.data_fingerprint(*(a for s in sample for a in s))}
-    if init_from is not None:
-        keyed["init_from"] = init_fingerprint(init_from)
+    if init_from is not None:  # an SFT'd checkpoint of this cache is named by its key, a Hugging Face one by its files
+        is_ours = checkpoints.is_complete(init_from)
+        keyed["init_from"] = checkpoints.read_meta(init_from)["key"] if is_ours else init_fingerprint(init_from)
     return checkpoints.cache_key(keyed)
 
 
@@ -180,8 +181,8 @@ def prepare(
     trained, evaluated with `eval_fn` -> (scores, per-item outcomes), both stored in meta.json with `eval_spec`,
     what they depend on, so a caller measuring the same way can reuse them, and saved atomically.
 
-    init_from: a Hugging Face checkpoint directory whose weights (at `model_cfg.dtype`) start the SFT instead
-    of a random init; `model_cfg` must be that checkpoint's config.
+    init_from: a checkpoint directory whose weights start the SFT instead of a random init: a Hugging Face one
+    (loaded at `model_cfg.dtype`; `model_cfg` must be its config) or one this cache holds (prepare_base).
 
     store: a committed checkpoint store (opd/train/store.py); a model it holds under the same key is unpacked
     into the cache instead of being trained."""
@@ -200,7 +201,10 @@ def prepare(
         meta = checkpoints.read_meta(path)
         log(f"[sft {label}] reusing cached checkpoint {path}")
         return model, {**meta, "path": str(path), "trained": False}
-    if init_from is not None:
+    if init_from is not None and checkpoints.is_complete(init_from):
+        checkpoints.load_model(model, init_from)  # an SFT'd model of this cache (same architecture)
+        log(f"[sft {label}] starting from the weights of {init_from}")
+    elif init_from is not None:
         from opd.model import hf
 
         model = hf.load_pretrained(init_from, dtype=model_cfg.dtype)
@@ -220,3 +224,17 @@ def prepare(
     shutil.rmtree(partial, ignore_errors=True)
     log(f"[sft {label}] saved {path}")
     return model, {**meta, "path": str(path), "trained": True}
+
+
+def prepare_base(label: str, model_cfg, base_task, sections: dict[str, Any], sft_cfg, steps: int, *,
+                 root: str | Path, store: str | Path | None = None, log: Callable[[str], None] = print) -> str:
+    """The checkpoint path of a teacher's base (a route's teacher_base_steps): the teacher's architecture SFT'd
+    `steps` steps by the teacher's recipe on `base_task` (its demonstrations in the student's conventions),
+    cached under its own key; the teacher's SFT then starts from it (prepare(..., init_from=path))."""
+    from omegaconf import OmegaConf
+
+    base_sft = OmegaConf.merge(sft_cfg, {"steps": int(steps)})
+    base_sections = {**sections, "sft": OmegaConf.to_container(base_sft, resolve=True), "role": "teacher_base"}
+    _, meta = prepare(f"{label} base", model_cfg, [base_task], base_sections, base_sft, root=root, store=store,
+                      log=log)
+    return meta["path"]
