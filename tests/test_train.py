@@ -347,6 +347,7 @@ def test_checkpoint_cache_is_reused_not_retrained(tmp_path):
     args = ("student", mc, [task], sections, sft)
     m1, meta1 = prepare(*args, root=tmp_path, eval_fn=lambda m: calls.append(1) or ({"acc": 0.5}, {}), log=logs.append)
     assert meta1["trained"] and calls == [1]
+    assert meta1["provenance"]["packages"]["jax"] and meta1["provenance"]["device_kind"]  # where it was trained
     assert any("[sft student] step 3/3" in x for x in logs)
     m2, meta2 = prepare(*args, root=tmp_path, eval_fn=lambda m: calls.append(1) or ({}, {}), log=logs.append)
     assert not meta2["trained"] and calls == [1] and meta2["path"] == meta1["path"]

@@ -219,11 +219,19 @@ def prepare(
     meta = {"key": key, "label": label, **sections, "init_from": None if init_from is None else str(init_from),
             "final_loss": losses[-1] if losses else None, "sft_eval": sft_eval, "sft_eval_spec": eval_spec,
             "sft_eval_items": sft_items,
-            "train_time_s": round(train_s, 1)}
+            "train_time_s": round(train_s, 1), "provenance": _provenance()}
     checkpoints.save_model(model, path, meta)
     shutil.rmtree(partial, ignore_errors=True)
     log(f"[sft {label}] saved {path}")
     return model, {**meta, "path": str(path), "trained": True}
+
+
+def _provenance() -> dict[str, Any]:
+    """Where the model was trained (revision, packages, devices): a retrain under the same cache key on another
+    machine or software stack is not bit-identical, and can be a different model (results/notes/35_retraining.md)."""
+    from opd.results import provenance
+
+    return {k: v for k, v in provenance({}).items() if k != "config"}
 
 
 def prepare_base(label: str, model_cfg, base_task, sections: dict[str, Any], sft_cfg, steps: int, *,
