@@ -492,21 +492,21 @@ def test_an_interrupted_sft_resumes_to_the_uninterrupted_model(tmp_path):
     whole = Transformer(mc, rngs=nnx.Rngs(0))
     losses, _ = train_sft(whole, [task], sft, log=lambda _: None)
 
-    class Killed(Exception):
+    class KilledError(Exception):
         pass
 
     def killed_at_step_4(line):
         if "step 4/6" in line:
-            raise Killed
+            raise KilledError
 
     first = Transformer(mc, rngs=nnx.Rngs(0))
-    with pytest.raises(Killed):  # checkpoints after every step (save_every_s=0); dies before saving step 4
+    with pytest.raises(KilledError):  # checkpoints after every step (save_every_s=0); dies before saving step 4
         train_sft(first, [task], sft, log=killed_at_step_4, resume_dir=tmp_path, save_every_s=0)
     logs: list[str] = []
     resumed = Transformer(mc, rngs=nnx.Rngs(1))  # other initial weights: everything must come from the checkpoint
     resumed_losses, _ = train_sft(resumed, [task], sft, log=logs.append, resume_dir=tmp_path, save_every_s=0)
     assert "resuming after step 3/6" in logs[0]
-    assert [x for x in logs if "step" in x and "loss" in x][0].startswith("[sft sft] step 4/6")
+    assert next(x for x in logs if "step" in x and "loss" in x).startswith("[sft sft] step 4/6")
     assert resumed_losses == losses
     jax.tree.map(np.testing.assert_array_equal, nnx.state(whole, nnx.Param), nnx.state(resumed, nnx.Param))
     untrained = jax.tree.leaves(nnx.state(Transformer(mc, rngs=nnx.Rngs(1)), nnx.Param))
