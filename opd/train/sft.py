@@ -238,7 +238,9 @@ def prepare_base(label: str, model_cfg, base_task, sections: dict[str, Any], sft
                  root: str | Path, store: str | Path | None = None, log: Callable[[str], None] = print) -> str:
     """The checkpoint path of a teacher's base (a route's teacher_base_steps): the teacher's architecture SFT'd
     `steps` steps by the teacher's recipe on `base_task` (its demonstrations in the student's conventions),
-    cached under its own key; the teacher's SFT then starts from it (prepare(..., init_from=path))."""
+    cached under its own key; the teacher's SFT then starts from it (prepare(..., init_from=path)). The teacher's
+    key names the base's, so the base is prepared first: a store that is to spare a fresh machine both SFTs
+    holds both models."""
     from omegaconf import OmegaConf
 
     base_sft = OmegaConf.merge(sft_cfg, {"steps": int(steps)})
