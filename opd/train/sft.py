@@ -201,15 +201,16 @@ def prepare(
         meta = checkpoints.read_meta(path)
         log(f"[sft {label}] reusing cached checkpoint {path}")
         return model, {**meta, "path": str(path), "trained": False}
-    if init_from is not None and checkpoints.is_complete(init_from):
-        checkpoints.load_model(model, init_from)  # an SFT'd model of this cache (same architecture)
-        log(f"[sft {label}] starting from the weights of {init_from}")
-    elif init_from is not None:
-        from opd.model import hf
+    if init_from is not None:
+        if checkpoints.is_complete(init_from):
+            checkpoints.load_model(model, init_from)  # an SFT'd model of this cache (same architecture)
+        else:
+            from opd.model import hf
 
-        model = hf.load_pretrained(init_from, dtype=model_cfg.dtype)
-        if model.cfg != model_cfg:
-            raise ValueError(f"init_from: {init_from} holds another model than model_cfg ({model.cfg} vs {model_cfg})")
+            model = hf.load_pretrained(init_from, dtype=model_cfg.dtype)
+            if model.cfg != model_cfg:
+                raise ValueError(f"init_from: {init_from} holds another model than model_cfg "
+                                 f"({model.cfg} vs {model_cfg})")
         log(f"[sft {label}] starting from the weights of {init_from}")
     partial = Path(root) / f".partial-{key}"  # run-state checkpoints of this key's SFT while it trains
     losses, train_s = train_sft(model, tasks, sft_cfg, label=label, log=log, resume_dir=partial)
