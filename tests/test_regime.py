@@ -434,15 +434,16 @@ def test_the_committed_store_holds_the_regime_models_under_the_keys_the_code_com
 
 def test_table2_routes_reuse_the_regime_teacher_and_the_countdown_report_teacher():
     """Table 2's long-sum route is Table 1's (its committed teacher is reused), and its countdown route is the
-    configuration `python -m experiments.regime task@tasks.arithmetic.task=countdown` measures, so R1-R6
-    measured there hold for the table's countdown teacher (the same task, model and SFT sections)."""
+    configuration `python -m experiments.regime task@tasks.arithmetic.task=countdown
+    tasks.arithmetic.sft.steps=3000` measures, so R1-R6 measured there hold for the table's countdown teacher (the
+    same task, model and SFT sections)."""
     from opd.train.config import to_container
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         table2 = to_container(compose(config_name="opd", overrides=["experiment=table2"]))["tasks"]
         table1 = to_container(compose(config_name="opd", overrides=["experiment=table1"]))["tasks"]
         report = to_container(compose(config_name="opd", overrides=[
-            "experiment=regime", "task@tasks.arithmetic.task=countdown"]))["tasks"]
+            "experiment=regime", "task@tasks.arithmetic.task=countdown", "tasks.arithmetic.sft.steps=3000"]))["tasks"]
     assert table2["arithmetic"] == table1["arithmetic"]
     assert table2["countdown"] == report["arithmetic"]
     assert table2["countdown"]["task"]["operation"] == "sub" and "operation" not in table2["arithmetic"]["task"]
