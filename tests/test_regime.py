@@ -432,6 +432,35 @@ def test_the_committed_store_holds_the_regime_models_under_the_keys_the_code_com
     assert {label: key for label, key in keys.items() if key not in stored} == {}
 
 
+def test_the_committed_store_holds_the_table2_models_under_the_keys_the_code_computes(monkeypatch, tmp_path):
+    """Table 2's teachers (the sum's and the countdown's) and its two-task student are committed too: the
+    countdown teacher alone is 80 minutes of SFT on 2 cores. Keys only, as above: nothing is trained."""
+    from experiments import opd as opd_experiment
+    from opd.train import evaluate, sft
+
+    class KeysComputedError(Exception):
+        pass
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="opd", overrides=["experiment=table2"])
+    keys = {}
+
+    def key_only(label, model_cfg, tasks, sections, sft_cfg, **kw):
+        keys[label] = sft.sft_cache_key(sections, tasks, int(sft_cfg.seed), kw.get("init_from"))
+        if label == "student":
+            raise KeysComputedError
+        return None, {}
+
+    monkeypatch.setattr(sft, "prepare", key_only)
+    monkeypatch.setattr(evaluate, "evaluate", lambda *a, **k: ({}, []))  # the teachers' held-out scores
+    with pytest.raises(KeysComputedError):
+        opd_experiment.run_experiment(cfg, validate(cfg), tmp_path, log=lambda _m: None,
+                                      run={"dir": tmp_path, "resume_step": None, "config": {}})
+    stored = {p.name[: -len(".tar.gz")] for p in (CONF.parent / "results" / "models").glob("*.tar.gz")}
+    assert set(keys) == {"teacher/arithmetic", "teacher/countdown", "student"}
+    assert {label: key for label, key in keys.items() if key not in stored} == {}
+
+
 def test_table2_routes_reuse_the_regime_teacher_and_the_countdown_report_teacher():
     """Table 2's long-sum route is Table 1's (its committed teacher is reused), and its countdown route is the
     configuration `python -m experiments.regime task@tasks.arithmetic.task=countdown
