@@ -400,65 +400,65 @@ def test_measure_on_tiny_models_prints_every_key(monkeypatch, tmp_path):
     assert skipped["capacity_accuracy"] is None and set(skipped) == set(r)
 
 
+class KeysComputedError(Exception):
+    """Raised by record_keys' prepare() once it has computed the last key a test needs."""
+
+
+def record_keys(monkeypatch, keys: dict, last: str) -> None:
+    """Replace sft.prepare by one that records each model's cache key in `keys` and trains, loads and
+    evaluates nothing; after the key of `last` it raises KeysComputedError."""
+    from opd.train import sft
+
+    def key_only(label, model_cfg, tasks, sections, sft_cfg, **kw):
+        keys[label] = sft.sft_cache_key(sections, tasks, int(sft_cfg.seed), kw.get("init_from"))
+        if label == last:
+            raise KeysComputedError
+        return None, {"sft_eval_spec": kw["eval_spec"], "sft_eval": {"accuracy": 0.0}}
+
+    monkeypatch.setattr(sft, "prepare", key_only)
+
+
+def not_in_store(keys: dict) -> dict:
+    """The recorded keys that results/models does not hold, by label."""
+    stored = {p.name[: -len(".tar.gz")] for p in (CONF.parent / "results" / "models").glob("*.tar.gz")}
+    return {label: key for label, key in keys.items() if key not in stored}
+
+
 def test_the_committed_store_holds_the_regime_models_under_the_keys_the_code_computes(monkeypatch):
     """A change to the task code or the regime's config changes the SFT cache keys (they hash a sample of the
     demonstrations); the committed models (results/models) would then be missed and retrained, over an hour
     on 2 cores, and the tables would no longer describe the models the code prepares. Keys only: nothing is
     trained or unpacked."""
-    from opd.train import sft
-
-    class KeysComputedError(Exception):
-        pass
-
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="opd", overrides=["experiment=regime"])
     keys = {}
-
-    def key_only(label, model_cfg, tasks, sections, sft_cfg, **kw):
-        keys[label] = sft.sft_cache_key(sections, tasks, int(sft_cfg.seed), kw.get("init_from"))
-        if len(keys) == 3:
-            raise KeysComputedError
-        return None, {"sft_eval_spec": kw["eval_spec"], "sft_eval": {"accuracy": 0.0}}  # no evaluation
-
-    monkeypatch.setattr(sft, "prepare", key_only)
+    record_keys(monkeypatch, keys, last="capacity/arithmetic")
     # the measurements between the student and the capacity check need models; none is loaded here
     monkeypatch.setattr(regime, "teacher_rollout_stats", lambda *a, **k: {"teacher_truncated_frac": 0.0})
     monkeypatch.setattr(regime, "step1", lambda *a, **k: dict.fromkeys(
         ("neg_reward_frac_step1", "gap_iqr_ratio", "endorsed_loop_frac", "eos_teacher_logprob", "special_tokens")))
     with pytest.raises(KeysComputedError):
         regime.measure(cfg, validate(cfg), log=lambda _m: None)
-    stored = {p.name[: -len(".tar.gz")] for p in (CONF.parent / "results" / "models").glob("*.tar.gz")}
     assert set(keys) == {"teacher/arithmetic", "student/arithmetic", "capacity/arithmetic"}
-    assert {label: key for label, key in keys.items() if key not in stored} == {}
+    assert not_in_store(keys) == {}
 
 
 def test_the_committed_store_holds_the_table2_models_under_the_keys_the_code_computes(monkeypatch, tmp_path):
     """Table 2's teachers (the sum's and the countdown's) and its two-task student are committed too: the
-    countdown teacher alone is 80 minutes of SFT on 2 cores. Keys only, as above: nothing is trained."""
+    countdown teacher alone is 80 minutes of SFT on 2 cores. Keys only, as above."""
     from experiments import opd as opd_experiment
-    from opd.train import evaluate, sft
-
-    class KeysComputedError(Exception):
-        pass
+    from opd.train import evaluate
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="opd", overrides=["experiment=table2"])
     keys = {}
-
-    def key_only(label, model_cfg, tasks, sections, sft_cfg, **kw):
-        keys[label] = sft.sft_cache_key(sections, tasks, int(sft_cfg.seed), kw.get("init_from"))
-        if label == "student":
-            raise KeysComputedError
-        return None, {}
-
-    monkeypatch.setattr(sft, "prepare", key_only)
+    record_keys(monkeypatch, keys, last="student")
     monkeypatch.setattr(evaluate, "evaluate", lambda *a, **k: ({}, []))  # the teachers' held-out scores
     with pytest.raises(KeysComputedError):
         opd_experiment.run_experiment(cfg, validate(cfg), tmp_path, log=lambda _m: None,
                                       run={"dir": tmp_path, "resume_step": None, "config": {}})
-    stored = {p.name[: -len(".tar.gz")] for p in (CONF.parent / "results" / "models").glob("*.tar.gz")}
     assert set(keys) == {"teacher/arithmetic", "teacher/countdown", "student"}
-    assert {label: key for label, key in keys.items() if key not in stored} == {}
+    assert not_in_store(keys) == {}
 
 
 def test_table2_routes_reuse_the_regime_teacher_and_the_countdown_report_teacher():
