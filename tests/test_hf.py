@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from opd import sharding  # noqa: E402
-from opd.model import hf  # noqa: E402
+from opd.model import ModelConfig, hf  # noqa: E402
 from opd.sampling import SamplingConfig, sample  # noqa: E402
 
 pytestmark = pytest.mark.hf
@@ -258,6 +258,15 @@ def test_error_missing_rope_theta(ckpt):
 def test_error_unsupported_option(ckpt, changes, match):
     _edit_config(ckpt, **changes)
     _one_line_error(ckpt, match)
+
+
+
+def test_export_refuses_a_logit_scale_config_json_cannot_hold():
+    cfg = ModelConfig(vocab_size=40, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                      intermediate_size=32, logit_scale=2.0)
+    with pytest.raises(ValueError, match="logit_scale=2 has no field"):
+        hf.config_to_hf(cfg)
+    assert "logit_scale" not in hf.config_to_hf(cfg.replace(logit_scale=1.0))
 
 
 def test_error_llama_attention_bias(tmp_path):

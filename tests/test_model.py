@@ -182,6 +182,36 @@ def test_forward_logprobs_target_aligned():
     assert lp.dtype == jnp.float32 and bool(jnp.all(lp <= 0))
 
 
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_logit_scale_multiplies_every_path_to_the_logits(tied):
+    """The same weights under logit_scale 3: the full pass and the head weight (which the chunked and sharded
+    objectives read) are 3x those of scale 1, and the hidden states are untouched."""
+    base = TINY.replace(tie_embeddings=tied)
+    tokens = _tokens(2, 6)
+    logits1, h1, w1 = _fwd_h(_model(base), tokens)
+    logits3, h3, w3 = _fwd_h(_model(base.replace(logit_scale=3.0)), tokens)
+    np.testing.assert_array_equal(np.asarray(h3), np.asarray(h1))
+    np.testing.assert_allclose(np.asarray(w3), 3.0 * np.asarray(w1), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(logits3), 3.0 * np.asarray(logits1), rtol=1e-5, atol=1e-6)
+    assert float(jnp.abs(logits1).max()) > 0.0
+    np.testing.assert_allclose(np.asarray(logits3), np.asarray(h3 @ w3), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, True, "2"])
+def test_logit_scale_must_be_positive(bad):
+    with pytest.raises(ValueError, match=r"model\.logit_scale: expected a positive number"):
+        TINY.replace(logit_scale=bad)
+
+
+
+def test_a_neutral_logit_scale_leaves_the_dict_that_cache_keys_hash():
+    assert "logit_scale" not in TINY.to_dict()  # keys of models trained before the field existed hold
+    scaled = TINY.replace(logit_scale=2.0)
+    assert scaled.to_dict()["logit_scale"] == 2.0
+    assert ModelConfig.from_dict(scaled.to_dict()) == scaled and ModelConfig.from_dict(TINY.to_dict()) == TINY
+
+
 def test_bfloat16_runs():
     cfg = TINY.replace(dtype="bfloat16")
     model = _model(cfg)

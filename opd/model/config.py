@@ -39,6 +39,9 @@ class ModelConfig:
     # Additions beyond the contract (defaults keep the contract's meaning):
     param_dtype: str | None = None  # parameter dtype name; None -> same as `dtype`
     initializer_range: float = 0.02  # std of the normal init of every matrix (as Hugging Face)
+    # Multiplies the LM head's logits (Cohere's `logit_scale`); 1 leaves them. A scale above 1 lets a small
+    # model's logits grow as far as a large model's do (results/notes/30_regime.md, R7).
+    logit_scale: float = 1.0
 
     def __post_init__(self) -> None:
         def bad(key: str, expected: str, got: Any) -> ValueError:
@@ -69,6 +72,9 @@ class ModelConfig:
             raise bad("family", f"one of {list(_FAMILIES)}", self.family)
         if self.initializer_range <= 0:
             raise bad("initializer_range", "a positive number", self.initializer_range)
+        if not isinstance(self.logit_scale, int | float) or isinstance(self.logit_scale, bool) \
+                or not self.logit_scale > 0:
+            raise bad("logit_scale", "a positive number", self.logit_scale)
 
     # --- derived values -------------------------------------------------------------------------------
     @property
@@ -98,4 +104,9 @@ class ModelConfig:
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields, less `logit_scale` at its neutral 1: SFT cache keys hash this dict, and a model trained
+        before the field existed must keep its key."""
+        d = dataclasses.asdict(self)
+        if d["logit_scale"] == 1.0:
+            del d["logit_scale"]
+        return d

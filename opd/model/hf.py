@@ -180,6 +180,8 @@ def load_config(path: str | os.PathLike, *, dtype: str | None = None) -> ModelCo
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     """config.json contents for `cfg` (transformers-loadable)."""
     family = cfg.family
+    if cfg.logit_scale != 1.0:
+        raise ValueError(f"logit_scale={cfg.logit_scale:g} has no field in a {family} config.json (it needs 1)")
     if family == "qwen2" and (not cfg.attention_bias or cfg.qk_norm):
         raise ValueError("family qwen2 needs attention_bias=True and qk_norm=False to be a Qwen2 checkpoint")
     if family == "qwen3" and (cfg.attention_bias or not cfg.qk_norm):

@@ -185,10 +185,10 @@ class Transformer(nnx.Module):
         return self._decode(tokens_BxT, positions_BxT, attention_mask_BxT, None)[0]
 
     def lm_head_weight(self) -> jax.Array:
-        """W [D, V] with logits = h @ W (tied: the embedding matrix transposed)."""
-        if self.cfg.tie_embeddings:
-            return self.embed_tokens.embedding[...].T
-        return self.lm_head.kernel[...]
+        """W [D, V] with logits = h @ W (tied: the embedding matrix transposed), `logit_scale` folded in, so that
+        every path to the logits (full, chunked, sharded) applies it."""
+        w_DxV = self.embed_tokens.embedding[...].T if self.cfg.tie_embeddings else self.lm_head.kernel[...]
+        return w_DxV if self.cfg.logit_scale == 1.0 else w_DxV * self.cfg.logit_scale
 
     def logits(self, h_BxTxD: jax.Array) -> jax.Array:
         """LM head in the activation dtype with float32 accumulation; float32 logits."""
