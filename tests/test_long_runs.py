@@ -240,9 +240,10 @@ def test_one_failing_job_does_not_end_the_sweep_and_the_table_lists_it(smoke_run
     error = (jobs[1] / "error.txt").read_text()
     assert "Traceback" in error and "# resolved config" in error and str(bad) in error
     assert "error: job 1:" in proc.stderr
-    table = subprocess.run([sys.executable, "paper_figs/tables.py", str(sweep), "--table", "table1", "--min-seeds",
-                            "1", "--min-items", "1", "--out", str(tmp_path / "tables")], cwd=ROOT, capture_output=True,
-                           text=True, timeout=120)
+    # --out and --rows both in tmp_path: the defaults are the committed results/tables and results/rows
+    table = subprocess.run([sys.executable, "paper_figs/tables.py", str(sweep), "--table", "table1",
+                            "--min-seeds", "1", "--min-items", "1", "--out", str(tmp_path / "tables"),
+                            "--rows", str(tmp_path / "rows")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert table.returncode == 0, table.stderr
     assert f"Failed jobs (no results): `{jobs[1].relative_to(sweep)}`" in table.stdout
 
