@@ -260,7 +260,6 @@ def test_error_unsupported_option(ckpt, changes, match):
     _one_line_error(ckpt, match)
 
 
-
 def test_export_refuses_a_logit_scale_config_json_cannot_hold():
     cfg = ModelConfig(vocab_size=40, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
                       intermediate_size=32, logit_scale=2.0)

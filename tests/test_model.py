@@ -182,7 +182,6 @@ def test_forward_logprobs_target_aligned():
     assert lp.dtype == jnp.float32 and bool(jnp.all(lp <= 0))
 
 
-
 @pytest.mark.parametrize("tied", [False, True])
 def test_logit_scale_multiplies_every_path_to_the_logits(tied):
     """The same weights under logit_scale 3: the full pass and the head weight (which the chunked and sharded
@@ -202,7 +201,6 @@ def test_logit_scale_multiplies_every_path_to_the_logits(tied):
 def test_logit_scale_must_be_positive(bad):
     with pytest.raises(ValueError, match=r"model\.logit_scale: expected a positive number"):
         TINY.replace(logit_scale=bad)
-
 
 
 def test_a_neutral_logit_scale_leaves_the_dict_that_cache_keys_hash():

@@ -39,8 +39,8 @@ class ModelConfig:
     # Additions beyond the contract (defaults keep the contract's meaning):
     param_dtype: str | None = None  # parameter dtype name; None -> same as `dtype`
     initializer_range: float = 0.02  # std of the normal init of every matrix (as Hugging Face)
-    # Multiplies the LM head's logits (Cohere's `logit_scale`); 1 leaves them. Training moves the weights to
-    # compensate: as an R7 lever it left a never-seen id's log-prob where it was (results/notes/30_regime.md).
+    # Multiplies the LM head's logits (Cohere's `logit_scale`); 1 leaves them. Measured as an R7 lever in
+    # results/notes/30_regime.md.
     logit_scale: float = 1.0
 
     def __post_init__(self) -> None:
