@@ -1,4 +1,4 @@
-"""Batched generation from the student: temperature, top-k, exact top-p, in one jitted while_loop.
+"""Batched generation from the student: temperature, top-k, exact top-p, in one jitted program.
 
 Top-p needs no sort of the vocabulary and no search for the nucleus threshold: tokens are drawn by
 rejection from supersets of the nucleus, and a draw's membership is one masked sum (`_select_top_p`); the
@@ -7,7 +7,11 @@ need the whole keep-mask).
 
 `sample` prefills the left-padded prompt into a preallocated KV cache, then draws one token per step for
 every sequence until each has emitted EOS (or a stop id) or `max_new_tokens` are drawn; the loop exits as
-soon as every sequence is done. Alongside each token it records the student's log-probability under its
+soon as every sequence is done. A decode step attends to every slot of the cache, so its cost grows with the
+cache's length; the loop runs in windows of response positions that double (`decode_windows`: 64, 128, ...,
+N) and the cache grows to each window's end between them, so short responses never pay for N's slots. Empty
+slots are masked out either way: windows change a step's cost, not what it computes (up to the order of
+float additions). Alongside each token it records the student's log-probability under its
 *unmodified* distribution (temperature 1, no truncation) — the on-policy log π_θ(y_t | c_t) that the
 trainer's recomputation must reproduce (tests/test_sampling.py checks 1e-5).
 
@@ -37,6 +41,9 @@ class SamplingConfig:
     top_p: float = 1.0  # nucleus mass in (0, 1]; 1 -> off
     top_k: int = 0  # keep the k most likely tokens; 0 -> off
     max_new_tokens: int = 128  # N: response length budget
+    # Response positions of the first decode window; windows double until N, the KV cache growing with them
+    # (see `decode_windows`). 0 -> one window, the cache at its full length from the first step.
+    first_window: int = 64
 
     def __post_init__(self) -> None:
         if not (isinstance(self.temperature, int | float) and self.temperature >= 0):
@@ -47,6 +54,9 @@ class SamplingConfig:
             raise ValueError(f"top_k: expected an integer >= 0 (0 = off), got {self.top_k!r}")
         if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
             raise ValueError(f"max_new_tokens: expected a positive integer, got {self.max_new_tokens!r}")
+        if not (isinstance(self.first_window, int) and not isinstance(self.first_window, bool)
+                and self.first_window >= 0):
+            raise ValueError(f"first_window: expected an integer >= 0 (0 = one window), got {self.first_window!r}")
 
 
 class Rollout(NamedTuple):
@@ -207,6 +217,15 @@ def _select_top_p(x_BxV: jax.Array, u_BxR: jax.Array, round_key, top_p: float) -
 # --- the loop -----------------------------------------------------------------------------------------
 
 
+def decode_windows(max_new_tokens: int, first_window: int) -> list[int]:
+    """End (exclusive, in response positions) of each decode window: first_window, doubling, then N."""
+    ends, end = [], first_window
+    while 0 < end < max_new_tokens:
+        ends.append(end)
+        end *= 2
+    return ends + [max_new_tokens]
+
+
 class _LoopState(NamedTuple):
     step: jax.Array  # int32 scalar: response position of the next draw
     tokens_BxN: jax.Array  # int32
@@ -252,7 +271,8 @@ def _sample_impl(graphdef, params, prompt_BxP, prompt_mask_BxP, rng, stop_S, cfg
     u_NxBxR = jax.random.uniform(first_key, (N, B, _FIRST_PROPOSALS), jnp.float32)
 
     # PREFILL: the whole left-padded prompt in one pass; its last position is real for every sequence.
-    cache = KVCache.create(model.cfg, B, P + N)
+    windows = decode_windows(N, cfg.first_window)
+    cache = KVCache.create(model.cfg, B, P + windows[0])
     logits_BxPxV, cache = model(prompt_BxP, attention_mask_BxT=prompt_mask_BxP, cache=cache)
     state = _LoopState(
         step=jnp.zeros((), jnp.int32),
@@ -264,18 +284,20 @@ def _sample_impl(graphdef, params, prompt_BxP, prompt_mask_BxP, rng, stop_S, cfg
         cache=cache,
     )
 
-    # DECODE: draw position `step`, feed it back for the logits of `step + 1`. The last draw happens after
-    # the loop, so no forward pass is wasted; the loop stops early once every sequence is done.
-    def cond(state: _LoopState) -> jax.Array:
-        return (state.step < N - 1) & ~jnp.all(state.done_B)
-
+    # DECODE: draw position `step`, feed it back for the logits of `step + 1` (cache slot P + step, inside
+    # the window that ends at `end`). The last draw happens after the loops, so no forward pass is wasted;
+    # every loop stops early once every sequence is done.
     def body(state: _LoopState) -> _LoopState:
         state, token_B, live_B = _draw(state, u_NxBxR, rounds_key, cfg, stop_S)
         logits_Bx1xV, cache = model(token_B[:, None], attention_mask_BxT=live_B[:, None], cache=state.cache)
         return state._replace(step=state.step + 1, logits_BxV=logits_Bx1xV[:, 0].astype(jnp.float32),
                               cache=cache)
 
-    state = jax.lax.while_loop(cond, body, state)
+    for end in windows:
+        def cond(state: _LoopState, last=min(end, N - 1)) -> jax.Array:
+            return (state.step < last) & ~jnp.all(state.done_B)
+
+        state = jax.lax.while_loop(cond, body, state._replace(cache=state.cache.grow(P + end)))
     state, _, _ = _draw(state, u_NxBxR, rounds_key, cfg, stop_S)  # position N - 1, or PAD if all are done
 
     response_mask_BxN = (jnp.arange(N, dtype=jnp.int32)[None, :] < state.length_B[:, None]).astype(jnp.int32)

@@ -165,6 +165,24 @@ def test_cache_decoding_equals_full_forward(name):
     np.testing.assert_array_equal(cache.length_B, full_mask.sum(1))
 
 
+def test_a_grown_cache_keeps_its_slots_and_adds_empty_ones():
+    """The sampler grows the cache between decode windows: what was written stays, the new slots are invalid."""
+    model = _model()
+    prompt = _tokens(2, 4, seed=7)
+    mask = jnp.array([[1, 1, 1, 1], [0, 1, 1, 1]], jnp.int32)
+    _, cache = model(prompt * mask, attention_mask_BxT=mask, cache=KVCache.create(TINY, 2, 5))
+    grown = cache.grow(9)
+    assert grown.max_len == 9 and cache.grow(5) is cache
+    for small, big in zip(cache.k_BxKxSxE + cache.v_BxKxSxE, grown.k_BxKxSxE + grown.v_BxKxSxE):
+        np.testing.assert_array_equal(big[:, :, :5], small)
+        assert not np.any(np.asarray(big[:, :, 5:]))
+    np.testing.assert_array_equal(grown.valid_BxS[:, :5], cache.valid_BxS)
+    assert not np.any(np.asarray(grown.valid_BxS[:, 5:]))
+    assert int(grown.index) == 4 and np.array_equal(grown.length_B, [4, 3])
+    with pytest.raises(ValueError, match="max_len"):
+        cache.grow(4)
+
+
 def test_forward_logprobs_target_aligned():
     model = _model()
     tokens = _tokens(2, 7)

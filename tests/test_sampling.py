@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -198,6 +200,35 @@ def test_greedy_with_cache_equals_greedy_without(model, prompts):
     np.testing.assert_array_equal(out.tokens_BxL, buf)
 
 
+def test_decode_windows_double_up_to_the_budget():
+    assert sampling.decode_windows(599, 64) == [64, 128, 256, 512, 599]
+    assert sampling.decode_windows(128, 64) == [64, 128]
+    assert sampling.decode_windows(64, 64) == [64]
+    assert sampling.decode_windows(40, 64) == [40]
+    assert sampling.decode_windows(599, 0) == [599]
+
+
+@pytest.mark.parametrize("first_window", [1, 3])
+@pytest.mark.parametrize("name", sorted(SAMPLING))
+def test_decode_windows_change_no_draw(model, prompts, name, first_window):
+    """Windows of 1, 2, 4, 8 (or 3, 6, 8) positions, the cache growing between them, draw what one window over
+    the full cache draws, and the recorded log-probs still match the trainer's recomputation."""
+    cfg = SAMPLING[name]
+    key = jax.random.key(6)
+    # The draws do not depend on the stop id until a row stops: make row 0's third token its EOS.
+    eos = int(sample(model, *prompts, key, cfg, eos_id=5).tokens_BxL[0, P + 2])
+    one = sample(model, *prompts, key, cfg, eos_id=eos)
+    out = sample(model, *prompts, key, dataclasses.replace(cfg, first_window=first_window), eos_id=eos)
+    assert int(out.response_len_B.min()) <= 3 < N  # rows stop at different steps; the others run on to N
+    np.testing.assert_array_equal(out.tokens_BxL, one.tokens_BxL)
+    np.testing.assert_array_equal(out.response_len_B, one.response_len_B)
+    np.testing.assert_array_equal(out.truncated_B, one.truncated_B)
+    np.testing.assert_allclose(out.logprobs_BxL, one.logprobs_BxL, rtol=0, atol=1e-6)
+    recomputed = nnx.jit(forward_logprobs)(model, out.tokens_BxL, out.attention_mask_BxL)
+    resp = np.asarray(out.response_mask_BxL, bool)
+    np.testing.assert_allclose(np.asarray(out.logprobs_BxL)[resp], np.asarray(recomputed)[resp], rtol=0, atol=1e-5)
+
+
 def test_no_retrace_and_reproducible(model, prompts):
     cfg = SAMPLING["topp_temp"]
     a = sample(model, *prompts, jax.random.key(4), cfg, eos_id=5)
@@ -224,7 +255,7 @@ def test_all_done_early_exit_keeps_shapes(model, prompts):
 @pytest.mark.parametrize(
     ("kwargs", "key"),
     [({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"temperature": -1.0}, "temperature"),
-     ({"top_k": -1}, "top_k"), ({"max_new_tokens": 0}, "max_new_tokens")],
+     ({"top_k": -1}, "top_k"), ({"max_new_tokens": 0}, "max_new_tokens"), ({"first_window": -1}, "first_window")],
 )
 def test_bad_sampling_config(kwargs, key):
     with pytest.raises(ValueError, match=key):

@@ -45,3 +45,17 @@ class KVCache(NamedTuple):
     @property
     def max_len(self) -> int:
         return self.k_BxKxSxE[0].shape[2]
+
+    def grow(self, max_len: int) -> KVCache:
+        """The same cache with `max_len` slots; the added slots are empty (invalid, so never attended to)."""
+        extra = max_len - self.max_len
+        if extra < 0:
+            raise ValueError(f"max_len: expected at least the cache's {self.max_len} slots, got {max_len}")
+        if extra == 0:
+            return self
+        pad_slots = ((0, 0), (0, 0), (0, extra), (0, 0))
+        return self._replace(
+            k_BxKxSxE=tuple(jnp.pad(k, pad_slots) for k in self.k_BxKxSxE),
+            v_BxKxSxE=tuple(jnp.pad(v, pad_slots) for v in self.v_BxKxSxE),
+            valid_BxS=jnp.pad(self.valid_BxS, ((0, 0), (0, extra))),
+        )
