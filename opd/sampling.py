@@ -293,11 +293,12 @@ def _sample_impl(graphdef, params, prompt_BxP, prompt_mask_BxP, rng, stop_S, cfg
         return state._replace(step=state.step + 1, logits_BxV=logits_Bx1xV[:, 0].astype(jnp.float32),
                               cache=cache)
 
-    for end in windows:
-        def cond(state: _LoopState, last=min(end, N - 1)) -> jax.Array:
-            return (state.step < last) & ~jnp.all(state.done_B)
+    def cond_before(last: int):
+        return lambda state: (state.step < last) & ~jnp.all(state.done_B)
 
-        state = jax.lax.while_loop(cond, body, state._replace(cache=state.cache.grow(P + end)))
+    for end in windows:
+        state = jax.lax.while_loop(cond_before(min(end, N - 1)), body,
+                                   state._replace(cache=state.cache.grow(P + end)))
     state, _, _ = _draw(state, u_NxBxR, rounds_key, cfg, stop_S)  # position N - 1, or PAD if all are done
 
     response_mask_BxN = (jnp.arange(N, dtype=jnp.int32)[None, :] < state.length_B[:, None]).astype(jnp.int32)
