@@ -84,6 +84,7 @@ def main() -> None:
     key = jax.random.key(0)
     print(f"{name}: {args.items} items, {'greedy' if args.greedy else 'top-p 0.9'}, "
           f"budget {task.max_response_len} tokens, {jax.device_count()} device(s)")
+
     def windowed(first_window):
         def sample_fn(model, prompt, mask, rng, cfg, **kw):
             return sampling.sample(model, prompt, mask, rng, dataclasses.replace(cfg, first_window=first_window), **kw)
