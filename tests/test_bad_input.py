@@ -25,6 +25,7 @@ OPD_CASES = {  # overrides -> the key the one error line must name
     "top_p_above_one": (["rollout.top_p=1.5"], "rollout.top_p"),
     "loss_top_p_zero": (["loss.rollout_top_p=0"], "loss.rollout_top_p"),
     "temperature_zero": (["rollout.temperature=0"], "rollout.temperature"),
+    "pad_multiple_negative": (["rollout.pad_multiple=-8"], "rollout.pad_multiple"),
     "lr_inf": (["optimizer.lr=inf"], "optimizer.lr"),
     "lr_nan": (["optimizer.lr=nan"], "optimizer.lr"),
     "lr_negative": (["optimizer.lr=-1"], "optimizer.lr"),

@@ -319,6 +319,78 @@ def test_special_token_mask_zeroes_first_occurrence_in_response_only():
     np.testing.assert_array_equal(np.asarray(b.response_mask_BxL), np.asarray(rmask))
 
 
+def _padded_rollouts(student, *, b=4, p=3, n=8, pad=13, seed=0):
+    """Task-style `Rollouts` whose last `pad` columns are padding in every row, the sampler's log-probs
+    from a forward pass."""
+    from opd.tasks.common import Rollouts
+
+    rng = np.random.default_rng(seed)
+    width = p + n + pad
+    tokens = np.zeros((b, width), np.int32)
+    tokens[:, :p + n] = rng.integers(1, V, size=(b, p + n))
+    attn = np.zeros((b, width), np.int32)
+    attn[:, :p + n] = 1
+    attn[0, 0] = tokens[0, 0] = 0  # left padding in one row
+    attn[1, p + 5:] = tokens[1, p + 5:] = 0  # a shorter response
+    resp = attn.copy()
+    resp[:, :p] = 0
+    tok, mask = jnp.asarray(tokens), jnp.asarray(attn)
+    logits = target_aligned_logits(student, tok, positions_from_mask(mask), mask)
+    logp = np.asarray(jnp.take_along_axis(jax.nn.log_softmax(logits, -1), tok[..., None], -1)[..., 0]) * resp
+    return Rollouts(tokens=tokens, attention_mask=attn, response_mask=resp, logprobs=logp.astype(np.float32),
+                    response_len=resp.sum(1), truncated=np.zeros(b, bool), score=np.zeros(b, np.float32))
+
+
+def test_trim_padding_cuts_to_the_rounded_longest_rollout():
+    from opd.train.batch import trim_padding
+
+    r = _padded_rollouts(_model(0))  # 11 used columns of 24
+    for multiple, width in ((0, 24), (1, 11), (4, 12), (8, 16), (11, 11), (20, 20), (64, 24)):
+        t = trim_padding(r, multiple)
+        assert t.tokens.shape == t.attention_mask.shape == t.response_mask.shape == t.logprobs.shape == (4, width)
+        for name in ("tokens", "attention_mask", "response_mask", "logprobs"):
+            full, cut = getattr(r, name), getattr(t, name)
+            np.testing.assert_array_equal(cut, full[:, :width])
+            assert not np.any(full[:, width:])  # only padding was dropped
+        np.testing.assert_array_equal(t.score, r.score)
+
+
+@pytest.mark.parametrize("name", ["lsm", "sampled_token"])
+def test_an_update_on_trimmed_rollouts_equals_the_full_width_one(name):
+    """Scoring, the objective's gradient and one update's metrics (2 minibatches: the clip acts) on rollouts
+    cut to their longest row equal the full-width ones up to float addition order. (Parameters after the
+    update are not compared: Adam divides each gradient coordinate by its own magnitude, so a coordinate
+    whose gradient is at rounding level moves by a rounding-dependent share of the learning rate.)"""
+    from opd.train.batch import trim_padding
+
+    teacher = _model(3)
+    runs = []
+    for multiple in (0, 4):
+        student = _model(2)
+        r = trim_padding(_padded_rollouts(student), multiple)
+        batch = build_batch(r, score(teacher, jnp.asarray(r.tokens), jnp.asarray(r.attention_mask), K))
+        stepper = _stepper(student, name, teacher, lr=3e-2, minibatches_per_step=2)
+        _, params, rest = nnx.split(student, nnx.Param, ...)
+        grads = jax.grad(lambda p_, b_=batch, s_=stepper, r_=rest: s_.loss_fn(p_, r_, b_, None)[0])(params)
+        metrics = stepper.update(batch)
+        runs.append((batch, jax.tree.map(np.asarray, grads), {k: float(v) for k, v in metrics.items()}))
+    (b_full, g_full, m_full), (b_cut, g_cut, m_cut) = runs
+    assert (b_full.tokens_BxL.shape[1], b_cut.tokens_BxL.shape[1]) == (24, 12)
+    np.testing.assert_array_equal(np.asarray(b_cut.loss_mask_BxL), np.asarray(b_full.loss_mask_BxL)[:, :12])
+    # on response positions (a query whose keys are all padding, like a left-padded row's first slot, sees
+    # whatever the width holds; no objective reads it)
+    resp = np.asarray(b_cut.response_mask_BxL) > 0
+    for name_ in ("topk_ids_BxLxK", "topk_logprobs_BxLxK", "teacher_sampled_BxL"):
+        cut, full = np.asarray(getattr(b_cut, name_))[resp], np.asarray(getattr(b_full, name_))[:, :12][resp]
+        np.testing.assert_allclose(cut, full, rtol=1e-6, atol=1e-6, err_msg=name_)
+    assert max(float(np.abs(g).max()) for g in jax.tree.leaves(g_full)) > 1e-3  # a gradient worth comparing
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), g_cut, g_full)
+    assert m_full["loss"] != 0 and m_full.keys() == m_cut.keys()
+    for key in m_full:
+        if key != "update_peak_bytes":  # the one metric that is about the width
+            np.testing.assert_allclose(m_cut[key], m_full[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # SFT cache and the loop
 # ---------------------------------------------------------------------------------------------------------
@@ -435,7 +507,8 @@ def test_run_opd_rows_have_every_required_key(tmp_path):
     student, teacher = _model(0, vocab), _model(1, vocab, hidden=32)
     cfg = SimpleNamespace(loss=_loss_cfg("lsm", rollout_top_p=0.9), optimizer=_opt_cfg(), seed=0, eval_seed=1, steps=2,
              eval_every=2, eval_samples=1, eval_batch_size=4, log_every=1, diagnostics_every=0, diag_bucket_size=8,
-             rollout=SimpleNamespace(prompts_per_step=2, group_size=2, temperature=1.0, top_p=None))
+             rollout=SimpleNamespace(prompts_per_step=2, group_size=2, temperature=1.0, top_p=None,
+                                      pad_multiple=8))
     route = Route("arithmetic", task, teacher, train_items=task.items("train", 8, 0),
                   eval_items=task.items("eval", 4, 0))
     rec = RunRecorder(tmp_path, {})

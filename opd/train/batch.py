@@ -7,10 +7,12 @@ when asked, the first occurrence per sequence of each special id (the paper's sp
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from opd import losses as L
 
@@ -39,6 +41,27 @@ def _rollout_arrays(rollouts) -> tuple:
     if hasattr(rollouts, "tokens_BxL"):
         return rollouts.tokens_BxL, rollouts.attention_mask_BxL, rollouts.response_mask_BxL, rollouts.logprobs_BxL
     return rollouts.tokens, rollouts.attention_mask, rollouts.response_mask, rollouts.logprobs
+
+
+def trim_padding(rollouts, multiple: int):
+    """`rollouts` without the trailing columns that are padding in every row, the width rounded up to a
+    multiple of `multiple` (0: unchanged) and never beyond the original.
+
+    A task pads every rollout to its whole budget, but a batch's longest response is often far shorter (the
+    regime: ~200 of 641 tokens); scoring and the update cost what the width costs. The dropped columns hold
+    no token any row attends to or is scored on (their attention, response and loss masks are 0, and a
+    causal model never lets them change an earlier position), so every objective's value is the same up to
+    float addition order. Rounding bounds the number of distinct widths, each one more compiled program."""
+    if not multiple:
+        return rollouts
+    width = np.shape(rollouts.attention_mask)[1]
+    used = np.flatnonzero(np.asarray(rollouts.attention_mask).any(axis=0))
+    last = int(used[-1]) + 1 if used.size else 1
+    keep = min(width, -(-last // multiple) * multiple)
+    if keep == width:
+        return rollouts
+    return dataclasses.replace(rollouts, **{name: np.asarray(getattr(rollouts, name))[:, :keep] for name in
+                                            ("tokens", "attention_mask", "response_mask", "logprobs")})
 
 
 def build_batch(rollouts, payload, *, special_ids=(), mask_special_tokens: bool = False) -> Batch:

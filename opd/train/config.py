@@ -62,6 +62,9 @@ class RolloutConfig:
     group_size: int = 4  # G rollouts per prompt (paper: 8)
     temperature: float = 1.0
     top_p: float | None = None  # None: the loss's rollout_top_p (paper Table A1); a number overrides it
+    # Scoring and the update see the batch cut to its longest rollout, rounded up to a multiple of this
+    # (0: the task's whole budget). Each distinct width is one more compiled program (opd/train/batch.py).
+    pad_multiple: int = 64
 
 
 @dataclass
@@ -397,6 +400,7 @@ def _check_scalars(cfg: Any) -> None:
                 "diag_bucket_size", "mesh.data", "mesh.fsdp", "mesh.tensor"):
         _count(cfg, key)
     _count(cfg, "diagnostics_every", 0)
+    _count(cfg, "rollout.pad_multiple", 0)
     require_choice("optimizer.name", cfg.optimizer.name, ["adamw"])
     _positive(cfg.optimizer.lr, "optimizer.lr")
     _positive(cfg.optimizer.grad_clip, "optimizer.grad_clip")

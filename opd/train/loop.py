@@ -5,7 +5,7 @@ alternates routes one per step (paper §6). Every step is the same five stages, 
 
     sample   route.task.rollout(student, items)         -> Rollouts (one turn or many; π_old recorded)
     score    the route's frozen teacher on the rollouts  -> TeacherPayload (top-K, or via a token mapping)
-    mask     build_batch                                -> Batch (response only; optional special-token mask)
+    mask     trim_padding, build_batch                  -> Batch (response only; optional special-token mask)
     update   OPDStepper.update (objective from the registry, AdamW over the student's parameters)
     row      one metrics row (task-agnostic names, plus the route's name under "task")
 
@@ -31,7 +31,7 @@ from opd import failure_modes as fm
 from opd import objectives
 from opd.cli import RunHaltedError, progress_bar
 from opd.train import evaluate as ev
-from opd.train.batch import build_batch
+from opd.train.batch import build_batch, trim_padding
 
 
 @dataclass
@@ -223,7 +223,8 @@ def run_opd(
         rng, key = jax.random.split(rng)
 
         t0 = time.perf_counter()
-        rollouts = sample_stage(student, route, items, key, cfg, sample_fn)
+        rollouts = trim_padding(sample_stage(student, route, items, key, cfg, sample_fn),
+                                int(cfg.rollout.pad_multiple))
         t1 = time.perf_counter()
         payload = jax.block_until_ready(score_stage(route, rollouts, k, score_fn, chunk_size=chunk_size, mesh=mesh))
         t2 = time.perf_counter()
