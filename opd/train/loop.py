@@ -3,9 +3,10 @@
 A run is a list of routes `{task, teacher, token mapping}`: a single-task run is one route, a multi-task run
 alternates routes one per step (paper §6). Every step is the same five stages, each a function:
 
-    sample   route.task.rollout(student, items)         -> Rollouts (one turn or many; π_old recorded)
+    sample   route.task.rollout(student, items)         -> Rollouts (one turn or many; π_old recorded), cut
+             to the longest row by trim_padding (rollout.pad_multiple)
     score    the route's frozen teacher on the rollouts  -> TeacherPayload (top-K, or via a token mapping)
-    mask     trim_padding, build_batch                  -> Batch (response only; optional special-token mask)
+    mask     build_batch                                -> Batch (response only; optional special-token mask)
     update   OPDStepper.update (objective from the registry, AdamW over the student's parameters)
     row      one metrics row (task-agnostic names, plus the route's name under "task")
 
