@@ -51,7 +51,8 @@ def trim_padding(rollouts, multiple: int):
     regime: ~200 of a 626-token budget); scoring and the update cost what the width costs. The dropped
     columns hold no token any row attends to or is scored on (their attention, response and loss masks are
     0, and a causal model never lets them change an earlier position), so every objective's value is the
-    same up to float addition order. Rounding bounds the number of distinct widths, each one more compiled program."""
+    same up to float addition order. Rounding bounds the number of distinct widths, each one more compiled
+    program."""
     if not multiple:
         return rollouts
     width = np.shape(rollouts.attention_mask)[1]
