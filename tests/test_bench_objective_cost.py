@@ -3,21 +3,15 @@ writes one row per objective with ratios to the first (the baselines table's sid
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from script_modules import load_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_objective_cost", ROOT / "benchmarks/bench_objective_cost.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/bench_objective_cost.py")
 
 
 @pytest.mark.parametrize("argv, key", [

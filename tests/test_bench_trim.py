@@ -3,21 +3,15 @@ batch at the budget's width beside the one cut to its longest rollout, with the 
 
 from __future__ import annotations
 
-import importlib.util
 import re
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from script_modules import load_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_trim", ROOT / "benchmarks/bench_trim.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/bench_trim.py")
 
 
 @pytest.mark.parametrize("argv, key", [
