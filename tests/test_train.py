@@ -384,7 +384,7 @@ def test_an_update_on_trimmed_rollouts_equals_the_full_width_one(name):
         cut, full = np.asarray(getattr(b_cut, name_))[resp], np.asarray(getattr(b_full, name_))[:, :12][resp]
         np.testing.assert_allclose(cut, full, rtol=1e-6, atol=1e-6, err_msg=name_)
     assert max(float(np.abs(g).max()) for g in jax.tree.leaves(g_full)) > 1e-3  # a gradient worth comparing
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), g_cut, g_full)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g_cut, g_full)
     assert m_full["loss"] != 0 and m_full.keys() == m_cut.keys()
     for key in m_full:
         if key != "update_peak_bytes":  # the one metric that is about the width
