@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -430,3 +431,42 @@ def test_top_p_rows_of_mixed_width_stay_in_nucleus(draw):
         logits = rng.normal(0, scale, (1000, 1024))
         toks = np.asarray(draw(jnp.asarray(logits, jnp.float32), jax.random.key(4), SamplingConfig(top_p=0.7)))
         assert _count_in_nucleus(logits, toks, 0.7) > 900
+
+
+def _while_bodies(hlo: str) -> dict[str, list[str]]:
+    """The instructions of every while loop's body in an optimized HLO module's text, by computation name."""
+    names = set(re.findall(r"body=%?([\w.\-]+)", hlo))
+    bodies, current = {}, None
+    for line in hlo.splitlines():
+        head = re.match(r"^%?([\w.\-]+) .*\{$", line)
+        if head:
+            current = head.group(1) if head.group(1) in names else None
+            if current:
+                bodies[current] = []
+        elif current and line.strip() == "}":
+            current = None
+        elif current:
+            bodies[current].append(line)
+    return bodies
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_a_decode_step_copies_no_cache_buffer(kv_heads, prompts):
+    """A decode step writes one slot of each layer's k/v buffers in place: no instruction in the compiled
+    decode loops copies a whole cache buffer. With one kv head and the buffers unfolded as [B, 1, S, E], XLA's
+    CPU compiler copied every buffer three to four times per step (opd/model/cache.py), which this catches."""
+    cfg = CFG.replace(num_heads=2, num_kv_heads=kv_heads)
+    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+    scfg = SamplingConfig(max_new_tokens=N, first_window=4)
+    stops = jnp.full((8,), 1, jnp.int32)
+    hlo = sampling._sample_jit.lower(graphdef, params, *prompts, jax.random.key(0), stops,
+                                     cfg=scfg).compile().as_text()
+    bodies = _while_bodies(hlo)
+    E = cfg.resolved_head_dim
+    cache_shape = re.compile(rf"f32\[{B * kv_heads},\d+,{E}\]|f32\[{B},{kv_heads},\d+,{E}\]")
+    decode = {name: lines for name, lines in bodies.items()
+              if any("dynamic-update-slice" in ln and cache_shape.search(ln) for ln in lines)}
+    assert decode, "found no decode loop writing the cache in the compiled sampler"
+    copies = [ln.strip()[:120] for lines in decode.values() for ln in lines
+              if " copy(" in ln and cache_shape.search(ln.split("copy(")[0])]
+    assert not copies, f"{len(copies)} whole-buffer copies in the decode loops, e.g. {copies[:2]}"
