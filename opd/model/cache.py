@@ -5,7 +5,7 @@ dimension, slots, head dim): heads before slots, the layout attention multiplies
 its layer's buffers as they are (no slice of a stacked buffer, no transpose of the whole cache). The fold
 matters with one kv head: an unfolded [B, 1, S, E] buffer reaches attention through a reshape that drops the
 unit dimension, and XLA's CPU compiler then duplicates the step's cache write and copies every buffer several
-times per decode step (benchmarks/bench_decode_step.py measures both layouts).
+times per decode step (tests/test_sampling.py checks the compiled loop; timings in results/notes/45_speed.md).
 
 All sequences of a batch write the same slot at each call (`index`, a scalar): a left-padded prompt of
 length P fills slots [0, P), then each decode step fills one slot. Which slots hold real tokens is
