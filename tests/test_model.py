@@ -173,9 +173,9 @@ def test_a_grown_cache_keeps_its_slots_and_adds_empty_ones():
     _, cache = model(prompt * mask, attention_mask_BxT=mask, cache=KVCache.create(TINY, 2, 5))
     grown = cache.grow(9)
     assert grown.max_len == 9 and cache.grow(5) is cache
-    for small, big in zip(cache.k_BKxSxE + cache.v_BKxSxE, grown.k_BKxSxE + grown.v_BKxSxE):
-        np.testing.assert_array_equal(big[:, :5], small)
-        assert not np.any(np.asarray(big[:, 5:]))
+    for small, big in zip(cache.k_by_layer + cache.v_by_layer, grown.k_by_layer + grown.v_by_layer):
+        np.testing.assert_array_equal(big[..., :5, :], small)
+        assert not np.any(np.asarray(big[..., 5:, :]))
     np.testing.assert_array_equal(grown.valid_BxS[:, :5], cache.valid_BxS)
     assert not np.any(np.asarray(grown.valid_BxS[:, 5:]))
     assert int(grown.index) == 4 and np.array_equal(grown.length_B, [4, 3])

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from opd.model.cache import KVCache
+from opd.model.cache import KVCache, kv_lead
 from opd.model.config import ModelConfig
 
 _MASKED = -1e30  # finite: a fully masked row (a padding query) stays finite instead of NaN
@@ -75,8 +75,8 @@ class Attention(nnx.Module):
             self.k_norm = norm()
 
     def __call__(self, x_BxTxD, cos_BxTxE, sin_BxTxE, mask_BxTxS, kv=None, index=None):
-        """kv: None (keys are this call's tokens) or this layer's (k, v) cache buffers [B·K, S, E] to write at
-        slots [index, index + T) and attend over. Returns (out_BxTxD, kv)."""
+        """kv: None (keys are this call's tokens) or this layer's (k, v) cache buffers ([B, K, S, E], or
+        [B, S, E] for one kv head) to write at slots [index, index + T) and attend over. Returns (out_BxTxD, kv)."""
         B, T, _ = x_BxTxD.shape
         H, K, E = self.num_heads, self.num_kv_heads, self.head_dim
         G = H // K
@@ -89,33 +89,34 @@ class Attention(nnx.Module):
         q_BxTxHxE = apply_rope(q_BxTxHxE, cos_BxTxE, sin_BxTxE)
         k_BxTxKxE = apply_rope(k_BxTxKxE, cos_BxTxE, sin_BxTxE)
 
-        # Heads-major, with batch and kv head folded into one leading dimension n = b * K + k (the cache's
-        # layout, opd/model/cache.py): kv head k and its G query heads (h = k * G + g) share a row n of both
-        # matmuls, with the G x T queries of a kv head as the rows, so XLA multiplies without transposing the keys.
-        q_BKxGTxE = q_BxTxHxE.reshape(B, T, K, G, E).transpose(0, 2, 3, 1, 4).reshape(B * K, G * T, E)
-        k_BKxTxE = k_BxTxKxE.transpose(0, 2, 1, 3).reshape(B * K, T, E)
-        v_BKxTxE = v_BxTxKxE.transpose(0, 2, 1, 3).reshape(B * K, T, E)
+        # Heads-major: kv head k and its G query heads (h = k * G + g) are batch axes of both matmuls (`lead`:
+        # (B, K), or (B,) for one kv head, the cache's layout, opd/model/cache.py), with the G x T queries of a
+        # kv head as the rows, so XLA multiplies without transposing the keys.
+        lead = kv_lead(B, K)
+        q_LxGTxE = q_BxTxHxE.reshape(B, T, K, G, E).transpose(0, 2, 3, 1, 4).reshape(*lead, G * T, E)
+        k_LxTxE = k_BxTxKxE.transpose(0, 2, 1, 3).reshape(*lead, T, E)
+        v_LxTxE = v_BxTxKxE.transpose(0, 2, 1, 3).reshape(*lead, T, E)
         if kv is None:
-            keys_BKxSxE, values_BKxSxE = k_BKxTxE, v_BKxTxE
+            keys_LxSxE, values_LxSxE = k_LxTxE, v_LxTxE
         else:
             k_buf, v_buf = kv
             zero = jnp.zeros_like(index)  # all start indices share one dtype (also under x64)
-            start = (zero, index, zero)
-            k_buf = jax.lax.dynamic_update_slice(k_buf, k_BKxTxE.astype(k_buf.dtype), start)
-            v_buf = jax.lax.dynamic_update_slice(v_buf, v_BKxTxE.astype(v_buf.dtype), start)
+            start = (zero,) * len(lead) + (index, zero)
+            k_buf = jax.lax.dynamic_update_slice(k_buf, k_LxTxE.astype(k_buf.dtype), start)
+            v_buf = jax.lax.dynamic_update_slice(v_buf, v_LxTxE.astype(v_buf.dtype), start)
             kv = (k_buf, v_buf)
-            keys_BKxSxE = k_buf.astype(q_BxTxHxE.dtype)
-            values_BKxSxE = v_buf.astype(q_BxTxHxE.dtype)
+            keys_LxSxE = k_buf.astype(q_BxTxHxE.dtype)
+            values_LxSxE = v_buf.astype(q_BxTxHxE.dtype)
 
-        scores_BKxGTxS = jnp.einsum("nqe,nse->nqs", q_BKxGTxE, keys_BKxSxE,
-                                    preferred_element_type=jnp.float32) * (E ** -0.5)
-        S = scores_BKxGTxS.shape[-1]
-        scores_BxKxGxTxS = scores_BKxGTxS.reshape(B, K, G, T, S)
+        scores_LxGTxS = jnp.einsum("...qe,...se->...qs", q_LxGTxE, keys_LxSxE,
+                                   preferred_element_type=jnp.float32) * (E ** -0.5)
+        S = scores_LxGTxS.shape[-1]
+        scores_BxKxGxTxS = scores_LxGTxS.reshape(B, K, G, T, S)
         scores_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], scores_BxKxGxTxS, _MASKED)
-        probs_BKxGTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(values_BKxSxE.dtype).reshape(
-            B * K, G * T, S)
-        out_BKxGTxE = jnp.einsum("nqs,nse->nqe", probs_BKxGTxS, values_BKxSxE)
-        out_BxTxHE = out_BKxGTxE.reshape(B, K, G, T, E).transpose(0, 3, 1, 2, 4).reshape(B, T, H * E)
+        probs_LxGTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(values_LxSxE.dtype).reshape(
+            *lead, G * T, S)
+        out_LxGTxE = jnp.einsum("...qs,...se->...qe", probs_LxGTxS, values_LxSxE)
+        out_BxTxHE = out_LxGTxE.reshape(B, K, G, T, E).transpose(0, 3, 1, 2, 4).reshape(B, T, H * E)
         return self.o_proj(out_BxTxHE), kv
 
 
@@ -225,7 +226,7 @@ class Transformer(nnx.Module):
 
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
-            kv = None if cache is None else (cache.k_BKxSxE[i], cache.v_BKxSxE[i])
+            kv = None if cache is None else (cache.k_by_layer[i], cache.v_by_layer[i])
             x_BxTxD, kv = layer(x_BxTxD, cos_BxTxE, sin_BxTxE, mask_BxTxS, kv=kv, index=index)
             if kv is not None:
                 new_k.append(kv[0])
@@ -235,7 +236,7 @@ class Transformer(nnx.Module):
         if cache is None:
             return h_BxTxD, None
         new_cache = KVCache(
-            k_BKxSxE=tuple(new_k), v_BKxSxE=tuple(new_v), valid_BxS=valid_BxS, index=index + T,
+            k_by_layer=tuple(new_k), v_by_layer=tuple(new_v), valid_BxS=valid_BxS, index=index + T,
             length_B=cache.length_B + mask_BxT.sum(axis=1, dtype=jnp.int32),
         )
         return h_BxTxD, new_cache
