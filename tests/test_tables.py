@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from paper_figs import results_md, stats, tables
+from paper_figs import reproduce, results_md, stats, tables
+from paper_figs import rows as packed_rows
 from paper_figs.common import load_jobs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -538,3 +539,29 @@ def test_each_committed_table_regenerates_from_its_committed_rows(path):
     rebuilt = tables.from_jobs(path.stem, tables.select(path.stem, jobs), failed, min_seeds=5, min_items=1000,
                                command=committed["command"])
     assert json.loads(json.dumps(rebuilt)) == committed
+
+
+def test_reproduce_counts_identical_outcomes_and_names_the_jobs_that_differ(tmp_path, capsys):
+    """paper_figs/reproduce.py matches jobs by method and seed across a rows file and a sweep directory, counts
+    the identical final outcomes, and names each job whose outcomes differ."""
+    reference = _sweep(tmp_path / "ref", seeds=(0, 1))
+    packed = tmp_path / "ref.jsonl.gz"
+    packed_rows.write(packed, tables.load([reference])[0], tmp_path)
+    rerun = _sweep(tmp_path / "rerun", seeds=(0, 1, 2))
+    items = rerun / "st_1" / "eval_items.jsonl"
+    rows = [json.loads(x) for x in items.read_text().splitlines()]
+    flip = next(n for n, r in enumerate(rows) if r["phase"] == "final")  # one final outcome of one job
+    rows[flip]["correct"] = 1.0 - rows[flip]["correct"]
+    items.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    assert reproduce.main([str(packed), str(reference)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "identical final outcomes: 160 of 160 in 4 matched jobs (0 only in the reference, 0 only in the rerun)"]
+    assert reproduce.main([str(packed), str(rerun)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("sampled_token @ top-p 1 seed 1: 1 of 40 outcomes differ")
+    assert out[-1] == ("identical final outcomes: 159 of 160 in 4 matched jobs "
+                       "(0 only in the reference, 2 only in the rerun)")
+    assert reproduce.main([str(tmp_path / "missing"), str(rerun)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "reference/rerun" in err[0] and "missing" in err[0]
