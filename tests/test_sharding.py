@@ -5,12 +5,14 @@ XLA_FLAGS must be set before JAX initializes its backend, so the multi-device ru
 `opd.train.opd_step.OPDStepper` for lsm, sampled_token (2 minibatches) and full_rkl, chunked and unchunked,
 on a one-device mesh and on a data=2 x fsdp=4 mesh (full_rkl chunked also on data=2 x fsdp=2 x tensor=2),
 from the same seeds and batches, and writes every metric and the final train state; the tests compare
-them. Teacher scoring and the sampler run on the placed model too.
+them. Teacher scoring and the sampler run on the placed model too, and on the tensor-parallel mesh the worker
+records what the compiled gradient of the student's log-probs all-gathers.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -92,6 +94,14 @@ def _worker(out_path: str) -> None:
             out.append(jax.tree.map(np.asarray, build_batch(rollout, payload)))
         return out
 
+    def gathered_ranks(student, batch, mesh):
+        """Rank of every array all-gathered in the compiled gradient of the student's log-probs on `mesh`."""
+        graphdef, params = nnx.split(student)
+        tokens, mask = sharding.shard_batch((batch.tokens_BxL, batch.attention_mask_BxL), mesh)
+        grad = jax.jit(jax.grad(lambda p, t, m: forward_logprobs(nnx.merge(graphdef, p), t, m).sum()))
+        hlo = grad.lower(params, tokens, mask).compile().as_text()
+        return [len(dims.split(",")) for dims in re.findall(r"= \w+\[([\d,]+)\]\S* all-gather", hlo)]
+
     data = batches()
     out = {}
     for mesh_name, shape in MESHES.items():
@@ -107,6 +117,7 @@ def _worker(out_path: str) -> None:
                 q = student.layers[0].self_attn.q_proj.kernel[...]
                 out[f"{mesh_name}:q_shard"] = np.asarray(q.addressable_shards[0].data.shape)
                 out[f"{mesh_name}:q_devices"] = np.asarray(len(q.sharding.device_set))
+                out[f"{mesh_name}:gather_ranks"] = np.asarray(gathered_ranks(student, data[0], mesh))
             if run == "lsm":  # the sampler and the teacher scoring on the placed model
                 prompt, pmask = sharding.shard_batch((data[0].tokens_BxL[:, :PROMPT],
                                                       data[0].attention_mask_BxL[:, :PROMPT]), mesh)
@@ -187,6 +198,14 @@ def test_sampler_and_teacher_scoring_match_on_eight_devices(eight_device_results
     np.testing.assert_array_equal(r["dp2_fsdp4:score_ids"], r["1dev:score_ids"])
     for k in ("sample_logprobs", "score_logprobs", "score_sampled"):
         np.testing.assert_allclose(r[f"dp2_fsdp4:{k}"], r[f"1dev:{k}"], rtol=1e-5, atol=1e-5, err_msg=k)
+
+
+def test_attention_stays_head_local_on_a_mesh_that_splits_heads(eight_device_results):
+    """With kv heads split over `tensor`, attention's per-head activations (the model's only arrays of rank
+    >= 4) are never all-gathered; parameters and [B, T, ·] activations are (rank <= 3). Folding batch and kv
+    heads into one axis made GSPMD gather them (results/notes/45_speed.md, "Meshes"), which this catches."""
+    ranks = eight_device_results["dp2_fsdp2_tp2:gather_ranks"]
+    assert len(ranks) > 0 and max(ranks) <= 3, sorted(ranks)
 
 
 def test_parameters_really_are_sharded(eight_device_results):
