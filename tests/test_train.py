@@ -402,12 +402,12 @@ def _tiny_task():
 
 def _sft_cfg(**kw):
     base = {"steps": 3, "batch_size": 4, "lr": 1e-3, "warmup_steps": 1, "weight_decay": 0.01, "grad_clip": 1.0,
-            "train_problems": 16, "eval_problems": 4, "log_every": 1, "seed": 0}
+            "eps": 1e-8, "train_problems": 16, "eval_problems": 4, "log_every": 1, "seed": 0}
     return OmegaConf.create({**base, **kw})
 
 
 def test_checkpoint_cache_is_reused_not_retrained(tmp_path):
-    from opd.train.sft import prepare
+    from opd.train.sft import prepare, sft_cache_key
 
     task = _tiny_task()
     mc = ModelConfig(vocab_size=task.tokenizer.vocab_size, hidden_size=16, num_layers=1, num_heads=2,
@@ -429,6 +429,11 @@ def test_checkpoint_cache_is_reused_not_retrained(tmp_path):
     sft2 = _sft_cfg(steps=2)
     _, meta3 = prepare("student", mc, [task], {**sections, "sft": dict(sft2)}, sft2, root=tmp_path, log=logs.append)
     assert meta3["trained"] and meta3["path"] != meta1["path"]
+    # Adam's epsilon at its default is left out of the key (models stored before the field keep theirs);
+    # any other value is another key
+    no_eps = {**sections, "sft": {k: v for k, v in sections["sft"].items() if k != "eps"}}
+    assert sft_cache_key(no_eps, [task], 0) == meta1["key"]
+    assert sft_cache_key({**sections, "sft": dict(_sft_cfg(eps=1e-16))}, [task], 0) != meta1["key"]
     # same config sections but demonstrations the task code now writes differently: a different key
     original = task.demonstration
     task.demonstration = lambda p: original(p).replace("\n</think>", "</think>")

@@ -92,6 +92,9 @@ class SFTConfig:
     warmup_steps: int = 50
     weight_decay: float = 0.01
     grad_clip: float = 1.0
+    # Adam's epsilon (optax's default 1e-8, as optimizer.eps). A never-seen token's output row is pushed down by
+    # gradients the size of its probability; once they fall below epsilon the row stops (results/notes/30_regime.md).
+    eps: float = 1e-8
     train_problems: int = 4096  # size of the demonstration pool (task "train" split)
     eval_problems: int = 128  # held-out problems for the accuracy printed after SFT
     log_every: int = 50
@@ -487,6 +490,7 @@ def validate(cfg: Any) -> dict[str, Any]:
     _positive(cfg.sft_student.steps, "sft_student.steps")
     _positive(cfg.sft_student.batch_size, "sft_student.batch_size")
     _positive(cfg.sft_student.lr, "sft_student.lr")
+    _positive(cfg.sft_student.eps, "sft_student.eps")
     if cfg.capacity_sft_steps is not None:
         _count(cfg, "capacity_sft_steps", minimum=0)
     student = model_config(cfg.student, "student")
@@ -498,7 +502,7 @@ def validate(cfg: Any) -> dict[str, Any]:
         for part, allowed in (("task", "a task section (conf/task/*)"), ("teacher", "a teacher model section "
                                                                              "(conf/model/*)")):
             require(not OmegaConf.is_missing(rc, part) and rc[part] is not None, f"{key}.{part}", allowed, None)
-        for field_ in ("steps", "batch_size", "lr"):
+        for field_ in ("steps", "batch_size", "lr", "eps"):
             _positive(rc.sft[field_], f"{key}.sft.{field_}")
         teacher_tok = make_tokenizer(cfg.tokenizer, rc.teacher_tokenizer, hf_dir=hf_student,
                                      key=f"{key}.teacher_tokenizer")

@@ -29,6 +29,7 @@ from flax import nnx
 from opd.cli import progress_bar
 from opd.train import checkpoints, resume
 from opd.train.batch import positions_from_mask
+from opd.train.config import SFTConfig
 from opd.train.store import archive, unpack
 
 FINGERPRINT_PROBLEMS = 32  # demonstrations hashed into the cache key
@@ -64,7 +65,7 @@ def _schedule(cfg) -> optax.Schedule:
 def sft_optimizer(model: nnx.Module, cfg) -> nnx.Optimizer:
     """AdamW on the warmup-cosine schedule after global-norm clipping (every SFT loop's optimizer)."""
     tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
-                     optax.adamw(_schedule(cfg), weight_decay=cfg.weight_decay))
+                     optax.adamw(_schedule(cfg), eps=cfg.eps, weight_decay=cfg.weight_decay))
     return nnx.Optimizer(model, tx, wrt=nnx.Param)
 
 
@@ -151,6 +152,8 @@ def sft_cache_key(sections: dict[str, Any], tasks: list, seed: int, init_from: s
     retrains) and, when it starts from a checkpoint, that checkpoint's fingerprint."""
     sample = _demonstrations(tasks, FINGERPRINT_PROBLEMS, seed)
     keyed = {**sections, "data": checkpoints.data_fingerprint(*(a for s in sample for a in s))}
+    if keyed.get("sft", {}).get("eps") == SFTConfig.eps:  # models trained before the field keep their key
+        keyed["sft"] = {k: v for k, v in keyed["sft"].items() if k != "eps"}
     if init_from is not None:  # an SFT'd checkpoint of this cache is named by its key, a Hugging Face one by its files
         is_ours = checkpoints.is_complete(init_from)
         keyed["init_from"] = checkpoints.read_meta(init_from)["key"] if is_ours else init_fingerprint(init_from)
