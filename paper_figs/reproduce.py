@@ -26,13 +26,18 @@ from paper_figs.tables import TableError, load, method_key
 PHASE = "final"
 
 
-def by_cell(jobs: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, Any]]:
-    """{(method key with K and rollout top-p, seed): job}; two jobs of one cell and seed are refused."""
+def by_cell(name: str, path: Path) -> dict[tuple[str, int], dict[str, Any]]:
+    """{(method key with K and rollout top-p, seed): job} of the rows at `path`; two jobs of one cell and seed
+    are refused. Refusals name the argument `name`, not the loader's own `sweep_dir`."""
+    try:
+        jobs = load([path])[0]
+    except TableError as err:
+        raise TableError(f"{name}: {str(err).removeprefix('sweep_dir: ')}") from None
     out: dict[tuple[str, int], dict[str, Any]] = {}
     for job in jobs:
         key = (method_key(job["config"], with_k=True, with_top_p=True), int(get(job["config"], "seed", 0)))
         if key in out:
-            raise TableError(f"sweep_dir: two jobs of {key[0]} seed {key[1]}: {out[key]['dir']} and {job['dir']}")
+            raise TableError(f"{name}: two jobs of {key[0]} seed {key[1]}: {out[key]['dir']} and {job['dir']}")
         out[key] = job
     return out
 
@@ -62,7 +67,7 @@ def main(argv: list[str]) -> int:
         missing = [str(p) for p in (args.reference, args.rerun) if not p.exists()]
         if missing:
             raise TableError(f"reference/rerun: expected a rows file or a sweep directory, got {', '.join(missing)}")
-        ref, new = (by_cell(load([p])[0]) for p in (args.reference, args.rerun))
+        ref, new = by_cell("reference", args.reference), by_cell("rerun", args.rerun)
     except TableError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -565,3 +565,7 @@ def test_reproduce_counts_identical_outcomes_and_names_the_jobs_that_differ(tmp_
     assert reproduce.main([str(tmp_path / "missing"), str(rerun)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "reference/rerun" in err[0] and "missing" in err[0]
+    (tmp_path / "empty").mkdir()  # the loader's refusal names the argument it was given
+    assert reproduce.main([str(packed), str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: rerun: no finished jobs"), err
