@@ -190,8 +190,8 @@ def test_sft_from_hf_init_cache_key_and_start(ckpt, tmp_path):
     assert key != sft.sft_cache_key(sections, [task], 0, other)
 
     class Tiny:  # one step at a negligible learning rate: the SFT'd model is the checkpoint's, not random
-        steps, batch_size, lr, warmup_steps, weight_decay, grad_clip, train_problems, log_every, seed = (
-            1, 2, 1e-12, 0, 0.0, 1.0, 4, 1, 0)
+        steps, batch_size, lr, warmup_steps, weight_decay, grad_clip, eps, train_problems, log_every, seed = (
+            1, 2, 1e-12, 0, 0.0, 1.0, 1e-8, 4, 1, 0)
 
     model, meta = sft.prepare("t", cfg["student"], [task], sections, Tiny, root=tmp_path / "c", init_from=ckpt,
                               log=lambda _: None)
