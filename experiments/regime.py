@@ -165,7 +165,7 @@ def step1(cfg: Any, student, route, *, batches: int = STEP1_BATCHES,
     for b in range(batches):
         items = [route.train_items[i] for i in pick.integers(0, len(route.train_items), n) for _ in range(group)]
         rollouts = sample_stage(student, route, items, key if b == 0 else jax.random.fold_in(key, b), cfg)
-        payload = score_stage(route, rollouts, int(cfg.loss.k))
+        payload = score_stage(route, rollouts, int(cfg.loss.k), vocab_size=student.cfg.vocab_size)
         batch = build_batch(rollouts, payload, special_ids=list(route.task.special_ids().values()),
                             mask_special_tokens=False)
         parts["q"].append(np.asarray(batch.teacher_sampled_BxL))

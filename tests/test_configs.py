@@ -37,6 +37,14 @@ def test_default_composes_and_validates():
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
 
 
+def test_a_teachers_vocabulary_may_be_padded_past_the_students():
+    """One tokenizer, a teacher head with rows past it (as Qwen2.5-7B's against Qwen2.5-0.5B's): accepted, the
+    student keeps the tokenizer's size."""
+    built = validate(_compose(["tasks.arithmetic.teacher.vocab_size=512"]))
+    assert built["routes"]["arithmetic"]["teacher"].vocab_size == 512
+    assert built["student"].vocab_size == validate(_compose([]))["student"].vocab_size < 512
+
+
 @pytest.mark.parametrize(
     ("group", "target"),
     [("loss", "loss"), ("rollout", "rollout"), ("optimizer", "optimizer"), ("task", "tasks.arithmetic.task"),

@@ -317,12 +317,15 @@ def test_error_bad_dtype_option(ckpt):
 
 
 def test_error_vocabulary_mismatch(ckpt, tmp_path):
+    """A teacher head padded past the student's (as Qwen2.5-7B's against Qwen2.5-0.5B's) is one vocabulary;
+    a teacher with fewer rows than the student is not."""
     other = tmp_path / "other"
     shutil.copytree(ckpt, other)
     _edit_config(other, vocab_size=V + 1)
     hf.require_same_vocabulary(ckpt, ckpt)
+    hf.require_same_vocabulary(ckpt, other)  # student ckpt, teacher padded by one row
     with pytest.raises(ValueError, match="no token mapping is declared"):
-        hf.require_same_vocabulary(ckpt, other)
+        hf.require_same_vocabulary(other, ckpt)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -112,3 +112,31 @@ def test_bad_chunk_size_raises(teacher):
     tokens, mask = _batch()
     with pytest.raises(ValueError, match="chunk_size: expected null or a positive integer"):
         score(teacher, tokens, mask, 4, chunk_size=0)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_a_teacher_padded_past_the_student_is_scored_over_the_students_ids(teacher, chunk_size):
+    """vocab_size=V: top-K ids and every log-prob are those of the log-softmax over the first V logits (the
+    teacher's padded rows are no id the student can emit); here the teacher is `teacher` with 24 ids beyond V."""
+    tokens, mask = _batch()
+    V = CFG.vocab_size - 24
+    out = score(teacher, tokens * (tokens < V), mask, 4, vocab_size=V, chunk_size=chunk_size)
+    logits = nnx.jit(lambda m, t, a: m(t, attention_mask_BxT=a))(teacher, tokens * (tokens < V), mask)
+    over_v = np.asarray(jax.nn.log_softmax(logits[..., :V], axis=-1))
+    full = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+    ids, lps = np.asarray(out.topk_ids_BxLxK)[:, 1:], np.asarray(out.topk_logprobs_BxLxK)[:, 1:]
+    assert ids.max() < V
+    np.testing.assert_allclose(lps, np.take_along_axis(over_v[:, :-1], ids, -1), atol=1e-5)
+    np.testing.assert_allclose(lps, -np.sort(-over_v[:, :-1], -1)[..., :4], atol=1e-5)
+    target = np.asarray(tokens * (tokens < V))[:, 1:, None]
+    sampled = np.take_along_axis(over_v[:, :-1], target, -1)[..., 0] * np.asarray(mask)[:, 1:]
+    np.testing.assert_allclose(np.asarray(out.sampled_logprobs_BxL)[:, 1:], sampled, atol=1e-5)
+    # the padded rows hold mass here (a random head), so renormalizing is not a no-op
+    assert np.abs(over_v - full[..., :V]).max() > 0.1
+
+
+@pytest.mark.parametrize("vocab_size", [0, CFG.vocab_size + 1, 2.0])
+def test_vocab_size_past_the_teachers_is_refused(teacher, vocab_size):
+    tokens, mask = _batch()
+    with pytest.raises(ValueError, match=r"vocab_size: expected an integer in \[1, the teacher's vocab_size=40\]"):
+        score(teacher, tokens, mask, 1, vocab_size=vocab_size)

@@ -54,7 +54,7 @@ def _opt_cfg(**kw):
     return OmegaConf.create({**base, **kw})
 
 
-def _batch(student, teacher, *, b=4, p=3, n=8, seed=0, k=K) -> Batch:
+def _batch(student, teacher, *, b=4, p=3, n=8, seed=0, k=K, vocab_size=None) -> Batch:
     """A rollout-like batch: random prompt + response tokens, student log-probs from a forward pass."""
     rng = np.random.default_rng(seed)
     tokens = rng.integers(1, V, size=(b, p + n)).astype(np.int32)
@@ -73,7 +73,7 @@ def _batch(student, teacher, *, b=4, p=3, n=8, seed=0, k=K) -> Batch:
     class R:  # a Rollout stand-in with the interface's fields
         tokens_BxL, attention_mask_BxL, response_mask_BxL, logprobs_BxL = tokens, attn, resp, logp
 
-    return build_batch(R, score(teacher, tokens, attn, k))
+    return build_batch(R, score(teacher, tokens, attn, k, vocab_size=vocab_size))
 
 
 def _loss(stepper: OPDStepper, batch: Batch, teacher=None) -> float:
@@ -133,6 +133,20 @@ def test_loss_depends_on_the_teacher(name):
     la, lb = _loss(stepper, batch_a, teacher_a), _loss(stepper_b, batch_b, teacher_b)
     assert np.isfinite(la) and np.isfinite(lb)
     assert abs(la - lb) > 1e-4, (name, la, lb)
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_a_teacher_padded_past_the_students_vocabulary_acts_as_itself_without_those_rows(name):
+    """A teacher's LM head may have rows past the student's vocabulary (Qwen2.5-7B has 152,064, Qwen2.5-0.5B
+    151,936, one tokenizer). Scored with the student's vocab_size and used by the update (full_rkl reads its
+    logits), it gives every objective the loss of the same teacher with those rows cut off."""
+    student, padded = _model(0), _model(1, vocab=V + 8)
+    cut = _model(2)
+    nnx.update(cut, jax.tree.map(lambda small, big: big[tuple(slice(0, n) for n in small.shape)],
+                                 nnx.state(cut, nnx.Param), nnx.state(padded, nnx.Param)))
+    got = _loss(_stepper(student, name, padded), _batch(student, padded, vocab_size=V), padded)
+    want = _loss(_stepper(student, name, cut), _batch(student, cut), cut)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["lsm", "full_rkl", "topk_tail", "lsm_no_renorm"])

@@ -619,10 +619,12 @@ def load_tokenizer(path: str | os.PathLike) -> HFTokenizer:
 
 def require_same_vocabulary(student: str | os.PathLike, teacher: str | os.PathLike) -> None:
     """Refuse a student/teacher checkpoint pair whose vocabularies differ (no token mapping is declared
-    for HF pairs): different config vocab_size, or different tokenizer.json vocabularies when both exist."""
+    for HF pairs): a teacher config vocab_size below the student's, or different tokenizer.json vocabularies
+    when both exist. A teacher head padded past the student's is one vocabulary (Qwen2.5-7B has 152,064 rows,
+    Qwen2.5-0.5B 151,936, one tokenizer); it is scored over the student's ids (opd.teacher.lm_head_over)."""
     s_cfg, t_cfg = load_config(student), load_config(teacher)
-    if s_cfg.vocab_size != t_cfg.vocab_size:
-        raise ValueError(f"teacher vocab_size {t_cfg.vocab_size} != student vocab_size {s_cfg.vocab_size} "
+    if t_cfg.vocab_size < s_cfg.vocab_size:
+        raise ValueError(f"teacher vocab_size {t_cfg.vocab_size} < student vocab_size {s_cfg.vocab_size} "
                          f"({teacher} vs {student}) and no token mapping is declared")
     if (Path(student) / "tokenizer.json").is_file() and (Path(teacher) / "tokenizer.json").is_file():
         sv = load_tokenizer(student).tokenizer.get_vocab(with_added_tokens=True)

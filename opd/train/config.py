@@ -602,9 +602,12 @@ def _check_models(cfg: Any, student, hf_student: str | None, tok_vocab: int, rou
                 hf.require_same_vocabulary(hf_student, r["hf_teacher"])
             except ValueError as err:
                 raise ConfigError(f"{key}.path: {err}") from None
-        if r["mapping"] is None and mc.vocab_size != student.vocab_size:
-            raise ConfigError(f"{key}.{'path' if r['hf_teacher'] else 'vocab_size'}: expected the student's "
-                              f"vocabulary size {student.vocab_size} (one tokenizer), got vocab_size {mc.vocab_size}")
+        # one tokenizer; a teacher's head may be padded past the student's (Qwen2.5-7B: 152,064 rows, 0.5B:
+        # 151,936), and is scored over the student's ids (opd.teacher.lm_head_over)
+        if r["mapping"] is None and mc.vocab_size < student.vocab_size:
+            raise ConfigError(f"{key}.{'path' if r['hf_teacher'] else 'vocab_size'}: expected at least the "
+                              f"student's vocabulary size {student.vocab_size} (one tokenizer), got vocab_size "
+                              f"{mc.vocab_size}")
         seq = r["task"].sequence_length() + (16 if r["mapping"] is not None else 0)  # mapped spellings are longer
         for role, model, hf_dir in (("student", student, hf_student), (key, mc, r["hf_teacher"])):
             if hf_dir is not None:

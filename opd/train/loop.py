@@ -97,10 +97,11 @@ def score_mapped(teacher, mapping, tokens, attn, *, pad_to: int = 64) -> np.ndar
     return out.astype(np.float32)
 
 
-def score_stage(route: Route, rollouts, k: int, score_fn=None, *, chunk_size: int | None = None, mesh=None):
+def score_stage(route: Route, rollouts, k: int, score_fn=None, *, chunk_size: int | None = None, mesh=None,
+                vocab_size: int | None = None):
     """The teacher's payload for the rollouts. A mapped teacher (another vocabulary) supplies only the
     sampled-token log-prob; its top-K fields are zeros (the config check allows only objectives that need
-    no more)."""
+    no more). `vocab_size`: the student's, when the teacher's head is padded past it (opd.teacher.score)."""
     from opd.teacher import TeacherPayload
 
     if route.mapped:
@@ -111,7 +112,7 @@ def score_stage(route: Route, rollouts, k: int, score_fn=None, *, chunk_size: in
     if score_fn is None:
         from opd.teacher import score as score_fn
     return score_fn(route.teacher, jnp.asarray(rollouts.tokens), jnp.asarray(rollouts.attention_mask), k,
-                    chunk_size=chunk_size, mesh=mesh)
+                    chunk_size=chunk_size, mesh=mesh, vocab_size=vocab_size)
 
 
 def step_row(metrics: dict, rollouts, batch, route: Route) -> dict[str, Any]:
@@ -227,7 +228,8 @@ def run_opd(
         rollouts = trim_padding(sample_stage(student, route, items, key, cfg, sample_fn),
                                 int(cfg.rollout.pad_multiple))
         t1 = time.perf_counter()
-        payload = jax.block_until_ready(score_stage(route, rollouts, k, score_fn, chunk_size=chunk_size, mesh=mesh))
+        payload = jax.block_until_ready(score_stage(route, rollouts, k, score_fn, chunk_size=chunk_size, mesh=mesh,
+                                                    vocab_size=student.cfg.vocab_size))
         t2 = time.perf_counter()
         batch = build_batch(rollouts, payload, special_ids=list(route.task.special_ids().values()),
                             mask_special_tokens=bool(cfg.loss.mask_special_tokens))

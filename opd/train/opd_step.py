@@ -35,6 +35,7 @@ from jax.sharding import PartitionSpec as P
 
 from opd import chunked, diagnostics, objectives, sharding
 from opd import losses as L
+from opd.teacher import lm_head_over
 from opd.train.batch import Batch, build_batch, positions_from_mask  # noqa: F401  (re-exported)
 
 
@@ -134,7 +135,8 @@ def make_loss_fn(student_graphdef, loss_cfg: Any, teacher_graphdef=None, *, chun
         heads = ()
         if needs_teacher:
             teacher = nnx.merge(teacher_graphdef, jax.lax.stop_gradient(teacher_state))
-            heads = (head_layout(target_aligned_hidden(teacher, *args), teacher.lm_head_weight(), mesh),)
+            w_t = lm_head_over(teacher, student.cfg.vocab_size)  # a teacher's padded rows are not the student's
+            heads = (head_layout(target_aligned_hidden(teacher, *args), w_t, mesh),)
         h_BxLxD, w_DxV = head_layout(target_aligned_hidden(student, *args), student.lm_head_weight(), mesh)
         per = chunked.chunked_map(terms, h_BxLxD, w_DxV, *position_inputs(batch), chunk_size=chunk_size,
                                   extra_heads=heads)
