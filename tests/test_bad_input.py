@@ -42,7 +42,8 @@ OPD_CASES = {  # overrides -> the key the one error line must name
     "jsonl_task_without_hf_tokenizer": (["task@tasks.arithmetic.task=jsonl"], "tokenizer"),
     "unknown_model_option": (["model@student=nope"], "model@student"),
     "unknown_experiment": (["experiment=nope"], "experiment"),
-    "teacher_vocab_mismatch": (["tasks.arithmetic.teacher.vocab_size=500"], "tasks.arithmetic.teacher.vocab_size"),
+    # (a teacher vocab_size above the student's is a padded head, accepted; below it is raised to the tokenizer's)
+    "teacher_vocab_not_positive": (["tasks.arithmetic.teacher.vocab_size=0"], "tasks.arithmetic.teacher"),
     "missing_teacher_checkpoint": (["tasks.arithmetic.teacher_checkpoint=/nonexistent/ckpt"],
                                    "tasks.arithmetic.teacher_checkpoint"),
     "missing_student_checkpoint": (["student_checkpoint=/nonexistent/ckpt"], "student_checkpoint"),

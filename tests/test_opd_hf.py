@@ -113,7 +113,8 @@ def bad(ckpts, tmp_path_factory):
     return {
         "missing_dir": (_hf_overrides(root / "nope", t), "student.path", "config.json"),
         "no_config_json": (_hf_overrides(s, root / "no_config"), "tasks.arithmetic.teacher.path", "config.json"),
-        "vocab_mismatch": (_hf_overrides(s, other), "tasks.arithmetic.teacher.path", "vocab_size"),
+        # a teacher with fewer rows than the student (one padded past the student's is accepted, see below)
+        "vocab_mismatch": (_hf_overrides(other, t), "tasks.arithmetic.teacher.path", "vocab_size"),
         "vocab_below_task_tokenizer": (_hf_overrides(small, small), "student.path", "opd.tasks.Tokenizer"),
         "short_positions": (_hf_overrides(s, short), "tasks.arithmetic.teacher.path", "max_position_embeddings"),
     }
@@ -125,6 +126,14 @@ def test_bad_hf_inputs_are_config_errors_naming_the_key(bad):
             validate(_compose(overrides))
         msg = str(err.value)
         assert msg.startswith(f"{key}:") and text in msg and "\n" not in msg, (name, msg)
+
+
+def test_an_hf_teacher_padded_past_the_student_is_one_vocabulary(ckpts, tmp_path):
+    """As Qwen2.5-7B (152,064 rows) teaching Qwen2.5-0.5B (151,936): the same tokenizer, more rows."""
+    padded = _save(tmp_path / "padded", seed=4, vocab_size=TOK_VOCAB + 8)
+    built = validate(_compose(_hf_overrides(ckpts["student"], padded)))
+    assert built["routes"]["arithmetic"]["teacher"].vocab_size == TOK_VOCAB + 8
+    assert built["student"].vocab_size == TOK_VOCAB
 
 
 def test_bad_hf_inputs_on_the_command_line_write_nothing(bad, tmp_path, monkeypatch, capsys):
