@@ -43,7 +43,6 @@ def main() -> None:
     if any(w < 0 for w in args.windows):
         ap.error(f"--windows: expected integers >= 0, got {args.windows}")
 
-    import dataclasses
 
     import jax
     from hydra import compose, initialize_config_dir
@@ -85,16 +84,11 @@ def main() -> None:
     print(f"{name}: {args.items} items, {'greedy' if args.greedy else 'top-p 0.9'}, "
           f"budget {task.max_response_len} tokens, {jax.device_count()} device(s)")
 
-    def windowed(first_window):
-        def sample_fn(model, prompt, mask, rng, cfg, **kw):
-            return sampling.sample(model, prompt, mask, rng, dataclasses.replace(cfg, first_window=first_window), **kw)
-        return sample_fn
-
     base = None
     for size in args.sizes:
         first_scores = None
         for window in args.windows:
-            run = dict(greedy=args.greedy, batch_size=size, sample_fn=windowed(window))
+            run = dict(greedy=args.greedy, batch_size=size, sample_fn=sampling.with_first_window(window))
             t0 = time.perf_counter()
             ev.outcomes(model, task, items[:size], key, **run)  # compile
             first_call = time.perf_counter() - t0

@@ -85,7 +85,7 @@ def run_experiment(cfg: Any, built: dict[str, Any], out_dir: Path, *, log: Calla
     from opd.tasks.common import teacher_cache_section
     from opd.train import evaluate as ev
     from opd.train.checkpoints import read_eval, write_eval
-    from opd.train.loop import Route, run_opd
+    from opd.train.loop import Route, run_opd, run_sampler
     from opd.train.sft import prepare, prepare_base
 
     t_start = time.time()
@@ -104,7 +104,7 @@ def run_experiment(cfg: Any, built: dict[str, Any], out_dir: Path, *, log: Calla
     def evaluate(model, name: str, task, n: int, prefix: str) -> tuple[dict[str, float], list]:
         """Held-out scores of `model` on the first `n` eval items of route `name`, measured as eval_spec."""
         return ev.evaluate(model, task, eval_items[name][:n], eval_key, samples=int(cfg.eval_samples),
-                           batch_size=eval_spec(name, n)["batch_size"], prefix=prefix)
+                           batch_size=eval_spec(name, n)["batch_size"], prefix=prefix, sample_fn=run_sampler(cfg))
 
     def sft_eval(names_tasks: list[tuple[str, Any]], n_of: Callable[[str], int]):
         """eval_fn and eval_spec for prepare(): the model's held-out scores on each of its tasks, and the

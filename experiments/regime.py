@@ -155,7 +155,7 @@ def step1(cfg: Any, student, route, *, batches: int = STEP1_BATCHES,
     `batches` batches of training prompts drawn as the loop's first step draws them (the first is the loop's
     own), then R4-R7's statistics of all their rollouts together."""
     from opd.train.batch import build_batch
-    from opd.train.loop import rollout_top_p, sample_stage, score_stage
+    from opd.train.loop import rollout_top_p, run_sampler, sample_stage, score_stage
 
     n, group = int(cfg.rollout.prompts_per_step), int(cfg.rollout.group_size)
     pick = np.random.default_rng(int(cfg.seed))
@@ -164,7 +164,8 @@ def step1(cfg: Any, student, route, *, batches: int = STEP1_BATCHES,
     lengths, scores = [], []
     for b in range(batches):
         items = [route.train_items[i] for i in pick.integers(0, len(route.train_items), n) for _ in range(group)]
-        rollouts = sample_stage(student, route, items, key if b == 0 else jax.random.fold_in(key, b), cfg)
+        rollouts = sample_stage(student, route, items, key if b == 0 else jax.random.fold_in(key, b), cfg,
+                                run_sampler(cfg))
         payload = score_stage(route, rollouts, int(cfg.loss.k), vocab_size=student.cfg.vocab_size)
         batch = build_batch(rollouts, payload, special_ids=list(route.task.special_ids().values()),
                             mask_special_tokens=False)
@@ -193,9 +194,10 @@ def step1(cfg: Any, student, route, *, batches: int = STEP1_BATCHES,
 def teacher_rollout_stats(cfg: Any, teacher, teacher_task, items: list) -> dict[str, Any]:
     """The teacher on its own rollouts (T = 1, top-p 1): mean top-1 probability and median response length."""
     from opd.teacher import score
+    from opd.train.loop import run_sampler
 
     rollouts = teacher_task.rollout(teacher, items, jax.random.key(int(cfg.eval_seed) + 1), temperature=1.0,
-                                    top_p=1.0)
+                                    top_p=1.0, sample_fn=run_sampler(cfg))
     payload = score(teacher, rollouts.tokens, rollouts.attention_mask, int(cfg.loss.k))
     return {"teacher_top1_mass": top1_mass(payload.topk_logprobs_BxLxK, rollouts.response_mask),
             "teacher_median_response_len": float(np.median(rollouts.response_len)),
@@ -206,7 +208,7 @@ def measure(cfg: Any, built: dict[str, Any], *, log: Callable[[str], None] = pro
     """Every R1-R7 number of the configuration's first route, plus what `passes` needs."""
     from opd.tasks.common import teacher_cache_section
     from opd.train import evaluate as ev
-    from opd.train.loop import Route
+    from opd.train.loop import Route, run_sampler
     from opd.train.sft import prepare, prepare_base
 
     t0 = time.time()
@@ -227,7 +229,7 @@ def measure(cfg: Any, built: dict[str, Any], *, log: Callable[[str], None] = pro
 
     def evaluate(model, view):
         return ev.evaluate(model, view, view.items("eval", n_eval, int(cfg.eval_seed)), eval_key,
-                           samples=int(cfg.eval_samples), batch_size=batch, prefix="")
+                           samples=int(cfg.eval_samples), batch_size=batch, prefix="", sample_fn=run_sampler(cfg))
 
     def held_out(label: str, model, meta: dict, view) -> float:
         """Sampled pass@1 (top-p 0.9) on the first n_eval eval items; reused from the checkpoint's meta when

@@ -21,6 +21,7 @@ argument), so repeated calls with the same shapes and config reuse one compiled 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -347,3 +348,16 @@ def sample(model: Any, prompt_BxP: Any, prompt_mask_BxP: Any, rng: jax.Array, cf
     graphdef, params = nnx.split(model)
     return _sample_jit(graphdef, params, jnp.asarray(prompt_BxP), jnp.asarray(prompt_mask_BxP), rng,
                        jnp.asarray(stops, jnp.int32), cfg=cfg)
+
+
+def with_first_window(first_window: int, sample_fn: Any = None) -> Any:
+    """`sample_fn` (default `sample`) with every SamplingConfig it is given set to `first_window`: how a run's
+    `rollout.first_window` reaches the samplers its tasks call, whatever task builds the SamplingConfig. The
+    windows change what a decode step costs, never what it draws."""
+    inner = sample if sample_fn is None else sample_fn
+
+    def windowed(model, prompt_BxP, prompt_mask_BxP, rng, cfg: SamplingConfig, **kw):
+        return inner(model, prompt_BxP, prompt_mask_BxP, rng, dataclasses.replace(cfg, first_window=first_window),
+                     **kw)
+
+    return windowed

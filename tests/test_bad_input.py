@@ -26,6 +26,7 @@ OPD_CASES = {  # overrides -> the key the one error line must name
     "loss_top_p_zero": (["loss.rollout_top_p=0"], "loss.rollout_top_p"),
     "temperature_zero": (["rollout.temperature=0"], "rollout.temperature"),
     "pad_multiple_negative": (["rollout.pad_multiple=-8"], "rollout.pad_multiple"),
+    "first_window_negative": (["rollout.first_window=-1"], "rollout.first_window"),
     "lr_inf": (["optimizer.lr=inf"], "optimizer.lr"),
     "lr_nan": (["optimizer.lr=nan"], "optimizer.lr"),
     "lr_negative": (["optimizer.lr=-1"], "optimizer.lr"),

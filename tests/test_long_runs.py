@@ -163,7 +163,8 @@ def _cfg():
                            warmup_steps=0, minibatches_per_step=1),
               seed=0, eval_seed=1, steps=3, eval_every=100, eval_samples=1, eval_batch_size=2, log_every=1,
               diagnostics_every=0, diag_bucket_size=8,
-              rollout=ns(prompts_per_step=2, group_size=1, temperature=1.0, top_p=None, pad_multiple=8))
+              rollout=ns(prompts_per_step=2, group_size=1, temperature=1.0, top_p=None, pad_multiple=8,
+                         first_window=64))
 
 
 def _poisoned_score(bad_step: int):

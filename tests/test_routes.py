@@ -211,7 +211,8 @@ def _run_cfg(loss: str, **loss_fields):
     ns = SimpleNamespace
     return ns(loss=ns(**loss_cfg), optimizer=ns(**opt), seed=0, eval_seed=1, steps=2, eval_every=2, eval_samples=1,
               eval_batch_size=4, log_every=1, diagnostics_every=1, diag_bucket_size=8,
-              rollout=ns(prompts_per_step=2, group_size=2, temperature=1.0, top_p=None, pad_multiple=8))
+              rollout=ns(prompts_per_step=2, group_size=2, temperature=1.0, top_p=None, pad_multiple=8,
+                         first_window=64))
 
 
 def test_loop_alternates_routes_with_one_teacher_each(tmp_path):

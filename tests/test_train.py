@@ -516,8 +516,10 @@ def test_save_is_atomic_when_the_key_already_exists(tmp_path):
 
 
 def test_run_opd_rows_have_every_required_key(tmp_path):
+    """...and every sampler call of the run, its rollouts and its evaluations, runs at rollout.first_window."""
     from types import SimpleNamespace
 
+    from opd import sampling
     from opd.results import RunRecorder, read_rows
     from opd.train.loop import Route, run_opd
 
@@ -527,15 +529,22 @@ def test_run_opd_rows_have_every_required_key(tmp_path):
     cfg = SimpleNamespace(loss=_loss_cfg("lsm", rollout_top_p=0.9), optimizer=_opt_cfg(), seed=0, eval_seed=1, steps=2,
              eval_every=2, eval_samples=1, eval_batch_size=4, log_every=1, diagnostics_every=0, diag_bucket_size=8,
              rollout=SimpleNamespace(prompts_per_step=2, group_size=2, temperature=1.0, top_p=None,
-                                      pad_multiple=8))
+                                      pad_multiple=8, first_window=3))
     route = Route("arithmetic", task, teacher, train_items=task.items("train", 8, 0),
                   eval_items=task.items("eval", 4, 0))
     rec = RunRecorder(tmp_path, {})
     logs: list[str] = []
-    out = run_opd(cfg, student, [route], recorder=rec, log=logs.append)
+    windows: list[int] = []
+
+    def spy(model, prompt_BxP, mask_BxP, rng, scfg, **kw):
+        windows.append(scfg.first_window)
+        return sampling.sample(model, prompt_BxP, mask_BxP, rng, scfg, **kw)
+
+    out = run_opd(cfg, student, [route], recorder=rec, log=logs.append, sample_fn=spy)
     rec.finish({})
     rows = read_rows(tmp_path)
     assert [r["step"] for r in rows] == [1, 2]
+    assert len(windows) == 2 + 2 and set(windows) == {3}  # two OPD steps; one eval: a sampled and a greedy pass
     required = set(diagnostics.STEP_METRICS) | {"clip_frac", "time/sample_s", "time/score_s", "time/update_s"}
     for row in rows:
         assert required <= set(row), required - set(row)

@@ -65,6 +65,11 @@ class RolloutConfig:
     # Scoring and the update see the batch cut to its longest rollout, rounded up to a multiple of this
     # (0: the task's whole budget). Each distinct width is one more compiled program (opd/train/batch.py).
     pad_multiple: int = 64
+    # Response positions of the sampler's first decode window (opd.sampling.decode_windows): the KV cache
+    # grows in windows that double until the budget, so a short response does not pay for the whole budget's
+    # cache; 0 = one window at the full budget. Each window is one more compiled loop. Applies to the run's
+    # rollouts and its held-out evaluations; it changes the cost of a decode step, never what it draws.
+    first_window: int = 64
 
 
 @dataclass
@@ -404,6 +409,7 @@ def _check_scalars(cfg: Any) -> None:
         _count(cfg, key)
     _count(cfg, "diagnostics_every", 0)
     _count(cfg, "rollout.pad_multiple", 0)
+    _count(cfg, "rollout.first_window", 0)
     require_choice("optimizer.name", cfg.optimizer.name, ["adamw"])
     _positive(cfg.optimizer.lr, "optimizer.lr")
     _positive(cfg.optimizer.grad_clip, "optimizer.grad_clip")

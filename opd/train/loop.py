@@ -67,6 +67,14 @@ def rollout_top_p(cfg: Any) -> float:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def run_sampler(cfg: Any, sample_fn=None):
+    """The sampler every rollout of a run goes through (its OPD batches and its evaluations): `sample_fn`
+    (default `opd.sampling.sample`) at the run's `rollout.first_window`."""
+    from opd import sampling
+
+    return sampling.with_first_window(int(cfg.rollout.first_window), sample_fn)
+
+
 def sample_stage(student, route: Route, items: list, key, cfg: Any, sample_fn=None):
     return route.task.rollout(student, items, key, temperature=float(cfg.rollout.temperature),
                               top_p=rollout_top_p(cfg), sample_fn=sample_fn)
@@ -180,6 +188,7 @@ def run_opd(
     from opd.train.opd_step import OPDStepper
 
     objective = objectives.get(cfg.loss.name)
+    sample_fn = run_sampler(cfg, sample_fn)
     # Only objectives that read the teacher's logits inside the update get its graph and weights there; each
     # route passes its own (teachers may differ in architecture).
     teachers = {r.name: nnx.split(r.teacher) if objective.teacher == "logits" else (None, None) for r in routes}
