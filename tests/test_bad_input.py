@@ -68,6 +68,8 @@ OPD_CASES = {  # overrides -> the key the one error line must name
     "tuned_lr_without_the_runs_objective": (["loss=lsm", "+tuned_lr.sampled_token=0.001"], "tuned_lr"),
     "student_sft_lr_zero": (["sft_student.lr=0"], "sft_student.lr"),
     "teacher_sft_eps_zero": (["tasks.arithmetic.sft.eps=0"], "tasks.arithmetic.sft.eps"),
+    "teacher_sft_optimizer_unknown": (["tasks.arithmetic.sft.optimizer=sgd"], "tasks.arithmetic.sft.optimizer"),
+    "student_sft_optimizer_unknown": (["sft_student.optimizer=sgd"], "sft_student.optimizer"),
     "capacity_steps_negative": (["capacity_sft_steps=-1"], "capacity_sft_steps"),
     "lsm_over_one_token": (["loss=lsm", "loss.k=1"], "loss.k"),
     "sweep_with_a_bad_job": (["-m", "loss.k=4,0"], "loss.k"),

@@ -192,6 +192,7 @@ def test_sft_from_hf_init_cache_key_and_start(ckpt, tmp_path):
     class Tiny:  # one step at a negligible learning rate: the SFT'd model is the checkpoint's, not random
         steps, batch_size, lr, warmup_steps, weight_decay, grad_clip, eps, train_problems, log_every, seed = (
             1, 2, 1e-12, 0, 0.0, 1.0, 1e-8, 4, 1, 0)
+        optimizer = "adamw"
 
     model, meta = sft.prepare("t", cfg["student"], [task], sections, Tiny, root=tmp_path / "c", init_from=ckpt,
                               log=lambda _: None)

@@ -503,8 +503,8 @@ def test_the_teacher_base_is_sft_in_the_students_conventions_and_starts_the_teac
     mc = ModelConfig(vocab_size=task.tokenizer.vocab_size, hidden_size=16, num_layers=1, num_heads=2,
                      num_kv_heads=1, intermediate_size=32, max_seq_len=task.max_prompt_len + task.max_response_len)
     sft = OmegaConf.create({"steps": 2, "batch_size": 2, "lr": 1e-3, "warmup_steps": 1, "weight_decay": 0.01,
-                            "grad_clip": 1.0, "eps": 1e-8, "train_problems": 8, "eval_problems": 4, "log_every": 1,
-                            "seed": 0})
+                            "grad_clip": 1.0, "eps": 1e-8, "optimizer": "adamw", "train_problems": 8,
+                            "eval_problems": 4, "log_every": 1, "seed": 0})
     sections = {"model": mc.to_dict(), "task": {"name": "longsum"}, "sft": dict(sft)}
     logs: list[str] = []
     base = prepare_base("teacher", mc, base_view, sections, sft, 3, root=tmp_path, log=logs.append)

@@ -416,7 +416,8 @@ def _tiny_task():
 
 def _sft_cfg(**kw):
     base = {"steps": 3, "batch_size": 4, "lr": 1e-3, "warmup_steps": 1, "weight_decay": 0.01, "grad_clip": 1.0,
-            "eps": 1e-8, "train_problems": 16, "eval_problems": 4, "log_every": 1, "seed": 0}
+            "eps": 1e-8, "optimizer": "adamw", "train_problems": 16, "eval_problems": 4, "log_every": 1,
+            "seed": 0}
     return OmegaConf.create({**base, **kw})
 
 
@@ -443,11 +444,12 @@ def test_checkpoint_cache_is_reused_not_retrained(tmp_path):
     sft2 = _sft_cfg(steps=2)
     _, meta3 = prepare("student", mc, [task], {**sections, "sft": dict(sft2)}, sft2, root=tmp_path, log=logs.append)
     assert meta3["trained"] and meta3["path"] != meta1["path"]
-    # Adam's epsilon at its default is left out of the key (models stored before the field keep theirs);
-    # any other value is another key
-    no_eps = {**sections, "sft": {k: v for k, v in sections["sft"].items() if k != "eps"}}
-    assert sft_cache_key(no_eps, [task], 0) == meta1["key"]
+    # Adam's epsilon and the optimizer at their defaults are left out of the key (models stored before the
+    # fields keep theirs); any other value is another key
+    older = {**sections, "sft": {k: v for k, v in sections["sft"].items() if k not in ("eps", "optimizer")}}
+    assert sft_cache_key(older, [task], 0) == meta1["key"]
     assert sft_cache_key({**sections, "sft": dict(_sft_cfg(eps=1e-16))}, [task], 0) != meta1["key"]
+    assert sft_cache_key({**sections, "sft": dict(_sft_cfg(optimizer="lion"))}, [task], 0) != meta1["key"]
     # same config sections but demonstrations the task code now writes differently: a different key
     original = task.demonstration
     task.demonstration = lambda p: original(p).replace("\n</think>", "</think>")
@@ -503,6 +505,31 @@ def test_sft_targets_end_with_exactly_one_eos():
     for b in range(len(items)):
         fitted = tokens[b][target[b] > 0]
         assert fitted[-1] == eos and (fitted == eos).sum() == 1
+
+
+@pytest.mark.parametrize("optimizer", ["lion", "adamw"])
+def test_lion_steps_every_weight_by_the_learning_rate_and_adamw_does_not(optimizer):
+    """sft.optimizer=lion: each step moves every weight with a nonzero momentum by exactly the scheduled lr
+    (the sign of its momentum), however small its gradient; AdamW's second step moves them by varied amounts."""
+    from opd.train.sft import _schedule, sft_optimizer
+
+    cfg = _sft_cfg(optimizer=optimizer, weight_decay=0.0, warmup_steps=1, steps=10, lr=1e-2, grad_clip=1e9)
+    model = _model(0)
+    opt = sft_optimizer(model, cfg)
+    params = lambda: [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]  # noqa: E731
+    rng = np.random.default_rng(0)
+    for step in range(2):
+        before = params()
+        # gradients spanning six orders of magnitude, as a frequent token's row and a never-seen one's do
+        grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape) * 10.0 ** rng.uniform(-6, 0, p.shape),
+                                                   p.dtype), nnx.state(model, nnx.Param))
+        opt.update(model, grads)
+    moved = np.concatenate([np.abs(a - b).ravel() for a, b in zip(params(), before, strict=True)])
+    lr = float(_schedule(cfg)(1))
+    if optimizer == "lion":
+        np.testing.assert_allclose(moved, lr, rtol=1e-4)
+    else:
+        assert moved.min() < 0.5 * lr
 
 
 def test_save_is_atomic_when_the_key_already_exists(tmp_path):

@@ -97,8 +97,12 @@ class SFTConfig:
     warmup_steps: int = 50
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    # Adam's epsilon (optax's default 1e-8, as optimizer.eps). A never-seen token's output row is pushed down by
-    # gradients the size of its probability; once they fall below epsilon the row stops (results/notes/30_regime.md).
+    # adamw | lion. Lion (Chen et al. 2023) steps every weight by lr times the sign of its momentum, so an output
+    # row whose gradient shrinks with its probability keeps moving; Adam's second moment slows it. Lion wants
+    # an lr several times smaller than AdamW's (results/notes/30_regime.md, "Why R7 holds").
+    optimizer: str = "adamw"
+    # Adam's epsilon (optax's default 1e-8, as optimizer.eps); unused by Lion. Measured not to move the
+    # never-seen ids of the regime's teacher (results/notes/30_regime.md).
     eps: float = 1e-8
     train_problems: int = 4096  # size of the demonstration pool (task "train" split)
     eval_problems: int = 128  # held-out problems for the accuracy printed after SFT
@@ -106,6 +110,7 @@ class SFTConfig:
     seed: int = 0
 
 
+SFT_OPTIMIZERS = ("adamw", "lion")
 TEACHER_TOKENIZERS = ("same", "variant")
 TOKEN_MAPPINGS = (None, "surface", "role")
 STUDENT_TOKENIZERS = ("basic", "spaced", "hf")
@@ -497,6 +502,7 @@ def validate(cfg: Any) -> dict[str, Any]:
     _positive(cfg.sft_student.batch_size, "sft_student.batch_size")
     _positive(cfg.sft_student.lr, "sft_student.lr")
     _positive(cfg.sft_student.eps, "sft_student.eps")
+    require_choice("sft_student.optimizer", cfg.sft_student.optimizer, SFT_OPTIMIZERS)
     if cfg.capacity_sft_steps is not None:
         _count(cfg, "capacity_sft_steps", minimum=0)
     student = model_config(cfg.student, "student")
@@ -510,6 +516,7 @@ def validate(cfg: Any) -> dict[str, Any]:
             require(not OmegaConf.is_missing(rc, part) and rc[part] is not None, f"{key}.{part}", allowed, None)
         for field_ in ("steps", "batch_size", "lr", "eps"):
             _positive(rc.sft[field_], f"{key}.sft.{field_}")
+        require_choice(f"{key}.sft.optimizer", rc.sft.optimizer, SFT_OPTIMIZERS)
         teacher_tok = make_tokenizer(cfg.tokenizer, rc.teacher_tokenizer, hf_dir=hf_student,
                                      key=f"{key}.teacher_tokenizer")
         if cfg.tokenizer == "hf":

@@ -63,9 +63,15 @@ def _schedule(cfg) -> optax.Schedule:
 
 
 def sft_optimizer(model: nnx.Module, cfg) -> nnx.Optimizer:
-    """AdamW on the warmup-cosine schedule after global-norm clipping (every SFT loop's optimizer)."""
-    tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
-                     optax.adamw(_schedule(cfg), eps=cfg.eps, weight_decay=cfg.weight_decay))
+    """`cfg.optimizer` (AdamW or Lion, decoupled weight decay) on the warmup-cosine schedule after global-norm
+    clipping (every SFT loop's optimizer)."""
+    if cfg.optimizer == "lion":
+        update = optax.lion(_schedule(cfg), weight_decay=cfg.weight_decay)
+    elif cfg.optimizer == "adamw":
+        update = optax.adamw(_schedule(cfg), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    else:
+        raise ValueError(f"optimizer: expected one of adamw, lion, got {cfg.optimizer!r}")
+    tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), update)
     return nnx.Optimizer(model, tx, wrt=nnx.Param)
 
 
@@ -152,8 +158,10 @@ def sft_cache_key(sections: dict[str, Any], tasks: list, seed: int, init_from: s
     retrains) and, when it starts from a checkpoint, that checkpoint's fingerprint."""
     sample = _demonstrations(tasks, FINGERPRINT_PROBLEMS, seed)
     keyed = {**sections, "data": checkpoints.data_fingerprint(*(a for s in sample for a in s))}
-    if keyed.get("sft", {}).get("eps") == SFTConfig.eps:  # models trained before the field keep their key
-        keyed["sft"] = {k: v for k, v in keyed["sft"].items() if k != "eps"}
+    # Fields added after models were stored are left out at their defaults, so those models keep their keys.
+    defaults = {"eps": SFTConfig.eps, "optimizer": SFTConfig.optimizer}
+    if "sft" in keyed:
+        keyed["sft"] = {k: v for k, v in keyed["sft"].items() if not (k in defaults and v == defaults[k])}
     if init_from is not None:  # an SFT'd checkpoint of this cache is named by its key, a Hugging Face one by its files
         is_ours = checkpoints.is_complete(init_from)
         keyed["init_from"] = checkpoints.read_meta(init_from)["key"] if is_ours else init_fingerprint(init_from)
