@@ -86,7 +86,7 @@ def run_experiment(cfg: Any, built: dict[str, Any], out_dir: Path, *, log: Calla
     from opd.train import evaluate as ev
     from opd.train.checkpoints import read_eval, write_eval
     from opd.train.loop import Route, run_opd, run_sampler
-    from opd.train.sft import prepare, prepare_base
+    from opd.train.sft import prepare_base, prepare_then
 
     t_start = time.time()
     resolved = to_container(cfg)
@@ -140,13 +140,13 @@ def run_experiment(cfg: Any, built: dict[str, Any], out_dir: Path, *, log: Calla
         return {prefix + k: v for k, v in scores.items()}, items
 
     def prepare_model(label, model_cfg, hf_dir, names_tasks, sections, sft_cfg, checkpoint, n_of, hf_sft=False,
-                      base=None):
+                      base=None, then=None):
         if hf_dir is not None and not hf_sft:  # a Hugging Face checkpoint replaces SFT preparation
             return load_hf(label, hf_dir, model_cfg, log=log)
         eval_fn, spec = sft_eval(names_tasks, n_of)
-        return prepare(label, model_cfg, [t for _, t in names_tasks], sections, sft_cfg, root=cfg.checkpoint_root,
-                       store=cfg.checkpoint_store, checkpoint=checkpoint, eval_fn=eval_fn, eval_spec=spec, log=log,
-                       init_from=hf_dir if base is None else base)
+        return prepare_then(label, model_cfg, [t for _, t in names_tasks], sections, sft_cfg, then,
+                            root=cfg.checkpoint_root, store=cfg.checkpoint_store, checkpoint=checkpoint,
+                            eval_fn=eval_fn, eval_spec=spec, log=log, init_from=hf_dir if base is None else base)
 
     teachers, teacher_scores, item_rows = {}, {}, []
     for name, r in route_cfgs.items():
@@ -160,7 +160,7 @@ def run_experiment(cfg: Any, built: dict[str, Any], out_dir: Path, *, log: Calla
         teachers[name], tmeta = prepare_model(
             f"teacher/{name}", r["teacher"], r["hf_teacher"], [(name, r["teacher_task"])], sections, rc.sft,
             rc.teacher_checkpoint, lambda _n, rc=rc: min(int(rc.sft.eval_problems), int(cfg.eval_problems)),
-            hf_sft=r["teacher_sft"], base=base)
+            hf_sft=r["teacher_sft"], base=base, then=rc.sft_then)
         scores, items = held_out(teachers[name], tmeta, [(name, r["teacher_task"])], "teacher/")
         teacher_scores.update(scores)
         item_rows += [{"phase": "teacher", "task": name, **row} for row in items.get(name, [])]

@@ -209,7 +209,7 @@ def measure(cfg: Any, built: dict[str, Any], *, log: Callable[[str], None] = pro
     from opd.tasks.common import teacher_cache_section
     from opd.train import evaluate as ev
     from opd.train.loop import Route, run_sampler
-    from opd.train.sft import prepare, prepare_base
+    from opd.train.sft import prepare_base, prepare_then
 
     t0 = time.time()
     resolved = to_container(cfg)
@@ -261,17 +261,17 @@ def measure(cfg: Any, built: dict[str, Any], *, log: Callable[[str], None] = pro
     root = cfg.checkpoint_root
     models, acc = {}, {}
 
-    def prepared(label, model_cfg, view, sections, sft_cfg, init_from=None):
+    def prepared(label, model_cfg, view, sections, sft_cfg, init_from=None, then=None):
         eval_fn, spec = eval_fn_for(view)
-        models[label], meta = prepare(f"{label}/{name}", model_cfg, [view], sections, sft_cfg, root=root,
-                                      store=cfg.checkpoint_store, eval_fn=eval_fn, eval_spec=spec, log=log,
-                                      init_from=init_from)
+        models[label], meta = prepare_then(f"{label}/{name}", model_cfg, [view], sections, sft_cfg, then, root=root,
+                                           store=cfg.checkpoint_store, eval_fn=eval_fn, eval_spec=spec, log=log,
+                                           init_from=init_from)
         acc[label] = held_out(label, models[label], meta, view)
 
     base = None if r["base_task"] is None else prepare_base(
         f"teacher/{name}", r["teacher"], r["base_task"], t_sections, rc.sft, rc.teacher_base_steps, root=root,
         store=cfg.checkpoint_store, log=log)
-    prepared("teacher", r["teacher"], teacher_task, t_sections, rc.sft, init_from=base)
+    prepared("teacher", r["teacher"], teacher_task, t_sections, rc.sft, init_from=base, then=rc.sft_then)
     prepared("student", built["student"], task, s_sections, cfg.sft_student)
     out: dict[str, Any] = {"teacher_accuracy": acc["teacher"], "student_accuracy": acc["student"]}
     n_stats = int(cfg.rollout.prompts_per_step) * int(cfg.rollout.group_size)

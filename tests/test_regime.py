@@ -377,13 +377,14 @@ def test_measure_on_tiny_models_prints_every_key(monkeypatch, tmp_path):
         if label.startswith("teacher"):
             spec = {k: v for k, v in spec.items() if k != "batch_size"}
         meta = {"sft_eval_spec": spec, "sft_eval": {"accuracy": 0.5}} if label != "capacity/arithmetic" else {}
+        meta["path"] = str(tmp_path)  # where the teacher's Lion phase starts (its weights are not read here)
         return Transformer(model_cfg, rngs=nnx.Rngs(len(prepared))), meta
 
     monkeypatch.setattr(sft, "prepare", fake_prepare)
     r = regime.measure(cfg, built, log=lambda _m: None)
     ctx = r.pop("_context")
-    assert prepared == [("teacher/arithmetic", "worked"), ("student/arithmetic", "brief"),
-                        ("capacity/arithmetic", "worked")]
+    assert prepared == [("teacher/arithmetic", "worked"), ("teacher/arithmetic then", "worked"),
+                        ("student/arithmetic", "brief"), ("capacity/arithmetic", "worked")]
     assert ctx["shared_vocabulary"] and ctx["conventions_differ"]
     line = json.loads(regime.report_line(r, regime.passes(r, **{k: ctx[k] for k in (
         "budget", "shared_vocabulary", "conventions_differ")})))
@@ -396,7 +397,8 @@ def test_measure_on_tiny_models_prints_every_key(monkeypatch, tmp_path):
     cfg.capacity_sft_steps = 0
     skipped = regime.measure(cfg, built, log=lambda _m: None)
     skipped.pop("_context")
-    assert prepared == [("teacher/arithmetic", "worked"), ("student/arithmetic", "brief")]
+    assert prepared == [("teacher/arithmetic", "worked"), ("teacher/arithmetic then", "worked"),
+                        ("student/arithmetic", "brief")]
     assert skipped["capacity_accuracy"] is None and set(skipped) == set(r)
 
 
@@ -404,16 +406,20 @@ class KeysComputedError(Exception):
     """Raised by record_keys' prepare() once it has computed the last key a test needs."""
 
 
-def record_keys(monkeypatch, keys: dict, last: str) -> None:
+def record_keys(monkeypatch, keys: dict, last: str, root: Path) -> None:
     """Replace sft.prepare by one that records each model's cache key in `keys` and trains, loads and
-    evaluates nothing; after the key of `last` it raises KeysComputedError."""
-    from opd.train import sft
+    evaluates nothing (a model's path under `root` holds only its key, for an SFT phase that starts from it);
+    after the key of `last` it raises KeysComputedError."""
+    from opd.train import checkpoints, sft
 
     def key_only(label, model_cfg, tasks, sections, sft_cfg, **kw):
         keys[label] = sft.sft_cache_key(sections, tasks, int(sft_cfg.seed), kw.get("init_from"))
         if label == last:
             raise KeysComputedError
-        return None, {"sft_eval_spec": kw["eval_spec"], "sft_eval": {"accuracy": 0.0}}
+        path = root / keys[label]
+        (path / "params").mkdir(parents=True, exist_ok=True)
+        (path / checkpoints.META).write_text(json.dumps({"key": keys[label]}))
+        return None, {"sft_eval_spec": kw["eval_spec"], "sft_eval": {"accuracy": 0.0}, "path": str(path)}
 
     monkeypatch.setattr(sft, "prepare", key_only)
 
@@ -424,7 +430,7 @@ def not_in_store(keys: dict) -> dict:
     return {label: key for label, key in keys.items() if key not in stored}
 
 
-def test_the_committed_store_holds_the_regime_models_under_the_keys_the_code_computes(monkeypatch):
+def test_the_committed_store_holds_the_regime_models_under_the_keys_the_code_computes(monkeypatch, tmp_path):
     """A change to the task code or the regime's config changes the SFT cache keys (they hash a sample of the
     demonstrations); the committed models (results/models) would then be missed and retrained, over an hour
     on 2 cores, and the tables would no longer describe the models the code prepares. Keys only: nothing is
@@ -432,14 +438,15 @@ def test_the_committed_store_holds_the_regime_models_under_the_keys_the_code_com
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="opd", overrides=["experiment=regime"])
     keys = {}
-    record_keys(monkeypatch, keys, last="capacity/arithmetic")
+    record_keys(monkeypatch, keys, last="capacity/arithmetic", root=tmp_path)
     # the measurements between the student and the capacity check need models; none is loaded here
     monkeypatch.setattr(regime, "teacher_rollout_stats", lambda *a, **k: {"teacher_truncated_frac": 0.0})
     monkeypatch.setattr(regime, "step1", lambda *a, **k: dict.fromkeys(
         ("neg_reward_frac_step1", "gap_iqr_ratio", "endorsed_loop_frac", "eos_teacher_logprob", "special_tokens")))
     with pytest.raises(KeysComputedError):
         regime.measure(cfg, validate(cfg), log=lambda _m: None)
-    assert set(keys) == {"teacher/arithmetic", "student/arithmetic", "capacity/arithmetic"}
+    assert set(keys) == {"teacher/arithmetic", "teacher/arithmetic then", "student/arithmetic",
+                         "capacity/arithmetic"}
     assert not_in_store(keys) == {}
 
 
@@ -452,7 +459,7 @@ def test_the_committed_store_holds_the_table2_models_under_the_keys_the_code_com
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="opd", overrides=["experiment=table2"])
     keys = {}
-    record_keys(monkeypatch, keys, last="student")
+    record_keys(monkeypatch, keys, last="student", root=tmp_path / "keys")
     monkeypatch.setattr(evaluate, "evaluate", lambda *a, **k: ({}, []))  # the teachers' held-out scores
     with pytest.raises(KeysComputedError):
         opd_experiment.run_experiment(cfg, validate(cfg), tmp_path, log=lambda _m: None,
@@ -462,17 +469,20 @@ def test_the_committed_store_holds_the_table2_models_under_the_keys_the_code_com
 
 
 def test_table2_routes_reuse_the_regime_teacher_and_the_countdown_report_teacher():
-    """Table 2's long-sum route is Table 1's (its committed teacher is reused), and its countdown route is the
-    configuration `python -m experiments.regime task@tasks.arithmetic.task=countdown
-    tasks.arithmetic.sft.steps=3000` measures, so R1-R6 measured there hold for the table's countdown teacher (the
-    same task, model and SFT sections)."""
+    """Table 2's long-sum route is Table 1's without the teacher's Lion phase (the committed one-phase teacher it
+    was measured with), and its countdown route is the configuration `python -m experiments.regime
+    task@tasks.arithmetic.task=countdown tasks.arithmetic.sft.steps=3000 tasks.arithmetic.sft_then=null`
+    measures, so R1-R6 measured there hold for the table's countdown teacher (the same task, model and SFT
+    sections)."""
     from opd.train.config import to_container
 
+    one_phase = "tasks.arithmetic.sft_then=null"
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         table2 = to_container(compose(config_name="opd", overrides=["experiment=table2"]))["tasks"]
-        table1 = to_container(compose(config_name="opd", overrides=["experiment=table1"]))["tasks"]
+        table1 = to_container(compose(config_name="opd", overrides=["experiment=table1", one_phase]))["tasks"]
         report = to_container(compose(config_name="opd", overrides=[
-            "experiment=regime", "task@tasks.arithmetic.task=countdown", "tasks.arithmetic.sft.steps=3000"]))["tasks"]
+            "experiment=regime", "task@tasks.arithmetic.task=countdown", "tasks.arithmetic.sft.steps=3000",
+            one_phase]))["tasks"]
     assert table2["arithmetic"] == table1["arithmetic"]
     assert table2["countdown"] == report["arithmetic"]
     assert table2["countdown"]["task"]["operation"] == "sub" and "operation" not in table2["arithmetic"]["task"]

@@ -421,6 +421,33 @@ def _sft_cfg(**kw):
     return OmegaConf.create({**base, **kw})
 
 
+def test_a_second_sft_phase_starts_from_the_first_and_is_cached_under_its_own_key(tmp_path):
+    """sft_then: the first phase is the one-phase model (same key, reused), the second starts from its weights
+    with the replaced fields, under a key naming the first's; a rerun trains neither."""
+    from opd.train.sft import prepare, prepare_then
+
+    task = _tiny_task()
+    mc = ModelConfig(vocab_size=task.tokenizer.vocab_size, hidden_size=16, num_layers=1, num_heads=2,
+                     num_kv_heads=1, intermediate_size=32, max_seq_len=64)
+    sft = _sft_cfg()
+    sections = {"model": mc.to_dict(), "task": {"name": "arithmetic", "digits": 1}, "sft": dict(sft)}
+    first, first_meta = prepare("teacher", mc, [task], sections, sft, root=tmp_path, log=lambda _: None)
+    logs: list[str] = []
+    then = {"optimizer": "lion", "steps": 2, "lr": 1e-3}
+    model, meta = prepare_then("teacher", mc, [task], sections, sft, then, root=tmp_path, log=logs.append)
+    assert meta["trained"] and meta["init_from"] == first_meta["path"] and meta["key"] != first_meta["key"]
+    assert meta["sft"]["optimizer"] == "lion" and meta["sft"]["steps"] == 2 and meta["sft"]["seed"] == sft.seed
+    assert any("[sft teacher] reusing cached checkpoint" in x for x in logs)
+    assert any("[sft teacher then] step 2/2" in x for x in logs)
+    moved = [np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in zip(
+        jax.tree.leaves(nnx.state(first, nnx.Param)), jax.tree.leaves(nnx.state(model, nnx.Param)), strict=True)]
+    assert 0 < max(moved) <= 2 * 1e-3 * (1 + 1e-4)  # two Lion steps of at most lr each, from the first's weights
+    _, again = prepare_then("teacher", mc, [task], sections, sft, then, root=tmp_path, log=lambda _: None)
+    assert not again["trained"] and again["path"] == meta["path"]
+    _, one = prepare_then("teacher", mc, [task], sections, sft, None, root=tmp_path, log=lambda _: None)
+    assert one["path"] == first_meta["path"]
+
+
 def test_checkpoint_cache_is_reused_not_retrained(tmp_path):
     from opd.train.sft import prepare, sft_cache_key
 
@@ -518,7 +545,7 @@ def test_lion_steps_every_weight_by_the_learning_rate_and_adamw_does_not(optimiz
     opt = sft_optimizer(model, cfg)
     params = lambda: [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]  # noqa: E731
     rng = np.random.default_rng(0)
-    for step in range(2):
+    for _ in range(2):  # the schedule's first lr is 0; Adam's first step would be a sign step too
         before = params()
         # gradients spanning six orders of magnitude, as a frequent token's row and a never-seen one's do
         grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape) * 10.0 ** rng.uniform(-6, 0, p.shape),

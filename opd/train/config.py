@@ -99,7 +99,7 @@ class SFTConfig:
     grad_clip: float = 1.0
     # adamw | lion. Lion (Chen et al. 2023) steps every weight by lr times the sign of its momentum, so an output
     # row whose gradient shrinks with its probability keeps moving; Adam's second moment slows it. Lion wants
-    # an lr several times smaller than AdamW's (results/notes/30_regime.md, "Why R7 holds").
+    # an lr several times smaller than AdamW's (results/notes/30_regime.md, "Why R7 holds: a Lion phase").
     optimizer: str = "adamw"
     # Adam's epsilon (optax's default 1e-8, as optimizer.eps); unused by Lion. Measured not to move the
     # never-seen ids of the regime's teacher (results/notes/30_regime.md).
@@ -140,6 +140,9 @@ class RouteConfig:
     # starts from those weights; 0: from a random init.
     teacher_base_steps: int = 0
     sft: SFTConfig = field(default_factory=lambda: SFTConfig(seed=0))  # the teacher's SFT on this task
+    # A second phase of the teacher's SFT, started from the first's weights: fields of `sft` it sets otherwise
+    # (steps at least), e.g. another optimizer; null: none. The first phase is cached under its own key.
+    sft_then: dict[str, Any] | None = None
 
 
 @dataclass
@@ -321,6 +324,12 @@ def _positive(value: Any, key: str) -> None:
             key, "a finite number > 0", value)
 
 
+def _sft_recipe(sft: Any, key: str) -> None:
+    for field_ in ("steps", "batch_size", "lr", "eps"):
+        _positive(sft[field_], f"{key}.{field_}")
+    require_choice(f"{key}.optimizer", sft.optimizer, SFT_OPTIMIZERS)
+
+
 def _count(cfg: Any, key: str, minimum: int = 1) -> None:
     node: Any = cfg
     for part in key.split("."):
@@ -498,11 +507,7 @@ def validate(cfg: Any) -> dict[str, Any]:
                 "null when the student is a Hugging Face checkpoint (student.path is loaded as is)",
                 cfg.student_checkpoint)
     _checkpoint_dir(cfg.student_checkpoint, "student_checkpoint")
-    _positive(cfg.sft_student.steps, "sft_student.steps")
-    _positive(cfg.sft_student.batch_size, "sft_student.batch_size")
-    _positive(cfg.sft_student.lr, "sft_student.lr")
-    _positive(cfg.sft_student.eps, "sft_student.eps")
-    require_choice("sft_student.optimizer", cfg.sft_student.optimizer, SFT_OPTIMIZERS)
+    _sft_recipe(cfg.sft_student, "sft_student")
     if cfg.capacity_sft_steps is not None:
         _count(cfg, "capacity_sft_steps", minimum=0)
     student = model_config(cfg.student, "student")
@@ -514,9 +519,13 @@ def validate(cfg: Any) -> dict[str, Any]:
         for part, allowed in (("task", "a task section (conf/task/*)"), ("teacher", "a teacher model section "
                                                                              "(conf/model/*)")):
             require(not OmegaConf.is_missing(rc, part) and rc[part] is not None, f"{key}.{part}", allowed, None)
-        for field_ in ("steps", "batch_size", "lr", "eps"):
-            _positive(rc.sft[field_], f"{key}.sft.{field_}")
-        require_choice(f"{key}.sft.optimizer", rc.sft.optimizer, SFT_OPTIMIZERS)
+        _sft_recipe(rc.sft, f"{key}.sft")
+        if rc.sft_then is not None:
+            fields = {f.name for f in dataclasses.fields(SFTConfig)}
+            require("steps" in rc.sft_then and set(rc.sft_then) <= fields, f"{key}.sft_then",
+                    f"null or fields of an SFT recipe, steps among them ({', '.join(sorted(fields))})",
+                    sorted(rc.sft_then))
+            _sft_recipe(OmegaConf.merge(rc.sft, rc.sft_then), f"{key}.sft_then")
         teacher_tok = make_tokenizer(cfg.tokenizer, rc.teacher_tokenizer, hf_dir=hf_student,
                                      key=f"{key}.teacher_tokenizer")
         if cfg.tokenizer == "hf":

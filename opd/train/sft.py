@@ -246,6 +246,21 @@ def _provenance() -> dict[str, Any]:
     return {k: v for k, v in provenance({}).items() if k != "config"}
 
 
+def prepare_then(label: str, model_cfg, tasks: list, sections: dict[str, Any], sft_cfg, then: dict | None,
+                 **kw: Any) -> tuple[nnx.Module, dict[str, Any]]:
+    """`prepare(...)`, then, when `then` is set (a route's sft_then), a second SFT phase from its weights with
+    `then`'s fields replacing the recipe's, cached under its own key (which names the first phase's); returns the
+    last phase's model and meta. A given `checkpoint` replaces both phases."""
+    from omegaconf import OmegaConf
+
+    model, meta = prepare(label, model_cfg, tasks, sections, sft_cfg, **kw)
+    if then is None or kw.get("checkpoint") is not None:
+        return model, meta
+    then_sft = OmegaConf.merge(sft_cfg, then)
+    then_sections = {**sections, "sft": OmegaConf.to_container(then_sft, resolve=True), "role": "then"}
+    return prepare(f"{label} then", model_cfg, tasks, then_sections, then_sft, **{**kw, "init_from": meta["path"]})
+
+
 def prepare_base(label: str, model_cfg, base_task, sections: dict[str, Any], sft_cfg, steps: int, *,
                  root: str | Path, store: str | Path | None = None, log: Callable[[str], None] = print) -> str:
     """The checkpoint path of a teacher's base (a route's teacher_base_steps): the teacher's architecture SFT'd
