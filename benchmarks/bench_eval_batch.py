@@ -43,7 +43,6 @@ def main() -> None:
     if any(w < 0 for w in args.windows):
         ap.error(f"--windows: expected integers >= 0, got {args.windows}")
 
-
     import jax
     from hydra import compose, initialize_config_dir
 

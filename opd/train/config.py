@@ -97,9 +97,9 @@ class SFTConfig:
     warmup_steps: int = 50
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    # adamw | lion. Lion (Chen et al. 2023) steps every weight by lr times the sign of its momentum, so an output
-    # row whose gradient shrinks with its probability keeps moving; Adam's second moment slows it. Lion wants
-    # an lr several times smaller than AdamW's (results/notes/30_regime.md, "Why R7 holds: a Lion phase").
+    # adamw | lion. Lion (Chen et al. 2023) steps every weight by lr times the sign of its momentum, so the
+    # output row of a token the data never asks for keeps moving down however small its gradient has become
+    # (results/notes/30_regime.md, "Why R7 holds: a Lion phase"). Lion wants an lr several times below AdamW's.
     optimizer: str = "adamw"
     # Adam's epsilon (optax's default 1e-8, as optimizer.eps); unused by Lion. Measured not to move the
     # never-seen ids of the regime's teacher (results/notes/30_regime.md).
