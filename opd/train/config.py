@@ -141,7 +141,8 @@ class RouteConfig:
     teacher_base_steps: int = 0
     sft: SFTConfig = field(default_factory=lambda: SFTConfig(seed=0))  # the teacher's SFT on this task
     # A second phase of the teacher's SFT, started from the first's weights: fields of `sft` it sets otherwise
-    # (steps at least), e.g. another optimizer; null: none. The first phase is cached under its own key.
+    # (steps at least), e.g. another optimizer; null: none. The first phase is cached under its own key. Set it
+    # in a YAML and override its fields: Hydra cannot merge a command-line dict into a null node.
     sft_then: dict[str, Any] | None = None
 
 
