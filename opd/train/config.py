@@ -101,8 +101,8 @@ class SFTConfig:
     # output row of a token the data never asks for keeps moving down however small its gradient has become
     # (results/notes/30_regime.md, "Why R7 holds: a Lion phase"). Lion wants an lr several times below AdamW's.
     optimizer: str = "adamw"
-    # Adam's epsilon (optax's default 1e-8, as optimizer.eps); unused by Lion. Measured not to move the
-    # never-seen ids of the regime's teacher (results/notes/30_regime.md).
+    # Adam's epsilon (optax's default 1e-8, as optimizer.eps); unused by Lion (as an R7 lever:
+    # results/notes/30_regime.md).
     eps: float = 1e-8
     train_problems: int = 4096  # size of the demonstration pool (task "train" split)
     eval_problems: int = 128  # held-out problems for the accuracy printed after SFT
